@@ -1,0 +1,16 @@
+"""Models: `ModelWeights`, `BatchOutput`, `FunctionalModel`, `from_flax`, masked losses."""
+
+from fedjax_lite.models._flax import from_flax
+from fedjax_lite.models._losses import mean_squared_error, softmax_cross_entropy, weighted_mean
+from fedjax_lite.models._model import BatchOutput, FunctionalModel, ModelWeights, split_batch
+
+__all__ = [
+    'BatchOutput',
+    'FunctionalModel',
+    'ModelWeights',
+    'from_flax',
+    'mean_squared_error',
+    'softmax_cross_entropy',
+    'split_batch',
+    'weighted_mean',
+]

@@ -1,0 +1,1 @@
+"""Federated Reconstruction (see the reconstruction issue)."""

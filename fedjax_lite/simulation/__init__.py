@@ -1,0 +1,1 @@
+"""The training loop driver around compiled rounds (see the simulation issue)."""
