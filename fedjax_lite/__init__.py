@@ -1,14 +1,14 @@
 """fedjax_lite: TensorFlow Federated's learning API as pure, JAX-native functions."""
 
 from fedjax_lite import (
-    aggregators,
-    algorithms,
-    data,
-    metrics,
-    models,
-    optimizers,
-    simulation,
-    templates,
+  aggregators,
+  algorithms,
+  data,
+  metrics,
+  models,
+  optimizers,
+  simulation,
+  templates,
 )
 from fedjax_lite.data import ClientBatches
 from fedjax_lite.models import BatchOutput, FunctionalModel, ModelWeights
@@ -17,19 +17,19 @@ from fedjax_lite.templates import ClientWeighting, LearningProcess, LearningProc
 __version__ = '0.1.0'
 
 __all__ = [
-    'BatchOutput',
-    'ClientBatches',
-    'ClientWeighting',
-    'FunctionalModel',
-    'LearningProcess',
-    'LearningProcessOutput',
-    'ModelWeights',
-    'aggregators',
-    'algorithms',
-    'data',
-    'metrics',
-    'models',
-    'optimizers',
-    'simulation',
-    'templates',
+  'BatchOutput',
+  'ClientBatches',
+  'ClientWeighting',
+  'FunctionalModel',
+  'LearningProcess',
+  'LearningProcessOutput',
+  'ModelWeights',
+  'aggregators',
+  'algorithms',
+  'data',
+  'metrics',
+  'models',
+  'optimizers',
+  'simulation',
+  'templates',
 ]

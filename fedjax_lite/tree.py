@@ -13,81 +13,81 @@ PyTree = Any
 
 
 def tree_zeros_like(tree: PyTree) -> PyTree:
-    return jax.tree.map(jnp.zeros_like, tree)
+  return jax.tree.map(jnp.zeros_like, tree)
 
 
 def tree_add(a: PyTree, b: PyTree) -> PyTree:
-    return jax.tree.map(jnp.add, a, b)
+  return jax.tree.map(jnp.add, a, b)
 
 
 def tree_sub(a: PyTree, b: PyTree) -> PyTree:
-    return jax.tree.map(jnp.subtract, a, b)
+  return jax.tree.map(jnp.subtract, a, b)
 
 
 def tree_where(cond: jax.Array, a: PyTree, b: PyTree) -> PyTree:
-    """Leafwise `jnp.where(cond, a, b)` for a scalar `cond`."""
-    return jax.tree.map(functools.partial(jnp.where, cond), a, b)
+  """Leafwise `jnp.where(cond, a, b)` for a scalar `cond`."""
+  return jax.tree.map(functools.partial(jnp.where, cond), a, b)
 
 
 def tree_all_finite(tree: PyTree) -> jax.Array:
-    """A `[] bool`: True when every element of every leaf is finite."""
-    leaves = jax.tree.leaves(tree)
-    if not leaves:
-        return jnp.array(True)
-    return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]).all()
+  """A `[] bool`: True when every element of every leaf is finite."""
+  leaves = jax.tree.leaves(tree)
+  if not leaves:
+    return jnp.array(True)
+  return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]).all()
 
 
 def tree_weighted_sum(tree: PyTree, weights: jax.Array) -> PyTree:
-    """Sums leaves over their leading (client) axis, row c scaled by `weights[c]`.
+  """Sums leaves over their leading (client) axis, row c scaled by `weights[c]`.
 
-    Args:
-      tree: leaves shaped `[clients, ...]`.
-      weights: `[clients]`.
-    """
+  Args:
+    tree: leaves shaped `[clients, ...]`.
+    weights: `[clients]`.
+  """
 
-    def reduce(x):
-        return jnp.tensordot(weights.astype(x.dtype), x, axes=(0, 0))
+  def reduce(x):
+    return jnp.tensordot(weights.astype(x.dtype), x, axes=(0, 0))
 
-    return jax.tree.map(reduce, tree)
+  return jax.tree.map(reduce, tree)
 
 
 def tree_sum_over_clients(tree: PyTree) -> PyTree:
-    return jax.tree.map(lambda x: jnp.sum(x, axis=0), tree)
+  return jax.tree.map(lambda x: jnp.sum(x, axis=0), tree)
 
 
 def tree_broadcast(tree: PyTree, n: int) -> PyTree:
-    """Stacks `n` copies of `tree` along a new leading axis."""
-    return jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *jnp.shape(x))), tree)
+  """Stacks `n` copies of `tree` along a new leading axis."""
+  return jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *jnp.shape(x))), tree)
 
 
 def tree_strong_types(tree: PyTree) -> PyTree:
-    """Arrays with weak types made strong, so a later set of the same dtype never retraces."""
-    return jax.tree.map(lambda x: jnp.asarray(x, dtype=jnp.result_type(x)), tree)
+  """Arrays with weak types made strong, so a later set of the same dtype never retraces."""
+  return jax.tree.map(lambda x: jnp.asarray(x, dtype=jnp.result_type(x)), tree)
 
 
 def tree_specs(tree: PyTree) -> PyTree:
-    """The `jax.ShapeDtypeStruct` of every leaf."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)), tree)
+  """The `jax.ShapeDtypeStruct` of every leaf."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)), tree)
 
 
 def tree_spec_mismatch(expected: PyTree, got: PyTree) -> str | None:
-    """Says how two trees of arrays/specs differ in structure, shape or dtype; None if they agree."""
-    expected_struct = jax.tree.structure(expected)
-    got_struct = jax.tree.structure(got)
-    if expected_struct != got_struct:
-        return f'tree structure differs: expected {expected_struct}, got {got_struct}'
-    paths = jax.tree_util.tree_flatten_with_path(expected)[0]
-    for (path, e), g in zip(paths, jax.tree.leaves(got), strict=True):
-        e_shape, g_shape = tuple(np.shape(e)), tuple(np.shape(g))
-        e_dtype, g_dtype = jnp.result_type(e), jnp.result_type(g)
-        if e_shape != g_shape or e_dtype != g_dtype:
-            return (
-                f'leaf {keystr(path)} is {g_dtype.name}{list(g_shape)}; '
-                f'expected {e_dtype.name}{list(e_shape)}'
-            )
-    return None
+  """Says how two trees of arrays/specs differ in structure, shape or dtype; None if they agree."""
+  expected_struct = jax.tree.structure(expected)
+  got_struct = jax.tree.structure(got)
+  if expected_struct != got_struct:
+    return f'tree structure differs: expected {expected_struct}, got {got_struct}'
+  paths = jax.tree_util.tree_flatten_with_path(expected)[0]
+  for (path, e), g in zip(paths, jax.tree.leaves(got), strict=True):
+    e_shape, g_shape = tuple(np.shape(e)), tuple(np.shape(g))
+    e_dtype, g_dtype = jnp.result_type(e), jnp.result_type(g)
+    if e_shape != g_shape or e_dtype != g_dtype:
+      return (
+        f'leaf {keystr(path)} is {g_dtype.name}{list(g_shape)}; '
+        f'expected {e_dtype.name}{list(e_shape)}'
+      )
+  return None
 
 
 def keystr(path: tuple) -> str:
-    """A readable leaf path, e.g. `trainable['dense']['kernel']`; `<root>` for the empty path."""
-    return jax.tree_util.keystr(path) or '<root>'
+  """A readable leaf path, e.g. `trainable['dense']['kernel']`; `<root>` for the empty path."""
+  return jax.tree_util.keystr(path) or '<root>'

@@ -5,8 +5,8 @@ from fedjax_lite.algorithms._fed_eval import build_fed_eval
 from fedjax_lite.algorithms._fed_sgd import build_fed_sgd
 
 __all__ = [
-    'build_fed_eval',
-    'build_fed_sgd',
-    'build_unweighted_fed_avg',
-    'build_weighted_fed_avg',
+  'build_fed_eval',
+  'build_fed_sgd',
+  'build_unweighted_fed_avg',
+  'build_weighted_fed_avg',
 ]

@@ -10,166 +10,160 @@ import numpy as np
 
 
 class ClientBatches(NamedTuple):
-    """The data of a cohort for one round, `{D*}@CLIENTS` in TFF's notation.
+  """The data of a cohort for one round, `{D*}@CLIENTS` in TFF's notation.
 
-    Attributes:
-      batch: pytree (e.g. `{'x': ..., 'y': ...}`) whose leaves are `[clients, steps, batch_size,
-        ...]`.
-      mask: `[clients, steps, batch_size]` float, 1 for a real example, 0 for padding. Padded
-        examples change nothing: not the loss, the gradient, the metrics or the counts.
-    """
+  Attributes:
+    batch: pytree (e.g. `{'x': ..., 'y': ...}`) whose leaves are `[clients, steps, batch_size,
+      ...]`.
+    mask: `[clients, steps, batch_size]` float, 1 for a real example, 0 for padding. Padded
+      examples change nothing: not the loss, the gradient, the metrics or the counts.
+  """
 
-    batch: Any
-    mask: Any
+  batch: Any
+  mask: Any
 
-    @property
-    def num_clients(self) -> int:
-        return int(np.shape(self.mask)[0])
+  @property
+  def num_clients(self) -> int:
+    return int(np.shape(self.mask)[0])
 
 
 def client_batches_spec(
-    input_spec: Any, num_clients: int, num_steps: int, batch_size: int | None = None
+  input_spec: Any, num_clients: int, num_steps: int, batch_size: int | None = None
 ) -> ClientBatches:
-    """A `ClientBatches` of `jax.ShapeDtypeStruct`s for a model's `input_spec` (one batch).
+  """A `ClientBatches` of `jax.ShapeDtypeStruct`s for a model's `input_spec` (one batch).
 
-    The batch dimension of `input_spec` is used when known, else `batch_size` (default 1).
-    """
+  The batch dimension of `input_spec` is used when known, else `batch_size` (default 1).
+  """
 
-    def leaf(s):
-        b = s.shape[0] if s.shape and s.shape[0] is not None else (batch_size or 1)
-        return jax.ShapeDtypeStruct((num_clients, num_steps, b, *s.shape[1:]), s.dtype)
+  def leaf(s):
+    b = s.shape[0] if s.shape and s.shape[0] is not None else (batch_size or 1)
+    return jax.ShapeDtypeStruct((num_clients, num_steps, b, *s.shape[1:]), s.dtype)
 
-    batch = jax.tree.map(leaf, input_spec)
-    b = jax.tree.leaves(batch)[0].shape[2]
-    return ClientBatches(batch, jax.ShapeDtypeStruct((num_clients, num_steps, b), np.float32))
+  batch = jax.tree.map(leaf, input_spec)
+  b = jax.tree.leaves(batch)[0].shape[2]
+  return ClientBatches(batch, jax.ShapeDtypeStruct((num_clients, num_steps, b), np.float32))
 
 
 def check_client_batches(client_batches: Any, input_spec: Any, name: str = 'client_batches'):
-    """Raises a ValueError/TypeError naming what is wrong with `client_batches` for `input_spec`."""
-    if not isinstance(client_batches, ClientBatches):
-        raise TypeError(
-            f'{name} must be a fedjax_lite.ClientBatches(batch, mask); got '
-            f'{type(client_batches).__name__}. Tip: build one with fl.data.build_client_batches.'
-        )
-    mask_shape = tuple(np.shape(client_batches.mask))
-    if len(mask_shape) != 3:
-        raise ValueError(
-            f'{name}.mask has shape {mask_shape}; expected (clients, steps, batch_size)'
-        )
-    expected_struct = jax.tree.structure(input_spec)
-    got_struct = jax.tree.structure(client_batches.batch)
-    if expected_struct != got_struct:
-        raise ValueError(
-            f'{name}.batch has tree structure {got_struct}; expected {expected_struct} from input_spec'
-        )
-    spec_paths = jax.tree_util.tree_flatten_with_path(input_spec)[0]
-    for (path, spec), leaf in zip(spec_paths, jax.tree.leaves(client_batches.batch), strict=True):
-        shape = tuple(np.shape(leaf))
-        where = f'{name} leaf {jax.tree_util.keystr(path)}'
-        expected_rest = tuple(spec.shape[1:])
-        spec_batch = spec.shape[0] if spec.shape else None
-        if (
-            len(shape) != len(spec.shape) + 2
-            or shape[:3] != mask_shape
-            or shape[3:] != expected_rest
-            or (spec_batch is not None and shape[2] != spec_batch)
-        ):
-            raise ValueError(
-                f'{where} has shape {shape}; expected (clients, steps, batch_size, ...) = '
-                f'{(*mask_shape, *expected_rest)} from the mask and input_spec {tuple(spec.shape)}'
-            )
-        dtype = np.dtype(leaf.dtype if hasattr(leaf, 'dtype') else np.asarray(leaf).dtype)
-        if dtype != np.dtype(spec.dtype):
-            raise TypeError(
-                f'{where} has dtype {dtype}; expected {np.dtype(spec.dtype)} from input_spec'
-            )
+  """Raises a ValueError/TypeError naming what is wrong with `client_batches` for `input_spec`."""
+  if not isinstance(client_batches, ClientBatches):
+    raise TypeError(
+      f'{name} must be a fedjax_lite.ClientBatches(batch, mask); got '
+      f'{type(client_batches).__name__}. Tip: build one with fl.data.build_client_batches.'
+    )
+  mask_shape = tuple(np.shape(client_batches.mask))
+  if len(mask_shape) != 3:
+    raise ValueError(f'{name}.mask has shape {mask_shape}; expected (clients, steps, batch_size)')
+  expected_struct = jax.tree.structure(input_spec)
+  got_struct = jax.tree.structure(client_batches.batch)
+  if expected_struct != got_struct:
+    raise ValueError(
+      f'{name}.batch has tree structure {got_struct}; expected {expected_struct} from input_spec'
+    )
+  spec_paths = jax.tree_util.tree_flatten_with_path(input_spec)[0]
+  for (path, spec), leaf in zip(spec_paths, jax.tree.leaves(client_batches.batch), strict=True):
+    shape = tuple(np.shape(leaf))
+    where = f'{name} leaf {jax.tree_util.keystr(path)}'
+    expected_rest = tuple(spec.shape[1:])
+    spec_batch = spec.shape[0] if spec.shape else None
+    if (
+      len(shape) != len(spec.shape) + 2
+      or shape[:3] != mask_shape
+      or shape[3:] != expected_rest
+      or (spec_batch is not None and shape[2] != spec_batch)
+    ):
+      raise ValueError(
+        f'{where} has shape {shape}; expected (clients, steps, batch_size, ...) = '
+        f'{(*mask_shape, *expected_rest)} from the mask and input_spec {tuple(spec.shape)}'
+      )
+    dtype = np.dtype(leaf.dtype if hasattr(leaf, 'dtype') else np.asarray(leaf).dtype)
+    if dtype != np.dtype(spec.dtype):
+      raise TypeError(f'{where} has dtype {dtype}; expected {np.dtype(spec.dtype)} from input_spec')
 
 
 def _client_steps(num_examples: int, num_epochs: int, batch_size: int, max_steps: int | None):
-    steps = -(-num_examples * num_epochs // batch_size)
-    return steps if max_steps is None else min(steps, max_steps)
+  steps = -(-num_examples * num_epochs // batch_size)
+  return steps if max_steps is None else min(steps, max_steps)
 
 
 def build_client_batches(
-    clients: Sequence[Mapping[str, np.ndarray]],
-    *,
-    batch_size: int,
-    num_epochs: int = 1,
-    max_steps: int | None = None,
-    num_steps: int | None = None,
-    seed: int | Sequence[int] = 0,
-    shuffle: bool = True,
+  clients: Sequence[Mapping[str, np.ndarray]],
+  *,
+  batch_size: int,
+  num_epochs: int = 1,
+  max_steps: int | None = None,
+  num_steps: int | None = None,
+  seed: int | Sequence[int] = 0,
+  shuffle: bool = True,
 ) -> ClientBatches:
-    """Pads and masks the datasets of a cohort into one `ClientBatches` (host numpy arrays).
+  """Pads and masks the datasets of a cohort into one `ClientBatches` (host numpy arrays).
 
-    Each client's examples are shuffled once per epoch (seeded by `seed` and the client's
-    position), the epochs concatenated and cut into batches of `batch_size`; only the very last
-    batch may be partial (TFF's `shuffle().repeat(E).batch(B)`). At most `max_steps` batches are
-    kept. Clients are padded to the same number of steps with masked (zero) examples.
+  Each client's examples are shuffled once per epoch (seeded by `seed` and the client's
+  position), the epochs concatenated and cut into batches of `batch_size`; only the very last
+  batch may be partial (TFF's `shuffle().repeat(E).batch(B)`). At most `max_steps` batches are
+  kept. Clients are padded to the same number of steps with masked (zero) examples.
 
-    Args:
-      clients: one mapping of name -> array `[n_i, ...]` per client (all clients the same names,
-        trailing shapes and dtypes); `n_i` may be 0.
-      batch_size: examples per step.
-      num_epochs: passes over each client's data.
-      max_steps: optional cap on steps per client.
-      num_steps: pad to this many steps (>= the longest client); default the longest client.
-        A fixed value keeps the compiled round's shapes, and so its compilation, fixed.
-      seed: an int or a sequence of ints (e.g. `(seed, round_num)`) seeding the shuffles.
-      shuffle: whether to shuffle within each epoch.
+  Args:
+    clients: one mapping of name -> array `[n_i, ...]` per client (all clients the same names,
+      trailing shapes and dtypes); `n_i` may be 0.
+    batch_size: examples per step.
+    num_epochs: passes over each client's data.
+    max_steps: optional cap on steps per client.
+    num_steps: pad to this many steps (>= the longest client); default the longest client.
+      A fixed value keeps the compiled round's shapes, and so its compilation, fixed.
+    seed: an int or a sequence of ints (e.g. `(seed, round_num)`) seeding the shuffles.
+    shuffle: whether to shuffle within each epoch.
 
-    Returns:
-      `ClientBatches` with leaves `[clients, steps, batch_size, ...]` and a float32 mask.
-    """
-    if not clients:
-        raise ValueError('clients is empty; expected at least one client dataset')
-    for name, value, low in [('batch_size', batch_size, 1), ('num_epochs', num_epochs, 1)]:
-        if not isinstance(value, int) or value < low:
-            raise ValueError(f'{name} must be an int >= {low}; got {value!r}')
-    if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
-        raise ValueError(f'max_steps must be None or an int >= 1; got {max_steps!r}')
-    keys = sorted(clients[0])
-    sizes = []
-    for i, client in enumerate(clients):
-        if sorted(client) != keys:
-            raise ValueError(
-                f'clients[{i}] has keys {sorted(client)}; expected {keys} like clients[0]'
-            )
-        lengths = {k: len(client[k]) for k in keys}
-        if len(set(lengths.values())) != 1:
-            raise ValueError(f'clients[{i}] arrays differ in length: {lengths}')
-        for k in keys:
-            a, a0 = np.asarray(client[k]), np.asarray(clients[0][k])
-            if a.shape[1:] != a0.shape[1:] or a.dtype != a0.dtype:
-                raise ValueError(
-                    f"clients[{i}]['{k}'] is {a.dtype}{list(a.shape[1:])} per example; expected "
-                    f'{a0.dtype}{list(a0.shape[1:])} like clients[0]'
-                )
-        sizes.append(lengths[keys[0]])
-    steps = [_client_steps(n, num_epochs, batch_size, max_steps) for n in sizes]
-    longest = max(max(steps), 1)
-    if num_steps is None:
-        num_steps = longest
-    elif num_steps < longest:
-        raise ValueError(f'num_steps={num_steps} is below the longest client ({longest} steps)')
-    seed_words = [seed] if isinstance(seed, int) else list(seed)
-    capacity = num_steps * batch_size
-    batch = {
-        k: np.zeros(
-            (len(clients), capacity, *np.shape(clients[0][k])[1:]), np.asarray(clients[0][k]).dtype
+  Returns:
+    `ClientBatches` with leaves `[clients, steps, batch_size, ...]` and a float32 mask.
+  """
+  if not clients:
+    raise ValueError('clients is empty; expected at least one client dataset')
+  for name, value, low in [('batch_size', batch_size, 1), ('num_epochs', num_epochs, 1)]:
+    if not isinstance(value, int) or value < low:
+      raise ValueError(f'{name} must be an int >= {low}; got {value!r}')
+  if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
+    raise ValueError(f'max_steps must be None or an int >= 1; got {max_steps!r}')
+  keys = sorted(clients[0])
+  sizes = []
+  for i, client in enumerate(clients):
+    if sorted(client) != keys:
+      raise ValueError(f'clients[{i}] has keys {sorted(client)}; expected {keys} like clients[0]')
+    lengths = {k: len(client[k]) for k in keys}
+    if len(set(lengths.values())) != 1:
+      raise ValueError(f'clients[{i}] arrays differ in length: {lengths}')
+    for k in keys:
+      a, a0 = np.asarray(client[k]), np.asarray(clients[0][k])
+      if a.shape[1:] != a0.shape[1:] or a.dtype != a0.dtype:
+        raise ValueError(
+          f"clients[{i}]['{k}'] is {a.dtype}{list(a.shape[1:])} per example; expected "
+          f'{a0.dtype}{list(a0.shape[1:])} like clients[0]'
         )
-        for k in keys
-    }
-    mask = np.zeros((len(clients), capacity), np.float32)
-    for i, (client, n, s) in enumerate(zip(clients, sizes, steps, strict=True)):
-        rng = np.random.default_rng([*seed_words, i])
-        order = np.concatenate(
-            [rng.permutation(n) if shuffle else np.arange(n) for _ in range(num_epochs)]
-        )[: s * batch_size]
-        for k in keys:
-            batch[k][i, : len(order)] = np.asarray(client[k])[order]
-        mask[i, : len(order)] = 1.0
-    shape = (len(clients), num_steps, batch_size)
-    return ClientBatches(
-        {k: v.reshape(*shape, *v.shape[2:]) for k, v in batch.items()}, mask.reshape(shape)
+    sizes.append(lengths[keys[0]])
+  steps = [_client_steps(n, num_epochs, batch_size, max_steps) for n in sizes]
+  longest = max(max(steps), 1)
+  if num_steps is None:
+    num_steps = longest
+  elif num_steps < longest:
+    raise ValueError(f'num_steps={num_steps} is below the longest client ({longest} steps)')
+  seed_words = [seed] if isinstance(seed, int) else list(seed)
+  capacity = num_steps * batch_size
+  batch = {
+    k: np.zeros(
+      (len(clients), capacity, *np.shape(clients[0][k])[1:]), np.asarray(clients[0][k]).dtype
     )
+    for k in keys
+  }
+  mask = np.zeros((len(clients), capacity), np.float32)
+  for i, (client, n, s) in enumerate(zip(clients, sizes, steps, strict=True)):
+    rng = np.random.default_rng([*seed_words, i])
+    order = np.concatenate(
+      [rng.permutation(n) if shuffle else np.arange(n) for _ in range(num_epochs)]
+    )[: s * batch_size]
+    for k in keys:
+      batch[k][i, : len(order)] = np.asarray(client[k])[order]
+    mask[i, : len(order)] = 1.0
+  shape = (len(clients), num_steps, batch_size)
+  return ClientBatches(
+    {k: v.reshape(*shape, *v.shape[2:]) for k, v in batch.items()}, mask.reshape(shape)
+  )

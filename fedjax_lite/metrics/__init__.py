@@ -2,24 +2,24 @@
 
 from fedjax_lite.metrics._aggregation import sum_then_finalize
 from fedjax_lite.metrics._functional import (
-    FunctionalMetric,
-    create_functional_metric_fns,
-    loss,
-    mean_absolute_error,
-    mean_squared_error,
-    num_batches,
-    num_examples,
-    sparse_categorical_accuracy,
+  FunctionalMetric,
+  create_functional_metric_fns,
+  loss,
+  mean_absolute_error,
+  mean_squared_error,
+  num_batches,
+  num_examples,
+  sparse_categorical_accuracy,
 )
 
 __all__ = [
-    'FunctionalMetric',
-    'create_functional_metric_fns',
-    'loss',
-    'mean_absolute_error',
-    'mean_squared_error',
-    'num_batches',
-    'num_examples',
-    'sparse_categorical_accuracy',
-    'sum_then_finalize',
+  'FunctionalMetric',
+  'create_functional_metric_fns',
+  'loss',
+  'mean_absolute_error',
+  'mean_squared_error',
+  'num_batches',
+  'num_examples',
+  'sparse_categorical_accuracy',
+  'sum_then_finalize',
 ]

@@ -9,16 +9,16 @@ from fedjax_lite import tree as tree_lib
 
 
 def sum_then_finalize(finalize: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    """Sums client metric states over the client axis, then finalizes once (TFF's default).
+  """Sums client metric states over the client axis, then finalizes once (TFF's default).
 
-    Args:
-      finalize: `(state) -> metrics` for one (summed) state.
+  Args:
+    finalize: `(state) -> metrics` for one (summed) state.
 
-    Returns:
-      `(client_states) -> metrics`, client_states' leaves shaped `[clients, ...]`.
-    """
+  Returns:
+    `(client_states) -> metrics`, client_states' leaves shaped `[clients, ...]`.
+  """
 
-    def aggregate(client_states):
-        return finalize(tree_lib.tree_sum_over_clients(client_states))
+  def aggregate(client_states):
+    return finalize(tree_lib.tree_sum_over_clients(client_states))
 
-    return aggregate
+  return aggregate

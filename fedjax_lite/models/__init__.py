@@ -5,12 +5,12 @@ from fedjax_lite.models._losses import mean_squared_error, softmax_cross_entropy
 from fedjax_lite.models._model import BatchOutput, FunctionalModel, ModelWeights, split_batch
 
 __all__ = [
-    'BatchOutput',
-    'FunctionalModel',
-    'ModelWeights',
-    'from_flax',
-    'mean_squared_error',
-    'softmax_cross_entropy',
-    'split_batch',
-    'weighted_mean',
+  'BatchOutput',
+  'FunctionalModel',
+  'ModelWeights',
+  'from_flax',
+  'mean_squared_error',
+  'softmax_cross_entropy',
+  'split_batch',
+  'weighted_mean',
 ]

@@ -13,103 +13,101 @@ from fedjax_lite.models import _model
 
 
 def _example_input(input_spec: Any) -> Any:
-    x_spec, _ = _model.split_batch(input_spec)
-    return jax.tree.map(
-        lambda s: jnp.zeros(tuple(1 if d is None else d for d in s.shape), s.dtype), x_spec
-    )
+  x_spec, _ = _model.split_batch(input_spec)
+  return jax.tree.map(
+    lambda s: jnp.zeros(tuple(1 if d is None else d for d in s.shape), s.dtype), x_spec
+  )
 
 
 def from_flax(
-    module: linen.Module | nnx.Module,
-    *,
-    input_spec: Any,
-    loss_fn: Callable,
-    metrics_fns: tuple[Callable, Callable, Callable] | None = None,
-    seed: int = 0,
-    training_arg: str | None = None,
+  module: linen.Module | nnx.Module,
+  *,
+  input_spec: Any,
+  loss_fn: Callable,
+  metrics_fns: tuple[Callable, Callable, Callable] | None = None,
+  seed: int = 0,
+  training_arg: str | None = None,
 ) -> _model.FunctionalModel:
-    """Wraps a flax module as a `FunctionalModel`.
+  """Wraps a flax module as a `FunctionalModel`.
 
-    linen: the `params` collection is trainable, every other collection non-trainable; weights
-    come from `module.init(PRNGKey(seed), x)`. nnx: `nnx.Param` variables are trainable, every
-    other variable non-trainable; weights are the module's current values.
+  linen: the `params` collection is trainable, every other collection non-trainable; weights
+  come from `module.init(PRNGKey(seed), x)`. nnx: `nnx.Param` variables are trainable, every
+  other variable non-trainable; weights are the module's current values.
 
-    Non-trainable collections (e.g. `batch_stats`) are read, never updated, by training: a
-    FunctionalModel's forward pass returns no new weights (TFF's semantics).
+  Non-trainable collections (e.g. `batch_stats`) are read, never updated, by training: a
+  FunctionalModel's forward pass returns no new weights (TFF's semantics).
 
-    Args:
-      module: an unbound `linen.Module`, or an `nnx.Module` instance.
-      input_spec: pytree of `jax.ShapeDtypeStruct` for one batch, `{'x': ..., 'y': ...}`.
-      loss_fn: `(predictions, labels, sample_weight=None) -> []`.
-      metrics_fns: optional `(initialize, update, finalize)` triple.
-      seed: linen only: the seed of `module.init`.
-      training_arg: linen only: the name of the module's `__call__` argument that tells training
-        from inference (e.g. 'train'); it receives `training`. nnx modules are switched with
-        `.train()` / `.eval()`.
+  Args:
+    module: an unbound `linen.Module`, or an `nnx.Module` instance.
+    input_spec: pytree of `jax.ShapeDtypeStruct` for one batch, `{'x': ..., 'y': ...}`.
+    loss_fn: `(predictions, labels, sample_weight=None) -> []`.
+    metrics_fns: optional `(initialize, update, finalize)` triple.
+    seed: linen only: the seed of `module.init`.
+    training_arg: linen only: the name of the module's `__call__` argument that tells training
+      from inference (e.g. 'train'); it receives `training`. nnx modules are switched with
+      `.train()` / `.eval()`.
 
-    Returns:
-      A `FunctionalModel` whose `predict_on_batch(weights, x, training, rng=None)` equals the
-      module's own `apply` (linen) or call (nnx). `rng` feeds the 'dropout' stream.
-    """
-    if isinstance(module, linen.Module):
-        initial_weights, predict = _from_linen(module, input_spec, seed, training_arg)
-    elif isinstance(module, nnx.Module):
-        if training_arg is not None:
-            raise ValueError(
-                'training_arg applies to linen modules; nnx modules use .train()/.eval()'
-            )
-        initial_weights, predict = _from_nnx(module)
-    else:
-        raise TypeError(
-            f'module must be a flax linen.Module or nnx.Module; got {type(module).__name__}'
-        )
-    return _model.FunctionalModel(
-        initial_weights=initial_weights,
-        predict_on_batch_fn=predict,
-        loss_fn=loss_fn,
-        metrics_fns=metrics_fns,
-        input_spec=input_spec,
+  Returns:
+    A `FunctionalModel` whose `predict_on_batch(weights, x, training, rng=None)` equals the
+    module's own `apply` (linen) or call (nnx). `rng` feeds the 'dropout' stream.
+  """
+  if isinstance(module, linen.Module):
+    initial_weights, predict = _from_linen(module, input_spec, seed, training_arg)
+  elif isinstance(module, nnx.Module):
+    if training_arg is not None:
+      raise ValueError('training_arg applies to linen modules; nnx modules use .train()/.eval()')
+    initial_weights, predict = _from_nnx(module)
+  else:
+    raise TypeError(
+      f'module must be a flax linen.Module or nnx.Module; got {type(module).__name__}'
     )
+  return _model.FunctionalModel(
+    initial_weights=initial_weights,
+    predict_on_batch_fn=predict,
+    loss_fn=loss_fn,
+    metrics_fns=metrics_fns,
+    input_spec=input_spec,
+  )
 
 
 def _from_linen(module, input_spec, seed, training_arg):
-    kwargs = {} if training_arg is None else {training_arg: False}
-    variables = module.init(jax.random.PRNGKey(seed), _example_input(input_spec), **kwargs)
-    variables = dict(variables)
-    trainable = variables.pop('params', {})
-    non_trainable = variables
+  kwargs = {} if training_arg is None else {training_arg: False}
+  variables = module.init(jax.random.PRNGKey(seed), _example_input(input_spec), **kwargs)
+  variables = dict(variables)
+  trainable = variables.pop('params', {})
+  non_trainable = variables
 
-    def predict(weights, x, training=True, rng=None):
-        call_kwargs = {} if training_arg is None else {training_arg: training}
-        rngs = None if rng is None else {'dropout': rng}
-        variables = {'params': weights.trainable, **weights.non_trainable}
-        if training and weights.non_trainable:
-            # Collections such as batch_stats may be written in training mode; the writes are dropped.
-            out, _ = module.apply(
-                variables, x, rngs=rngs, mutable=list(weights.non_trainable), **call_kwargs
-            )
-            return out
-        return module.apply(variables, x, rngs=rngs, **call_kwargs)
+  def predict(weights, x, training=True, rng=None):
+    call_kwargs = {} if training_arg is None else {training_arg: training}
+    rngs = None if rng is None else {'dropout': rng}
+    variables = {'params': weights.trainable, **weights.non_trainable}
+    if training and weights.non_trainable:
+      # Collections such as batch_stats may be written in training mode; the writes are dropped.
+      out, _ = module.apply(
+        variables, x, rngs=rngs, mutable=list(weights.non_trainable), **call_kwargs
+      )
+      return out
+    return module.apply(variables, x, rngs=rngs, **call_kwargs)
 
-    return _model.ModelWeights(trainable, non_trainable), predict
+  return _model.ModelWeights(trainable, non_trainable), predict
 
 
 def _from_nnx(module):
-    graphdef, trainable, non_trainable = nnx.split(module, nnx.Param, ...)
-    trainable = nnx.to_pure_dict(trainable)
-    non_trainable = nnx.to_pure_dict(non_trainable)
+  graphdef, trainable, non_trainable = nnx.split(module, nnx.Param, ...)
+  trainable = nnx.to_pure_dict(trainable)
+  non_trainable = nnx.to_pure_dict(non_trainable)
 
-    def predict(weights, x, training=True, rng=None):
-        _, abstract_params, abstract_rest = nnx.split(module, nnx.Param, ...)
-        nnx.replace_by_pure_dict(abstract_params, weights.trainable)
-        nnx.replace_by_pure_dict(abstract_rest, weights.non_trainable)
-        model = nnx.merge(graphdef, abstract_params, abstract_rest)
-        if training:
-            model.train()
-        else:
-            model.eval()
-        if rng is not None:
-            nnx.reseed(model, dropout=rng)
-        return model(x)
+  def predict(weights, x, training=True, rng=None):
+    _, abstract_params, abstract_rest = nnx.split(module, nnx.Param, ...)
+    nnx.replace_by_pure_dict(abstract_params, weights.trainable)
+    nnx.replace_by_pure_dict(abstract_rest, weights.non_trainable)
+    model = nnx.merge(graphdef, abstract_params, abstract_rest)
+    if training:
+      model.train()
+    else:
+      model.eval()
+    if rng is not None:
+      nnx.reseed(model, dropout=rng)
+    return model(x)
 
-    return _model.ModelWeights(trainable, non_trainable), predict
+  return _model.ModelWeights(trainable, non_trainable), predict

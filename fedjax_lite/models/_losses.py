@@ -12,27 +12,27 @@ import optax
 
 
 def weighted_mean(values: jax.Array, sample_weight: jax.Array | None) -> jax.Array:
-    """`[]` mean of `values` `[batch_size]` weighted by `sample_weight` `[batch_size]`; 0 if empty."""
-    if sample_weight is None:
-        return jnp.mean(values)
-    w = sample_weight.astype(values.dtype)
-    total = jnp.sum(w)
-    # Padded rows may hold junk (inf, nan): select them away before they meet the weights.
-    values = jnp.where(w > 0, values, 0)
-    return jnp.sum(values * w) / jnp.where(total > 0, total, 1)
+  """`[]` mean of `values` `[batch_size]` weighted by `sample_weight` `[batch_size]`; 0 if empty."""
+  if sample_weight is None:
+    return jnp.mean(values)
+  w = sample_weight.astype(values.dtype)
+  total = jnp.sum(w)
+  # Padded rows may hold junk (inf, nan): select them away before they meet the weights.
+  values = jnp.where(w > 0, values, 0)
+  return jnp.sum(values * w) / jnp.where(total > 0, total, 1)
 
 
 def softmax_cross_entropy(
-    logits: jax.Array, labels: jax.Array, sample_weight: jax.Array | None = None
+  logits: jax.Array, labels: jax.Array, sample_weight: jax.Array | None = None
 ) -> jax.Array:
-    """Sparse softmax cross-entropy of `logits` `[batch_size, classes]` and int `labels`."""
-    per_example = optax.softmax_cross_entropy_with_integer_labels(logits, labels.astype(jnp.int32))
-    return weighted_mean(per_example, sample_weight)
+  """Sparse softmax cross-entropy of `logits` `[batch_size, classes]` and int `labels`."""
+  per_example = optax.softmax_cross_entropy_with_integer_labels(logits, labels.astype(jnp.int32))
+  return weighted_mean(per_example, sample_weight)
 
 
 def mean_squared_error(
-    predictions: jax.Array, labels: jax.Array, sample_weight: jax.Array | None = None
+  predictions: jax.Array, labels: jax.Array, sample_weight: jax.Array | None = None
 ) -> jax.Array:
-    """Squared error averaged over non-batch dimensions, then over examples."""
-    diff = jnp.reshape(predictions - labels, (predictions.shape[0], -1))
-    return weighted_mean(jnp.mean(diff**2, axis=1), sample_weight)
+  """Squared error averaged over non-batch dimensions, then over examples."""
+  diff = jnp.reshape(predictions - labels, (predictions.shape[0], -1))
+  return weighted_mean(jnp.mean(diff**2, axis=1), sample_weight)

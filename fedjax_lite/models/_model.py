@@ -14,203 +14,204 @@ from fedjax_lite import tree as tree_lib
 
 
 class ModelWeights(NamedTuple):
-    """Model weights split as TFF splits them.
+  """Model weights split as TFF splits them.
 
-    Attributes:
-      trainable: pytree of arrays that local training updates.
-      non_trainable: pytree of arrays read but never trained (e.g. normalization statistics).
-    """
+  Attributes:
+    trainable: pytree of arrays that local training updates.
+    non_trainable: pytree of arrays read but never trained (e.g. normalization statistics).
+  """
 
-    trainable: Any
-    non_trainable: Any
+  trainable: Any
+  non_trainable: Any
 
 
 class BatchOutput(NamedTuple):
-    """What one forward pass over a batch produces.
+  """What one forward pass over a batch produces.
 
-    Attributes:
-      predictions: model outputs, `[batch_size, ...]`.
-      loss: `[]` mean loss over the batch's real examples.
-      num_examples: `[]` number of real (unmasked) examples in the batch.
-    """
+  Attributes:
+    predictions: model outputs, `[batch_size, ...]`.
+    loss: `[]` mean loss over the batch's real examples.
+    num_examples: `[]` number of real (unmasked) examples in the batch.
+  """
 
-    predictions: Any
-    loss: Any
-    num_examples: Any
+  predictions: Any
+  loss: Any
+  num_examples: Any
 
 
 def split_batch(batch: Any) -> tuple[Any, Any]:
-    """Splits a batch into `(x, y)`: a mapping with keys 'x' and 'y', or a 2-tuple (TFF's forms)."""
-    if isinstance(batch, Mapping):
-        if set(batch) != {'x', 'y'}:
-            raise ValueError(
-                f"a batch mapping must have exactly the keys 'x' and 'y'; got {sorted(batch)}"
-            )
-        return batch['x'], batch['y']
-    if isinstance(batch, tuple | list) and len(batch) == 2:
-        return batch[0], batch[1]
-    raise TypeError(
-        f"a batch must be a mapping {{'x': ..., 'y': ...}} or a tuple (x, y); got {type(batch).__name__}"
-    )
+  """Splits a batch into `(x, y)`: a mapping with keys 'x' and 'y', or a 2-tuple (TFF's forms)."""
+  if isinstance(batch, Mapping):
+    if set(batch) != {'x', 'y'}:
+      raise ValueError(
+        f"a batch mapping must have exactly the keys 'x' and 'y'; got {sorted(batch)}"
+      )
+    return batch['x'], batch['y']
+  if isinstance(batch, tuple | list) and len(batch) == 2:
+    return batch[0], batch[1]
+  raise TypeError(
+    "a batch must be a mapping {'x': ..., 'y': ...} or a tuple (x, y); "
+    f'got {type(batch).__name__}'
+  )
 
 
 def _empty_metrics_state():
-    return ()
+  return ()
 
 
 def _noop_update(state, labels, batch_output, sample_weight=None):
-    del labels, batch_output, sample_weight
-    return state
+  del labels, batch_output, sample_weight
+  return state
 
 
 def _noop_finalize(state):
-    del state
-    return {}
+  del state
+  return {}
 
 
 def _accepts_rng(fn: Callable) -> bool:
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-    return 'rng' in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+  try:
+    params = inspect.signature(fn).parameters
+  except (TypeError, ValueError):
+    return False
+  return 'rng' in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 def _check_concrete_weights(weights: ModelWeights) -> ModelWeights:
-    paths = jax.tree_util.tree_flatten_with_path(weights)[0]
-    for path, leaf in paths:
-        if isinstance(leaf, jax.core.Tracer):
-            raise TypeError(
-                f'initial_weights leaf {tree_lib.keystr(path)} is a JAX tracer; expected a concrete array. '
-                'Tip: build the FunctionalModel outside jit/vmap/grad.'
-            )
-        if not isinstance(leaf, np.ndarray | jax.Array | np.generic | float | int):
-            raise TypeError(
-                f'initial_weights leaf {tree_lib.keystr(path)} is a {type(leaf).__name__}; '
-                'expected an array.'
-            )
-    return jax.tree.map(jnp.asarray, weights)
+  paths = jax.tree_util.tree_flatten_with_path(weights)[0]
+  for path, leaf in paths:
+    if isinstance(leaf, jax.core.Tracer):
+      raise TypeError(
+        f'initial_weights leaf {tree_lib.keystr(path)} is a JAX tracer; expected a concrete array. '
+        'Tip: build the FunctionalModel outside jit/vmap/grad.'
+      )
+    if not isinstance(leaf, np.ndarray | jax.Array | np.generic | float | int):
+      raise TypeError(
+        f'initial_weights leaf {tree_lib.keystr(path)} is a {type(leaf).__name__}; '
+        'expected an array.'
+      )
+  return jax.tree.map(jnp.asarray, weights)
 
 
 def _check_input_spec(input_spec: Any) -> None:
-    split_batch(input_spec)
-    paths = jax.tree_util.tree_flatten_with_path(input_spec)[0]
-    for path, leaf in paths:
-        if not isinstance(leaf, jax.ShapeDtypeStruct):
-            raise TypeError(
-                f'input_spec leaf {tree_lib.keystr(path)} is a {type(leaf).__name__}; '
-                'expected jax.ShapeDtypeStruct (batch dimension first, may be None).'
-            )
+  split_batch(input_spec)
+  paths = jax.tree_util.tree_flatten_with_path(input_spec)[0]
+  for path, leaf in paths:
+    if not isinstance(leaf, jax.ShapeDtypeStruct):
+      raise TypeError(
+        f'input_spec leaf {tree_lib.keystr(path)} is a {type(leaf).__name__}; '
+        'expected jax.ShapeDtypeStruct (batch dimension first, may be None).'
+      )
 
 
 class FunctionalModel:
-    """A model as pure functions of its weights, after `tff.learning.models.FunctionalModel`.
+  """A model as pure functions of its weights, after `tff.learning.models.FunctionalModel`.
 
-    Holds no mutable state: every method takes the weights it uses. Randomness (dropout) comes in
-    as an explicit `rng` key, never as hidden state.
+  Holds no mutable state: every method takes the weights it uses. Randomness (dropout) comes in
+  as an explicit `rng` key, never as hidden state.
 
-    Example:
-      >>> def predict(weights, x, training=True):
-      ...   return x @ weights.trainable['w']
-      >>> model = FunctionalModel(
-      ...     initial_weights=ModelWeights({'w': jnp.zeros((3, 2))}, ()),
-      ...     predict_on_batch_fn=predict,
-      ...     loss_fn=fl.models.softmax_cross_entropy,
-      ...     input_spec={'x': jax.ShapeDtypeStruct((None, 3), jnp.float32),
-      ...                 'y': jax.ShapeDtypeStruct((None,), jnp.int32)})
+  Example:
+    >>> def predict(weights, x, training=True):
+    ...   return x @ weights.trainable['w']
+    >>> model = FunctionalModel(
+    ...     initial_weights=ModelWeights({'w': jnp.zeros((3, 2))}, ()),
+    ...     predict_on_batch_fn=predict,
+    ...     loss_fn=fl.models.softmax_cross_entropy,
+    ...     input_spec={'x': jax.ShapeDtypeStruct((None, 3), jnp.float32),
+    ...                 'y': jax.ShapeDtypeStruct((None,), jnp.int32)})
 
-    Args:
-      initial_weights: `ModelWeights(trainable, non_trainable)` (or a 2-tuple) of concrete arrays.
-      forward_pass_fn: optional `(weights, batch_input, training) -> BatchOutput`; by default
-        `predict_on_batch_fn` then `loss_fn`. Used by `forward_pass` only: training and
-        evaluation go through `predict_on_batch` and `loss` so padding can be masked.
-      predict_on_batch_fn: `(weights, x, training[, rng]) -> predictions [batch_size, ...]`.
-      loss_fn: `(predictions, labels, sample_weight=None) -> [] loss`, the mean over examples
-        weighted by `sample_weight` (a `[batch_size]` 0/1 mask during training).
-      metrics_fns: optional `(initialize, update, finalize)` triple as made by
-        `fl.metrics.create_functional_metric_fns`; `update(state, labels, batch_output,
-        sample_weight)`.
-      input_spec: pytree of `jax.ShapeDtypeStruct` for one batch, `{'x': ..., 'y': ...}` or
-        `(x, y)`; the leading (batch) dimension may be None.
-    """
+  Args:
+    initial_weights: `ModelWeights(trainable, non_trainable)` (or a 2-tuple) of concrete arrays.
+    forward_pass_fn: optional `(weights, batch_input, training) -> BatchOutput`; by default
+      `predict_on_batch_fn` then `loss_fn`. Used by `forward_pass` only: training and
+      evaluation go through `predict_on_batch` and `loss` so padding can be masked.
+    predict_on_batch_fn: `(weights, x, training[, rng]) -> predictions [batch_size, ...]`.
+    loss_fn: `(predictions, labels, sample_weight=None) -> [] loss`, the mean over examples
+      weighted by `sample_weight` (a `[batch_size]` 0/1 mask during training).
+    metrics_fns: optional `(initialize, update, finalize)` triple as made by
+      `fl.metrics.create_functional_metric_fns`; `update(state, labels, batch_output,
+      sample_weight)`.
+    input_spec: pytree of `jax.ShapeDtypeStruct` for one batch, `{'x': ..., 'y': ...}` or
+      `(x, y)`; the leading (batch) dimension may be None.
+  """
 
-    def __init__(
-        self,
-        *,
-        initial_weights: ModelWeights | tuple,
-        predict_on_batch_fn: Callable,
-        loss_fn: Callable,
-        input_spec: Any,
-        forward_pass_fn: Callable | None = None,
-        metrics_fns: tuple[Callable, Callable, Callable] | None = None,
-    ):
-        if not isinstance(initial_weights, tuple) or len(initial_weights) != 2:
-            raise TypeError(
-                'initial_weights must be ModelWeights(trainable, non_trainable) or a 2-tuple; '
-                f'got {type(initial_weights).__name__}'
-            )
-        self._initial_weights = _check_concrete_weights(ModelWeights(*initial_weights))
-        for name, fn in [('predict_on_batch_fn', predict_on_batch_fn), ('loss_fn', loss_fn)]:
-            if not callable(fn):
-                raise TypeError(f'{name} must be callable; got {type(fn).__name__}')
-        if forward_pass_fn is not None and not callable(forward_pass_fn):
-            raise TypeError(f'forward_pass_fn must be callable or None; got {forward_pass_fn!r}')
-        if metrics_fns is None:
-            metrics_fns = (_empty_metrics_state, _noop_update, _noop_finalize)
-        if len(metrics_fns) != 3 or not all(callable(f) for f in metrics_fns):
-            raise TypeError(
-                'metrics_fns must be a triple of callables (initialize, update, finalize); '
-                f'got {metrics_fns!r}'
-            )
-        _check_input_spec(input_spec)
-        self._predict_on_batch_fn = predict_on_batch_fn
-        self._forward_pass_fn = forward_pass_fn
-        self._loss_fn = loss_fn
-        self._metrics_fns = tuple(metrics_fns)
-        self._input_spec = input_spec
-        self._uses_rng = _accepts_rng(predict_on_batch_fn)
+  def __init__(
+    self,
+    *,
+    initial_weights: ModelWeights | tuple,
+    predict_on_batch_fn: Callable,
+    loss_fn: Callable,
+    input_spec: Any,
+    forward_pass_fn: Callable | None = None,
+    metrics_fns: tuple[Callable, Callable, Callable] | None = None,
+  ):
+    if not isinstance(initial_weights, tuple) or len(initial_weights) != 2:
+      raise TypeError(
+        'initial_weights must be ModelWeights(trainable, non_trainable) or a 2-tuple; '
+        f'got {type(initial_weights).__name__}'
+      )
+    self._initial_weights = _check_concrete_weights(ModelWeights(*initial_weights))
+    for name, fn in [('predict_on_batch_fn', predict_on_batch_fn), ('loss_fn', loss_fn)]:
+      if not callable(fn):
+        raise TypeError(f'{name} must be callable; got {type(fn).__name__}')
+    if forward_pass_fn is not None and not callable(forward_pass_fn):
+      raise TypeError(f'forward_pass_fn must be callable or None; got {forward_pass_fn!r}')
+    if metrics_fns is None:
+      metrics_fns = (_empty_metrics_state, _noop_update, _noop_finalize)
+    if len(metrics_fns) != 3 or not all(callable(f) for f in metrics_fns):
+      raise TypeError(
+        'metrics_fns must be a triple of callables (initialize, update, finalize); '
+        f'got {metrics_fns!r}'
+      )
+    _check_input_spec(input_spec)
+    self._predict_on_batch_fn = predict_on_batch_fn
+    self._forward_pass_fn = forward_pass_fn
+    self._loss_fn = loss_fn
+    self._metrics_fns = tuple(metrics_fns)
+    self._input_spec = input_spec
+    self._uses_rng = _accepts_rng(predict_on_batch_fn)
 
-    @property
-    def initial_weights(self) -> ModelWeights:
-        return self._initial_weights
+  @property
+  def initial_weights(self) -> ModelWeights:
+    return self._initial_weights
 
-    @property
-    def input_spec(self) -> Any:
-        return self._input_spec
+  @property
+  def input_spec(self) -> Any:
+    return self._input_spec
 
-    @property
-    def uses_rng(self) -> bool:
-        """Whether `predict_on_batch_fn` takes an `rng` key (e.g. for dropout)."""
-        return self._uses_rng
+  @property
+  def uses_rng(self) -> bool:
+    """Whether `predict_on_batch_fn` takes an `rng` key (e.g. for dropout)."""
+    return self._uses_rng
 
-    def predict_on_batch(self, weights: ModelWeights, x: Any, training: bool = True, rng=None):
-        """Predictions `[batch_size, ...]` for inputs `x` `[batch_size, ...]`."""
-        if self._uses_rng:
-            return self._predict_on_batch_fn(weights, x, training, rng=rng)
-        return self._predict_on_batch_fn(weights, x, training)
+  def predict_on_batch(self, weights: ModelWeights, x: Any, training: bool = True, rng=None):
+    """Predictions `[batch_size, ...]` for inputs `x` `[batch_size, ...]`."""
+    if self._uses_rng:
+      return self._predict_on_batch_fn(weights, x, training, rng=rng)
+    return self._predict_on_batch_fn(weights, x, training)
 
-    def loss(self, output: Any, label: Any, sample_weight: Any = None) -> jax.Array:
-        """`[]` loss: mean over examples, weighted by `sample_weight` `[batch_size]`."""
-        return self._loss_fn(output, label, sample_weight)
+  def loss(self, output: Any, label: Any, sample_weight: Any = None) -> jax.Array:
+    """`[]` loss: mean over examples, weighted by `sample_weight` `[batch_size]`."""
+    return self._loss_fn(output, label, sample_weight)
 
-    def forward_pass(
-        self, weights: ModelWeights, batch_input: Any, training: bool = True, rng=None
-    ) -> BatchOutput:
-        """`BatchOutput` of one unpadded batch."""
-        if self._forward_pass_fn is not None:
-            return self._forward_pass_fn(weights, batch_input, training)
-        x, y = split_batch(batch_input)
-        predictions = self.predict_on_batch(weights, x, training, rng=rng)
-        num_examples = jnp.asarray(jax.tree.leaves(y)[0].shape[0], jnp.int32)
-        return BatchOutput(predictions, self.loss(predictions, y), num_examples)
+  def forward_pass(
+    self, weights: ModelWeights, batch_input: Any, training: bool = True, rng=None
+  ) -> BatchOutput:
+    """`BatchOutput` of one unpadded batch."""
+    if self._forward_pass_fn is not None:
+      return self._forward_pass_fn(weights, batch_input, training)
+    x, y = split_batch(batch_input)
+    predictions = self.predict_on_batch(weights, x, training, rng=rng)
+    num_examples = jnp.asarray(jax.tree.leaves(y)[0].shape[0], jnp.int32)
+    return BatchOutput(predictions, self.loss(predictions, y), num_examples)
 
-    def initialize_metrics_state(self) -> Any:
-        return self._metrics_fns[0]()
+  def initialize_metrics_state(self) -> Any:
+    return self._metrics_fns[0]()
 
-    def update_metrics_state(
-        self, state: Any, labels: Any, batch_output: BatchOutput, sample_weight: Any = None
-    ) -> Any:
-        return self._metrics_fns[1](state, labels, batch_output, sample_weight)
+  def update_metrics_state(
+    self, state: Any, labels: Any, batch_output: BatchOutput, sample_weight: Any = None
+  ) -> Any:
+    return self._metrics_fns[1](state, labels, batch_output, sample_weight)
 
-    def finalize_metrics(self, state: Any) -> dict:
-        return self._metrics_fns[2](state)
+  def finalize_metrics(self, state: Any) -> dict:
+    return self._metrics_fns[2](state)

@@ -11,123 +11,119 @@ from fedjax_lite.templates import _processes
 
 
 class LearningAlgorithmState(NamedTuple):
-    """The server state of a composed learning process; each component's state under its name."""
+  """The server state of a composed learning process; each component's state under its name."""
 
-    global_model_weights: Any
-    distributor: Any
-    client_work: Any
-    aggregator: Any
-    finalizer: Any
+  global_model_weights: Any
+  distributor: Any
+  client_work: Any
+  aggregator: Any
+  finalizer: Any
 
 
 def _check_component(value, cls, name):
-    if not isinstance(value, cls):
-        raise TypeError(f'{name} must be a {cls.__name__}; got {type(value).__name__}')
+  if not isinstance(value, cls):
+    raise TypeError(f'{name} must be a {cls.__name__}; got {type(value).__name__}')
 
 
 def compose_learning_process(
-    initial_model_weights_fn: Callable[[], Any],
-    model_weights_distributor: _processes.DistributionProcess,
-    client_work: _processes.ClientWorkProcess,
-    model_update_aggregator: _processes.AggregationProcess,
-    model_finalizer: _processes.FinalizerProcess,
-    *,
-    client_data_spec: Any = None,
+  initial_model_weights_fn: Callable[[], Any],
+  model_weights_distributor: _processes.DistributionProcess,
+  client_work: _processes.ClientWorkProcess,
+  model_update_aggregator: _processes.AggregationProcess,
+  model_finalizer: _processes.FinalizerProcess,
+  *,
+  client_data_spec: Any = None,
 ) -> _processes.LearningProcess:
-    """Chains the four building blocks into a `LearningProcess` whose `next` is one `jax.jit`.
+  """Chains the four building blocks into a `LearningProcess` whose `next` is one `jax.jit`.
 
-    One round: the distributor sends the global weights; client work trains every client; the
-    aggregator reduces the updates over the client axis (weighted when it takes weights); the
-    finalizer applies the aggregate to the global weights. Metrics are nested
-    `{'distributor', 'client_work', 'aggregator', 'finalizer'}`; hyperparameters
-    `{'client_work', 'finalizer'}`.
+  One round: the distributor sends the global weights; client work trains every client; the
+  aggregator reduces the updates over the client axis (weighted when it takes weights); the
+  finalizer applies the aggregate to the global weights. Metrics are nested
+  `{'distributor', 'client_work', 'aggregator', 'finalizer'}`; hyperparameters
+  `{'client_work', 'finalizer'}`.
 
-    Args:
-      initial_model_weights_fn: `() -> ModelWeights`.
-      model_weights_distributor: a `DistributionProcess`.
-      client_work: a `ClientWorkProcess`.
-      model_update_aggregator: an `AggregationProcess`.
-      model_finalizer: a `FinalizerProcess`.
-      client_data_spec: optional `ClientBatches` of `jax.ShapeDtypeStruct` used to validate the
-        composition at construction (see `LearningProcess`).
+  Args:
+    initial_model_weights_fn: `() -> ModelWeights`.
+    model_weights_distributor: a `DistributionProcess`.
+    client_work: a `ClientWorkProcess`.
+    model_update_aggregator: an `AggregationProcess`.
+    model_finalizer: a `FinalizerProcess`.
+    client_data_spec: optional `ClientBatches` of `jax.ShapeDtypeStruct` used to validate the
+      composition at construction (see `LearningProcess`).
 
-    Returns:
-      A `LearningProcess` with state `LearningAlgorithmState`.
-    """
-    if not callable(initial_model_weights_fn):
-        raise TypeError('initial_model_weights_fn must be a callable returning ModelWeights')
-    _check_component(
-        model_weights_distributor, _processes.DistributionProcess, 'model_weights_distributor'
+  Returns:
+    A `LearningProcess` with state `LearningAlgorithmState`.
+  """
+  if not callable(initial_model_weights_fn):
+    raise TypeError('initial_model_weights_fn must be a callable returning ModelWeights')
+  _check_component(
+    model_weights_distributor, _processes.DistributionProcess, 'model_weights_distributor'
+  )
+  _check_component(client_work, _processes.ClientWorkProcess, 'client_work')
+  _check_component(
+    model_update_aggregator, _processes.AggregationProcess, 'model_update_aggregator'
+  )
+  _check_component(model_finalizer, _processes.FinalizerProcess, 'model_finalizer')
+  weighted = model_update_aggregator.is_weighted
+
+  def initialize():
+    return LearningAlgorithmState(
+      global_model_weights=initial_model_weights_fn(),
+      distributor=model_weights_distributor.initialize(),
+      client_work=client_work.initialize(),
+      aggregator=model_update_aggregator.initialize(),
+      finalizer=model_finalizer.initialize(),
     )
-    _check_component(client_work, _processes.ClientWorkProcess, 'client_work')
-    _check_component(
-        model_update_aggregator, _processes.AggregationProcess, 'model_update_aggregator'
+
+  def next_fn(state, client_batches):
+    distributed = model_weights_distributor.next(state.distributor, state.global_model_weights)
+    trained = client_work.next(state.client_work, distributed.result, client_batches)
+    update, weight = trained.result
+    aggregate_args = (update, weight) if weighted else (update,)
+    aggregated = model_update_aggregator.next(state.aggregator, *aggregate_args)
+    finalized = model_finalizer.next(state.finalizer, state.global_model_weights, aggregated.result)
+    new_state = LearningAlgorithmState(
+      global_model_weights=finalized.result,
+      distributor=distributed.state,
+      client_work=trained.state,
+      aggregator=aggregated.state,
+      finalizer=finalized.state,
     )
-    _check_component(model_finalizer, _processes.FinalizerProcess, 'model_finalizer')
-    weighted = model_update_aggregator.is_weighted
+    metrics = {
+      'distributor': distributed.measurements,
+      'client_work': trained.measurements,
+      'aggregator': aggregated.measurements,
+      'finalizer': finalized.measurements,
+    }
+    return _processes.LearningProcessOutput(new_state, metrics)
 
-    def initialize():
-        return LearningAlgorithmState(
-            global_model_weights=initial_model_weights_fn(),
-            distributor=model_weights_distributor.initialize(),
-            client_work=client_work.initialize(),
-            aggregator=model_update_aggregator.initialize(),
-            finalizer=model_finalizer.initialize(),
-        )
+  def get_model_weights(state):
+    return state.global_model_weights
 
-    def next_fn(state, client_batches):
-        distributed = model_weights_distributor.next(state.distributor, state.global_model_weights)
-        trained = client_work.next(state.client_work, distributed.result, client_batches)
-        update, weight = trained.result
-        aggregate_args = (update, weight) if weighted else (update,)
-        aggregated = model_update_aggregator.next(state.aggregator, *aggregate_args)
-        finalized = model_finalizer.next(
-            state.finalizer, state.global_model_weights, aggregated.result
-        )
-        new_state = LearningAlgorithmState(
-            global_model_weights=finalized.result,
-            distributor=distributed.state,
-            client_work=trained.state,
-            aggregator=aggregated.state,
-            finalizer=finalized.state,
-        )
-        metrics = {
-            'distributor': distributed.measurements,
-            'client_work': trained.measurements,
-            'aggregator': aggregated.measurements,
-            'finalizer': finalized.measurements,
-        }
-        return _processes.LearningProcessOutput(new_state, metrics)
+  def set_model_weights(state, model_weights):
+    return state._replace(global_model_weights=model_weights)
 
-    def get_model_weights(state):
-        return state.global_model_weights
+  def get_hparams(state):
+    return {
+      'client_work': client_work.get_hparams(state.client_work),
+      'finalizer': model_finalizer.get_hparams(state.finalizer),
+    }
 
-    def set_model_weights(state, model_weights):
-        return state._replace(global_model_weights=model_weights)
-
-    def get_hparams(state):
-        return {
-            'client_work': client_work.get_hparams(state.client_work),
-            'finalizer': model_finalizer.get_hparams(state.finalizer),
-        }
-
-    def set_hparams(state, hparams):
-        unknown = sorted(set(hparams) - {'client_work', 'finalizer'})
-        if unknown:
-            raise ValueError(
-                f"hparams has unknown keys {unknown}; expected 'client_work', 'finalizer'"
-            )
-        return state._replace(
-            client_work=client_work.set_hparams(state.client_work, hparams.get('client_work', {})),
-            finalizer=model_finalizer.set_hparams(state.finalizer, hparams.get('finalizer', {})),
-        )
-
-    return _processes.LearningProcess(
-        jax.jit(initialize),
-        jax.jit(next_fn),
-        get_model_weights,
-        set_model_weights,
-        get_hparams,
-        set_hparams,
-        client_data_spec=client_data_spec,
+  def set_hparams(state, hparams):
+    unknown = sorted(set(hparams) - {'client_work', 'finalizer'})
+    if unknown:
+      raise ValueError(f"hparams has unknown keys {unknown}; expected 'client_work', 'finalizer'")
+    return state._replace(
+      client_work=client_work.set_hparams(state.client_work, hparams.get('client_work', {})),
+      finalizer=model_finalizer.set_hparams(state.finalizer, hparams.get('finalizer', {})),
     )
+
+  return _processes.LearningProcess(
+    jax.jit(initialize),
+    jax.jit(next_fn),
+    get_model_weights,
+    set_model_weights,
+    get_hparams,
+    set_hparams,
+    client_data_spec=client_data_spec,
+  )

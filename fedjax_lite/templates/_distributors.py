@@ -8,20 +8,20 @@ from fedjax_lite.templates import _processes
 
 
 def build_broadcast_process(model_weights_spec: Any = None) -> _processes.DistributionProcess:
-    """A stateless `DistributionProcess` that sends the same value to every client.
+  """A stateless `DistributionProcess` that sends the same value to every client.
 
-    In one program every client reads the same server array, so broadcast is the identity; when
-    the client axis is sharded, XLA replicates the weights to each device.
+  In one program every client reads the same server array, so broadcast is the identity; when
+  the client axis is sharded, XLA replicates the weights to each device.
 
-    Args:
-      model_weights_spec: optional pytree of the weights (arrays or `jax.ShapeDtypeStruct`), used
-        to validate the process at construction.
-    """
+  Args:
+    model_weights_spec: optional pytree of the weights (arrays or `jax.ShapeDtypeStruct`), used
+      to validate the process at construction.
+  """
 
-    def initialize():
-        return ()
+  def initialize():
+    return ()
 
-    def next_fn(state, value):
-        return _processes.MeasuredProcessOutput(state, value, {})
+  def next_fn(state, value):
+    return _processes.MeasuredProcessOutput(state, value, {})
 
-    return _processes.DistributionProcess(initialize, next_fn, value_spec=model_weights_spec)
+  return _processes.DistributionProcess(initialize, next_fn, value_spec=model_weights_spec)

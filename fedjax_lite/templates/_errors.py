@@ -2,28 +2,28 @@
 
 
 class TemplateInitFnParamNotEmptyError(TypeError):
-    """`initialize` takes a parameter; it must take none."""
+  """`initialize` takes a parameter; it must take none."""
 
 
 class TemplateNextFnNumArgsError(TypeError):
-    """`next` takes the wrong number of arguments for its template."""
+  """`next` takes the wrong number of arguments for its template."""
 
 
 class TemplateStateNotAssignableError(TypeError):
-    """The state `next` returns differs (tree, shape or dtype) from the state `initialize` makes."""
+  """The state `next` returns differs (tree, shape or dtype) from the state `initialize` makes."""
 
 
 class TemplateNotMeasuredProcessOutputError(TypeError):
-    """A measured process's `next` does not return a `MeasuredProcessOutput`."""
+  """A measured process's `next` does not return a `MeasuredProcessOutput`."""
 
 
 class LearningProcessOutputError(TypeError):
-    """A learning process's `next` does not return a `LearningProcessOutput`."""
+  """A learning process's `next` does not return a `LearningProcessOutput`."""
 
 
 class LearningProcessSequenceTypeError(TypeError):
-    """A learning process's client data is not a `ClientBatches` with client and step axes."""
+  """A learning process's client data is not a `ClientBatches` with client and step axes."""
 
 
 class LearningProcessPlacementError(TypeError):
-    """Server values carry a client axis, or client values lack one."""
+  """Server values carry a client axis, or client values lack one."""

@@ -18,375 +18,366 @@ from fedjax_lite.templates import _errors
 
 
 class MeasuredProcessOutput(NamedTuple):
-    """`next`'s output for measured processes: new state, result, measurements (all pytrees)."""
+  """`next`'s output for measured processes: new state, result, measurements (all pytrees)."""
 
-    state: Any
-    result: Any
-    measurements: Any
+  state: Any
+  result: Any
+  measurements: Any
 
 
 class LearningProcessOutput(NamedTuple):
-    """`LearningProcess.next`'s output: the new server state and the round's metrics."""
+  """`LearningProcess.next`'s output: the new server state and the round's metrics."""
 
-    state: Any
-    metrics: Any
+  state: Any
+  metrics: Any
 
 
 class ClientResult(NamedTuple):
-    """Client work's result: `update` leaves `[clients, ...]`, `update_weight` `[clients]`."""
+  """Client work's result: `update` leaves `[clients, ...]`, `update_weight` `[clients]`."""
 
-    update: Any
-    update_weight: Any
+  update: Any
+  update_weight: Any
 
 
 def _positional_params(fn: Callable) -> tuple[int, int | None]:
-    """(required, maximum) positional arguments of `fn`; maximum None for `*args`."""
-    params = inspect.signature(fn).parameters.values()
-    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    required = sum(p.default is p.empty for p in positional)
-    var = any(p.kind is p.VAR_POSITIONAL for p in params)
-    return required, None if var else len(positional)
+  """(required, maximum) positional arguments of `fn`; maximum None for `*args`."""
+  params = inspect.signature(fn).parameters.values()
+  positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+  required = sum(p.default is p.empty for p in positional)
+  var = any(p.kind is p.VAR_POSITIONAL for p in params)
+  return required, None if var else len(positional)
 
 
 def _check_initialize(initialize: Callable) -> None:
-    if not callable(initialize):
-        raise TypeError(f'initialize must be callable; got {type(initialize).__name__}')
-    required, _ = _positional_params(initialize)
-    kw_required = [
-        p.name
-        for p in inspect.signature(initialize).parameters.values()
-        if p.kind is p.KEYWORD_ONLY and p.default is p.empty
-    ]
-    if required or kw_required:
-        raise _errors.TemplateInitFnParamNotEmptyError(
-            f'initialize must take no arguments; its signature is {inspect.signature(initialize)}. '
-            'Tip: close over configuration instead of passing it.'
-        )
+  if not callable(initialize):
+    raise TypeError(f'initialize must be callable; got {type(initialize).__name__}')
+  required, _ = _positional_params(initialize)
+  kw_required = [
+    p.name
+    for p in inspect.signature(initialize).parameters.values()
+    if p.kind is p.KEYWORD_ONLY and p.default is p.empty
+  ]
+  if required or kw_required:
+    raise _errors.TemplateInitFnParamNotEmptyError(
+      f'initialize must take no arguments; its signature is {inspect.signature(initialize)}. '
+      'Tip: close over configuration instead of passing it.'
+    )
 
 
 def _check_next_arity(next_fn: Callable, num_args: int, signature_doc: str) -> None:
-    if not callable(next_fn):
-        raise TypeError(f'next must be callable; got {type(next_fn).__name__}')
-    required, maximum = _positional_params(next_fn)
-    if required > num_args or (maximum is not None and maximum < num_args):
-        raise _errors.TemplateNextFnNumArgsError(
-            f'next must take {num_args} positional arguments {signature_doc}; its signature is '
-            f'{inspect.signature(next_fn)}'
-        )
+  if not callable(next_fn):
+    raise TypeError(f'next must be callable; got {type(next_fn).__name__}')
+  required, maximum = _positional_params(next_fn)
+  if required > num_args or (maximum is not None and maximum < num_args):
+    raise _errors.TemplateNextFnNumArgsError(
+      f'next must take {num_args} positional arguments {signature_doc}; its signature is '
+      f'{inspect.signature(next_fn)}'
+    )
 
 
 def _traced_output(initialize: Callable, next_fn: Callable, arg_specs: tuple) -> tuple[Any, Any]:
-    """(state spec from initialize, output spec of next) by abstract evaluation."""
-    state_spec = jax.eval_shape(initialize)
-    return state_spec, jax.eval_shape(next_fn, state_spec, *arg_specs)
+  """(state spec from initialize, output spec of next) by abstract evaluation."""
+  state_spec = jax.eval_shape(initialize)
+  return state_spec, jax.eval_shape(next_fn, state_spec, *arg_specs)
 
 
 def _check_state_assignable(state_spec: Any, new_state_spec: Any, what: str) -> None:
-    mismatch = tree_lib.tree_spec_mismatch(state_spec, new_state_spec)
-    if mismatch is not None:
-        raise _errors.TemplateStateNotAssignableError(
-            f"the state {what} is not assignable to initialize's state: {mismatch}"
-        )
+  mismatch = tree_lib.tree_spec_mismatch(state_spec, new_state_spec)
+  if mismatch is not None:
+    raise _errors.TemplateStateNotAssignableError(
+      f"the state {what} is not assignable to initialize's state: {mismatch}"
+    )
 
 
 def _check_measured(initialize, next_fn, arg_specs) -> MeasuredProcessOutput | None:
-    if arg_specs is None:
-        return None
-    state_spec, out = _traced_output(initialize, next_fn, tuple(arg_specs))
-    if not isinstance(out, MeasuredProcessOutput):
-        raise _errors.TemplateNotMeasuredProcessOutputError(
-            f'next must return MeasuredProcessOutput(state, result, measurements); got {type(out).__name__}'
-        )
-    _check_state_assignable(state_spec, out.state, 'next returns')
-    return out
+  if arg_specs is None:
+    return None
+  state_spec, out = _traced_output(initialize, next_fn, tuple(arg_specs))
+  if not isinstance(out, MeasuredProcessOutput):
+    raise _errors.TemplateNotMeasuredProcessOutputError(
+      'next must return MeasuredProcessOutput(state, result, measurements); '
+      f'got {type(out).__name__}'
+    )
+  _check_state_assignable(state_spec, out.state, 'next returns')
+  return out
 
 
 class _IterativeProcessFields(NamedTuple):
-    initialize: Callable[[], Any]
-    next: Callable[..., Any]
+  initialize: Callable[[], Any]
+  next: Callable[..., Any]
 
 
 class IterativeProcess(_IterativeProcessFields):
-    """`initialize() -> state` and `next(state, ...) -> state or (state, ...)`."""
+  """`initialize() -> state` and `next(state, ...) -> state or (state, ...)`."""
 
-    __slots__ = ()
+  __slots__ = ()
 
-    def __new__(cls, initialize, next, *, next_arg_specs: tuple | None = None):  # noqa: A002
-        _check_initialize(initialize)
-        _check_next_arity(next, 1 + len(next_arg_specs or ()), '(state, ...)')
-        if next_arg_specs is not None:
-            state_spec, out = _traced_output(initialize, next, tuple(next_arg_specs))
-            new_state = out if not isinstance(out, tuple) else out[0]
-            _check_state_assignable(state_spec, new_state, 'next returns')
-        return super().__new__(cls, initialize, next)
+  def __new__(cls, initialize, next, *, next_arg_specs: tuple | None = None):
+    _check_initialize(initialize)
+    _check_next_arity(next, 1 + len(next_arg_specs or ()), '(state, ...)')
+    if next_arg_specs is not None:
+      state_spec, out = _traced_output(initialize, next, tuple(next_arg_specs))
+      new_state = out if not isinstance(out, tuple) else out[0]
+      _check_state_assignable(state_spec, new_state, 'next returns')
+    return super().__new__(cls, initialize, next)
 
 
 class _MeasuredProcessFields(NamedTuple):
-    initialize: Callable[[], Any]
-    next: Callable[..., MeasuredProcessOutput]
+  initialize: Callable[[], Any]
+  next: Callable[..., MeasuredProcessOutput]
 
 
 class MeasuredProcess(_MeasuredProcessFields):
-    """`next(state, ...) -> MeasuredProcessOutput(state, result, measurements)`."""
+  """`next(state, ...) -> MeasuredProcessOutput(state, result, measurements)`."""
 
-    __slots__ = ()
+  __slots__ = ()
 
-    def __new__(cls, initialize, next, *, next_arg_specs: tuple | None = None):  # noqa: A002
-        _check_initialize(initialize)
-        _check_next_arity(next, 1 + len(next_arg_specs or ()), '(state, ...)')
-        _check_measured(initialize, next, next_arg_specs)
-        return super().__new__(cls, initialize, next)
+  def __new__(cls, initialize, next, *, next_arg_specs: tuple | None = None):
+    _check_initialize(initialize)
+    _check_next_arity(next, 1 + len(next_arg_specs or ()), '(state, ...)')
+    _check_measured(initialize, next, next_arg_specs)
+    return super().__new__(cls, initialize, next)
 
 
 class _DistributionProcessFields(NamedTuple):
-    initialize: Callable[[], Any]
-    next: Callable[[Any, Any], MeasuredProcessOutput]
+  initialize: Callable[[], Any]
+  next: Callable[[Any, Any], MeasuredProcessOutput]
 
 
 class DistributionProcess(_DistributionProcessFields):
-    """`next(state, server_value) -> MeasuredProcessOutput(state, value at the clients, m)`."""
+  """`next(state, server_value) -> MeasuredProcessOutput(state, value at the clients, m)`."""
 
-    __slots__ = ()
+  __slots__ = ()
 
-    def __new__(cls, initialize, next, *, value_spec: Any = None):  # noqa: A002
-        _check_initialize(initialize)
-        _check_next_arity(next, 2, '(state, value)')
-        _check_measured(initialize, next, None if value_spec is None else (value_spec,))
-        return super().__new__(cls, initialize, next)
+  def __new__(cls, initialize, next, *, value_spec: Any = None):
+    _check_initialize(initialize)
+    _check_next_arity(next, 2, '(state, value)')
+    _check_measured(initialize, next, None if value_spec is None else (value_spec,))
+    return super().__new__(cls, initialize, next)
 
 
 def _no_hparams(state):
-    del state
-    return {}
+  del state
+  return {}
 
 
 def _set_no_hparams(state, hparams):
-    if hparams:
-        raise ValueError(f'this process has no hyperparameters; got {sorted(hparams)}')
-    return state
+  if hparams:
+    raise ValueError(f'this process has no hyperparameters; got {sorted(hparams)}')
+  return state
 
 
 def _check_no_client_axis(value_spec_by_clients: dict[int, Any], what: str) -> None:
-    """Raises LearningProcessPlacementError if a leaf's shape depends on the number of clients."""
-    (n1, a), (n2, b) = value_spec_by_clients.items()
-    mismatch = tree_lib.tree_spec_mismatch(a, b)
-    if mismatch is not None:
-        raise _errors.LearningProcessPlacementError(
-            f'{what} must be a server value, but it changes with the number of clients '
-            f'({n1} vs {n2}): {mismatch}. Tip: reduce over the client axis (axis 0).'
-        )
+  """Raises LearningProcessPlacementError if a leaf's shape depends on the number of clients."""
+  (n1, a), (n2, b) = value_spec_by_clients.items()
+  mismatch = tree_lib.tree_spec_mismatch(a, b)
+  if mismatch is not None:
+    raise _errors.LearningProcessPlacementError(
+      f'{what} must be a server value, but it changes with the number of clients '
+      f'({n1} vs {n2}): {mismatch}. Tip: reduce over the client axis (axis 0).'
+    )
 
 
 class _ClientWorkProcessFields(NamedTuple):
-    initialize: Callable[[], Any]
-    next: Callable[[Any, Any, Any], MeasuredProcessOutput]
-    get_hparams: Callable[[Any], Any] = _no_hparams
-    set_hparams: Callable[[Any, Any], Any] = _set_no_hparams
+  initialize: Callable[[], Any]
+  next: Callable[[Any, Any, Any], MeasuredProcessOutput]
+  get_hparams: Callable[[Any], Any] = _no_hparams
+  set_hparams: Callable[[Any, Any], Any] = _set_no_hparams
 
 
 class ClientWorkProcess(_ClientWorkProcessFields):
-    """Local training of a cohort in one call.
+  """Local training of a cohort in one call.
 
-    `next(state, model_weights, client_batches) -> MeasuredProcessOutput(state,
-    ClientResult(update [clients, ...], update_weight [clients]), measurements)`; TFF's
-    `(<S@SERVER, W@CLIENTS, {D*}@CLIENTS> -> <S@SERVER, ClientResult@CLIENTS, M@SERVER>)`.
-    """
+  `next(state, model_weights, client_batches) -> MeasuredProcessOutput(state,
+  ClientResult(update [clients, ...], update_weight [clients]), measurements)`; TFF's
+  `(<S@SERVER, W@CLIENTS, {D*}@CLIENTS> -> <S@SERVER, ClientResult@CLIENTS, M@SERVER>)`.
+  """
 
-    __slots__ = ()
+  __slots__ = ()
 
-    def __new__(
-        cls,
-        initialize,
-        next,  # noqa: A002
-        get_hparams=_no_hparams,
-        set_hparams=_set_no_hparams,
-        *,
-        weights_spec: Any = None,
-        client_data_spec: Any = None,
-    ):
-        _check_initialize(initialize)
-        _check_next_arity(next, 3, '(state, model_weights, client_batches)')
-        if weights_spec is not None and client_data_spec is not None:
-            out = _check_measured(initialize, next, (weights_spec, client_data_spec))
-            num_clients = jax.tree.leaves(client_data_spec)[-1].shape[0]
-            if not isinstance(out.result, ClientResult):
-                raise TypeError(
-                    f'client work must return a ClientResult; got {type(out.result).__name__}'
-                )
-            bad = [
-                leaf.shape
-                for leaf in jax.tree.leaves(out.result)
-                if leaf.shape[:1] != (num_clients,)
-            ]
-            if bad:
-                raise _errors.LearningProcessPlacementError(
-                    f'client work results must have a leading client axis of {num_clients}; got {bad}'
-                )
-        return super().__new__(cls, initialize, next, get_hparams, set_hparams)
+  def __new__(
+    cls,
+    initialize,
+    next,
+    get_hparams=_no_hparams,
+    set_hparams=_set_no_hparams,
+    *,
+    weights_spec: Any = None,
+    client_data_spec: Any = None,
+  ):
+    _check_initialize(initialize)
+    _check_next_arity(next, 3, '(state, model_weights, client_batches)')
+    if weights_spec is not None and client_data_spec is not None:
+      out = _check_measured(initialize, next, (weights_spec, client_data_spec))
+      num_clients = jax.tree.leaves(client_data_spec)[-1].shape[0]
+      if not isinstance(out.result, ClientResult):
+        raise TypeError(f'client work must return a ClientResult; got {type(out.result).__name__}')
+      bad = [leaf.shape for leaf in jax.tree.leaves(out.result) if leaf.shape[:1] != (num_clients,)]
+      if bad:
+        raise _errors.LearningProcessPlacementError(
+          f'client work results must have a leading client axis of {num_clients}; got {bad}'
+        )
+    return super().__new__(cls, initialize, next, get_hparams, set_hparams)
 
 
 class _AggregationProcessFields(NamedTuple):
-    initialize: Callable[[], Any]
-    next: Callable[..., MeasuredProcessOutput]
+  initialize: Callable[[], Any]
+  next: Callable[..., MeasuredProcessOutput]
 
 
 class AggregationProcess(_AggregationProcessFields):
-    """Reduces client values to a server value.
+  """Reduces client values to a server value.
 
-    `next(state, value [clients, ...], weight [clients]) -> MeasuredProcessOutput(state,
-    result, measurements)` when weighted, `next(state, value)` when unweighted.
-    """
+  `next(state, value [clients, ...], weight [clients]) -> MeasuredProcessOutput(state,
+  result, measurements)` when weighted, `next(state, value)` when unweighted.
+  """
 
-    __slots__ = ()
+  __slots__ = ()
 
-    def __new__(cls, initialize, next, *, value_spec: Any = None, weighted: bool = True):  # noqa: A002
-        _check_initialize(initialize)
-        num_args = 3 if weighted else 2
-        doc = '(state, value, weight)' if weighted else '(state, value)'
-        _check_next_arity(next, num_args, doc)
-        if value_spec is not None:
-            specs = {}
-            for n in (2, 3):
-                client_values = jax.tree.map(
-                    lambda s, n=n: jax.ShapeDtypeStruct((n, *s.shape), s.dtype), value_spec
-                )
-                args = (client_values, jax.ShapeDtypeStruct((n,), 'float32'))[: num_args - 1]
-                specs[n] = _check_measured(initialize, next, args)
-            _check_no_client_axis({n: (o.state, o.result) for n, o in specs.items()}, 'aggregate')
-            mismatch = tree_lib.tree_spec_mismatch(value_spec, specs[2].result)
-            if mismatch is not None:
-                raise TypeError(f'the aggregate must match value_spec: {mismatch}')
-        return super().__new__(cls, initialize, next)
+  def __new__(cls, initialize, next, *, value_spec: Any = None, weighted: bool = True):
+    _check_initialize(initialize)
+    num_args = 3 if weighted else 2
+    doc = '(state, value, weight)' if weighted else '(state, value)'
+    _check_next_arity(next, num_args, doc)
+    if value_spec is not None:
+      specs = {}
+      for n in (2, 3):
+        client_values = jax.tree.map(
+          lambda s, n=n: jax.ShapeDtypeStruct((n, *s.shape), s.dtype), value_spec
+        )
+        args = (client_values, jax.ShapeDtypeStruct((n,), 'float32'))[: num_args - 1]
+        specs[n] = _check_measured(initialize, next, args)
+      _check_no_client_axis({n: (o.state, o.result) for n, o in specs.items()}, 'aggregate')
+      mismatch = tree_lib.tree_spec_mismatch(value_spec, specs[2].result)
+      if mismatch is not None:
+        raise TypeError(f'the aggregate must match value_spec: {mismatch}')
+    return super().__new__(cls, initialize, next)
 
-    @property
-    def is_weighted(self) -> bool:
-        required, maximum = _positional_params(self.next)
-        return maximum is None or maximum >= 3
+  @property
+  def is_weighted(self) -> bool:
+    _, maximum = _positional_params(self.next)
+    return maximum is None or maximum >= 3
 
 
 class _FinalizerProcessFields(NamedTuple):
-    initialize: Callable[[], Any]
-    next: Callable[[Any, Any, Any], MeasuredProcessOutput]
-    get_hparams: Callable[[Any], Any] = _no_hparams
-    set_hparams: Callable[[Any, Any], Any] = _set_no_hparams
+  initialize: Callable[[], Any]
+  next: Callable[[Any, Any, Any], MeasuredProcessOutput]
+  get_hparams: Callable[[Any], Any] = _no_hparams
+  set_hparams: Callable[[Any, Any], Any] = _set_no_hparams
 
 
 class FinalizerProcess(_FinalizerProcessFields):
-    """`next(state, model_weights, update) -> MeasuredProcessOutput(state, new weights, m)`."""
+  """`next(state, model_weights, update) -> MeasuredProcessOutput(state, new weights, m)`."""
 
-    __slots__ = ()
+  __slots__ = ()
 
-    def __new__(
-        cls,
-        initialize,
-        next,  # noqa: A002
-        get_hparams=_no_hparams,
-        set_hparams=_set_no_hparams,
-        *,
-        weights_spec: Any = None,
-    ):
-        _check_initialize(initialize)
-        _check_next_arity(next, 3, '(state, model_weights, update)')
-        if weights_spec is not None:
-            out = _check_measured(initialize, next, (weights_spec, weights_spec.trainable))
-            mismatch = tree_lib.tree_spec_mismatch(weights_spec, out.result)
-            if mismatch is not None:
-                raise TypeError(
-                    f'the finalizer must return model weights like its input: {mismatch}'
-                )
-        return super().__new__(cls, initialize, next, get_hparams, set_hparams)
+  def __new__(
+    cls,
+    initialize,
+    next,
+    get_hparams=_no_hparams,
+    set_hparams=_set_no_hparams,
+    *,
+    weights_spec: Any = None,
+  ):
+    _check_initialize(initialize)
+    _check_next_arity(next, 3, '(state, model_weights, update)')
+    if weights_spec is not None:
+      out = _check_measured(initialize, next, (weights_spec, weights_spec.trainable))
+      mismatch = tree_lib.tree_spec_mismatch(weights_spec, out.result)
+      if mismatch is not None:
+        raise TypeError(f'the finalizer must return model weights like its input: {mismatch}')
+    return super().__new__(cls, initialize, next, get_hparams, set_hparams)
 
 
 class _LearningProcessFields(NamedTuple):
-    initialize: Callable[[], Any]
-    next: Callable[[Any, Any], LearningProcessOutput]
-    get_model_weights: Callable[[Any], Any]
-    set_model_weights: Callable[[Any, Any], Any]
-    get_hparams: Callable[[Any], Any] = _no_hparams
-    set_hparams: Callable[[Any, Any], Any] = _set_no_hparams
+  initialize: Callable[[], Any]
+  next: Callable[[Any, Any], LearningProcessOutput]
+  get_model_weights: Callable[[Any], Any]
+  set_model_weights: Callable[[Any, Any], Any]
+  get_hparams: Callable[[Any], Any] = _no_hparams
+  set_hparams: Callable[[Any, Any], Any] = _set_no_hparams
 
 
 class LearningProcess(_LearningProcessFields):
-    """A federated learning algorithm: `initialize() -> state`, `next(state, client_batches) ->
-    LearningProcessOutput(state, metrics)`, `get_model_weights(state)`, `set_model_weights(state,
-    weights)`; TFF's `(<S@SERVER, {D*}@CLIENTS> -> <S@SERVER, M@SERVER>)`.
+  """A federated learning algorithm: `initialize() -> state`, `next(state, client_batches) ->
+  LearningProcessOutput(state, metrics)`, `get_model_weights(state)`, `set_model_weights(state,
+  weights)`; TFF's `(<S@SERVER, {D*}@CLIENTS> -> <S@SERVER, M@SERVER>)`.
 
-    With `client_data_spec` (a `ClientBatches` of `jax.ShapeDtypeStruct`), construction checks by
-    abstract evaluation that `next` returns a `LearningProcessOutput` whose state is assignable to
-    `initialize`'s, and that neither state nor metrics change shape with the number of clients.
-    """
+  With `client_data_spec` (a `ClientBatches` of `jax.ShapeDtypeStruct`), construction checks by
+  abstract evaluation that `next` returns a `LearningProcessOutput` whose state is assignable to
+  `initialize`'s, and that neither state nor metrics change shape with the number of clients.
+  """
 
-    __slots__ = ()
+  __slots__ = ()
 
-    def __new__(
-        cls,
-        initialize,
-        next,  # noqa: A002
-        get_model_weights,
-        set_model_weights,
-        get_hparams=_no_hparams,
-        set_hparams=_set_no_hparams,
-        *,
-        client_data_spec: Any = None,
-    ):
-        _check_initialize(initialize)
-        _check_next_arity(next, 2, '(state, client_batches)')
-        for name, fn in [
-            ('get_model_weights', get_model_weights),
-            ('set_model_weights', set_model_weights),
-        ]:
-            if not callable(fn):
-                raise TypeError(f'{name} must be callable; got {type(fn).__name__}')
-        if client_data_spec is not None:
-            _check_learning_process(
-                initialize, next, get_model_weights, set_model_weights, client_data_spec
-            )
-        return super().__new__(
-            cls, initialize, next, get_model_weights, set_model_weights, get_hparams, set_hparams
-        )
+  def __new__(
+    cls,
+    initialize,
+    next,
+    get_model_weights,
+    set_model_weights,
+    get_hparams=_no_hparams,
+    set_hparams=_set_no_hparams,
+    *,
+    client_data_spec: Any = None,
+  ):
+    _check_initialize(initialize)
+    _check_next_arity(next, 2, '(state, client_batches)')
+    for name, fn in [
+      ('get_model_weights', get_model_weights),
+      ('set_model_weights', set_model_weights),
+    ]:
+      if not callable(fn):
+        raise TypeError(f'{name} must be callable; got {type(fn).__name__}')
+    if client_data_spec is not None:
+      _check_learning_process(
+        initialize, next, get_model_weights, set_model_weights, client_data_spec
+      )
+    return super().__new__(
+      cls, initialize, next, get_model_weights, set_model_weights, get_hparams, set_hparams
+    )
 
 
 def _with_num_clients(client_data_spec: _client_batches.ClientBatches, n: int):
-    return jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct((n, *s.shape[1:]), s.dtype), client_data_spec
-    )
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct((n, *s.shape[1:]), s.dtype), client_data_spec)
 
 
 def _check_learning_process(initialize, next_fn, get_weights, set_weights, client_data_spec):
-    if not isinstance(client_data_spec, _client_batches.ClientBatches):
-        raise _errors.LearningProcessSequenceTypeError(
-            'client data must be a ClientBatches(batch, mask) of per-client sequences of batches; got '
-            f'{type(client_data_spec).__name__}'
-        )
-    mask_shape = tuple(client_data_spec.mask.shape)
-    if len(mask_shape) != 3:
-        raise _errors.LearningProcessSequenceTypeError(
-            f'client data mask has shape {mask_shape}; expected (clients, steps, batch_size): every '
-            'client holds a sequence of batches'
-        )
-    for path, leaf in jax.tree_util.tree_flatten_with_path(client_data_spec.batch)[0]:
-        if tuple(leaf.shape[:3]) != mask_shape:
-            raise _errors.LearningProcessPlacementError(
-                f'client data leaf {tree_lib.keystr(path)} has shape {tuple(leaf.shape)}; expected a '
-                f'leading (clients, steps, batch_size) = {mask_shape} like the mask'
-            )
-    outputs = {}
-    n = mask_shape[0]
-    for num_clients in (n, n + 1):
-        state_spec, out = _traced_output(
-            initialize, next_fn, (_with_num_clients(client_data_spec, num_clients),)
-        )
-        if not isinstance(out, LearningProcessOutput):
-            raise _errors.LearningProcessOutputError(
-                f'next must return LearningProcessOutput(state, metrics); got {type(out).__name__}'
-            )
-        outputs[num_clients] = out
-    _check_no_client_axis({k: o.state for k, o in outputs.items()}, 'the server state')
-    _check_no_client_axis({k: o.metrics for k, o in outputs.items()}, 'the metrics')
-    _check_state_assignable(state_spec, outputs[n].state, 'next returns')
-    weights_spec = jax.eval_shape(get_weights, state_spec)
-    _check_state_assignable(
-        state_spec,
-        jax.eval_shape(set_weights, state_spec, weights_spec),
-        'set_model_weights returns',
+  if not isinstance(client_data_spec, _client_batches.ClientBatches):
+    raise _errors.LearningProcessSequenceTypeError(
+      'client data must be a ClientBatches(batch, mask) of per-client sequences of batches; got '
+      f'{type(client_data_spec).__name__}'
     )
+  mask_shape = tuple(client_data_spec.mask.shape)
+  if len(mask_shape) != 3:
+    raise _errors.LearningProcessSequenceTypeError(
+      f'client data mask has shape {mask_shape}; expected (clients, steps, batch_size): every '
+      'client holds a sequence of batches'
+    )
+  for path, leaf in jax.tree_util.tree_flatten_with_path(client_data_spec.batch)[0]:
+    if tuple(leaf.shape[:3]) != mask_shape:
+      raise _errors.LearningProcessPlacementError(
+        f'client data leaf {tree_lib.keystr(path)} has shape {tuple(leaf.shape)}; expected a '
+        f'leading (clients, steps, batch_size) = {mask_shape} like the mask'
+      )
+  outputs = {}
+  n = mask_shape[0]
+  for num_clients in (n, n + 1):
+    state_spec, out = _traced_output(
+      initialize, next_fn, (_with_num_clients(client_data_spec, num_clients),)
+    )
+    if not isinstance(out, LearningProcessOutput):
+      raise _errors.LearningProcessOutputError(
+        f'next must return LearningProcessOutput(state, metrics); got {type(out).__name__}'
+      )
+    outputs[num_clients] = out
+  _check_no_client_axis({k: o.state for k, o in outputs.items()}, 'the server state')
+  _check_no_client_axis({k: o.metrics for k, o in outputs.items()}, 'the metrics')
+  _check_state_assignable(state_spec, outputs[n].state, 'next returns')
+  weights_spec = jax.eval_shape(get_weights, state_spec)
+  _check_state_assignable(
+    state_spec,
+    jax.eval_shape(set_weights, state_spec, weights_spec),
+    'set_model_weights returns',
+  )
