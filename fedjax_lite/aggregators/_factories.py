@@ -53,16 +53,23 @@ class UnweightedMeanFactory:
 class MeanFactory:
   """Weighted mean over clients: `next(state, value [clients, ...], weight [clients])`.
 
-  `sum_c w_c v_c / sum_c w_c`. A round whose weights are all 0 yields zeros (not NaN), so an
-  empty round cannot poison the model. Measurements: `{'total_weight': [] float32}`.
+  `sum_c w_c v_c / sum_c w_c`. When every weight is 0 (no client contributed), the mean is
+  NaN, as TFF's: the default finalizer then rejects the round, leaving the model and the server
+  optimizer untouched and reporting `update_non_finite`. With `no_nan_division=True` such a
+  round averages to zeros instead. Measurements: `{'total_weight': [] float32}`.
   """
 
+  def __init__(self, no_nan_division: bool = False):
+    self._no_nan_division = no_nan_division
+
   def create(self, value_spec: Any) -> _processes.AggregationProcess:
+    empty_value = 0.0 if self._no_nan_division else jnp.nan
+
     def next_fn(state, value, weight):
       weight = weight.astype(jnp.float32)
       total = jnp.sum(weight)
-      scale = jnp.where(total > 0, 1.0 / jnp.where(total > 0, total, 1.0), 0.0)
-      mean = tree_lib.tree_weighted_sum(value, weight * scale)
+      mean = tree_lib.tree_weighted_sum(value, weight / jnp.where(total > 0, total, 1.0))
+      mean = jax.tree.map(lambda m: jnp.where(total > 0, m, empty_value).astype(m.dtype), mean)
       return _processes.MeasuredProcessOutput(state, mean, {'total_weight': total})
 
     return _processes.AggregationProcess(_empty_state, next_fn, value_spec=_spec(value_spec))

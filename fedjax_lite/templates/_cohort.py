@@ -66,7 +66,7 @@ def run_clients(
   Returns:
     `finalize_fn`'s outputs stacked over clients, in the order of `client_batches`.
   """
-  batch, mask = client_batches
+  batch, mask = jax.tree.map(jnp.asarray, tuple(client_batches))
   num_clients = mask.shape[0]
   chunk = min(client_chunk_size or default_chunk_size(num_clients), num_clients)
   num_chunks = -(-num_clients // chunk)
