@@ -22,7 +22,14 @@ def _empty_state():
 def _spec(value_spec: Any) -> Any:
   if value_spec is None:
     raise ValueError('value_spec must be a pytree of arrays or jax.ShapeDtypeStruct; got None')
-  return tree_lib.tree_specs(value_spec)
+  specs = tree_lib.tree_specs(value_spec)
+  for path, leaf in jax.tree_util.tree_flatten_with_path(specs)[0]:
+    if not jnp.issubdtype(leaf.dtype, jnp.inexact):
+      raise TypeError(
+        f'value_spec leaf {tree_lib.keystr(path)} has dtype {leaf.dtype}; a mean or sum of '
+        'model updates needs floating-point values'
+      )
+  return specs
 
 
 class SumFactory:
@@ -32,9 +39,7 @@ class SumFactory:
     def next_fn(state, value):
       return _processes.MeasuredProcessOutput(state, tree_lib.tree_sum_over_clients(value), {})
 
-    return _processes.AggregationProcess(
-      _empty_state, next_fn, value_spec=_spec(value_spec), weighted=False
-    )
+    return _processes.AggregationProcess(_empty_state, next_fn, False, value_spec=_spec(value_spec))
 
 
 class UnweightedMeanFactory:
@@ -45,9 +50,7 @@ class UnweightedMeanFactory:
       mean = jax.tree.map(lambda x: jnp.mean(x, axis=0), value)
       return _processes.MeasuredProcessOutput(state, mean, {})
 
-    return _processes.AggregationProcess(
-      _empty_state, next_fn, value_spec=_spec(value_spec), weighted=False
-    )
+    return _processes.AggregationProcess(_empty_state, next_fn, False, value_spec=_spec(value_spec))
 
 
 class MeanFactory:
@@ -62,7 +65,10 @@ class MeanFactory:
   def __init__(self, no_nan_division: bool = False):
     self._no_nan_division = no_nan_division
 
-  def create(self, value_spec: Any) -> _processes.AggregationProcess:
+  def create(self, value_spec: Any, weight_spec: Any = None) -> _processes.AggregationProcess:
+    """`weight_spec` is accepted for TFF's `create(value_type, weight_type)`; weights are
+    `[clients]` float32."""
+    del weight_spec
     empty_value = 0.0 if self._no_nan_division else jnp.nan
 
     def next_fn(state, value, weight):

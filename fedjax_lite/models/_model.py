@@ -28,15 +28,18 @@ class ModelWeights(NamedTuple):
 class BatchOutput(NamedTuple):
   """What one forward pass over a batch produces.
 
+  Fields default to None as in TFF; the order is DESIGN.md's, so build it by keyword when
+  porting TFF code (TFF's order is loss, predictions, num_examples).
+
   Attributes:
     predictions: model outputs, `[batch_size, ...]`.
     loss: `[]` mean loss over the batch's real examples.
     num_examples: `[]` number of real (unmasked) examples in the batch.
   """
 
-  predictions: Any
-  loss: Any
-  num_examples: Any
+  predictions: Any = None
+  loss: Any = None
+  num_examples: Any = None
 
 
 def split_batch(batch: Any) -> tuple[Any, Any]:
@@ -199,6 +202,8 @@ class FunctionalModel:
   ) -> BatchOutput:
     """`BatchOutput` of one unpadded batch."""
     if self._forward_pass_fn is not None:
+      if _accepts_rng(self._forward_pass_fn):
+        return self._forward_pass_fn(weights, batch_input, training, rng=rng)
       return self._forward_pass_fn(weights, batch_input, training)
     x, y = split_batch(batch_input)
     predictions = self.predict_on_batch(weights, x, training, rng=rng)

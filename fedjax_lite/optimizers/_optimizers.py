@@ -21,9 +21,17 @@ def _check_non_negative(**values: float | None) -> None:
       raise ValueError(f'{name} must be a finite number >= 0; got {value!r}')
 
 
+def _check_decay(**values: float) -> None:
+  for name, value in values.items():
+    if not 0 <= value < 1:
+      raise ValueError(f'{name} must be in [0, 1); got {value!r}')
+
+
 def build_sgdm(learning_rate: float = 0.01, momentum: float | None = None):
   """SGD, with heavy-ball momentum when `momentum` is given (hparams: learning_rate[, momentum])."""
   _check_non_negative(learning_rate=learning_rate, momentum=momentum)
+  if momentum is not None:
+    _check_decay(momentum=momentum)
   if momentum is None:
     return optax.inject_hyperparams(optax.sgd)(learning_rate=learning_rate)
   return optax.inject_hyperparams(optax.sgd)(learning_rate=learning_rate, momentum=momentum)
@@ -31,7 +39,8 @@ def build_sgdm(learning_rate: float = 0.01, momentum: float | None = None):
 
 def build_adam(learning_rate: float = 0.001, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-7):
   """Adam (Kingma & Ba, 2015)."""
-  _check_non_negative(learning_rate=learning_rate, b1=b1, b2=b2, eps=eps)
+  _check_non_negative(learning_rate=learning_rate, eps=eps)
+  _check_decay(b1=b1, b2=b2)
   return optax.inject_hyperparams(optax.adam)(learning_rate=learning_rate, b1=b1, b2=b2, eps=eps)
 
 
@@ -42,15 +51,20 @@ def build_adagrad(
   _check_non_negative(
     learning_rate=learning_rate, initial_accumulator_value=initial_accumulator_value, eps=eps
   )
-  return optax.inject_hyperparams(optax.adagrad)(
+  # initial_accumulator_value only seeds the state at init: static, not a hyperparameter.
+  return optax.inject_hyperparams(optax.adagrad, static_args=('initial_accumulator_value',))(
     learning_rate=learning_rate, initial_accumulator_value=initial_accumulator_value, eps=eps
   )
 
 
 def build_rmsprop(learning_rate: float = 0.01, decay: float = 0.9, eps: float = 1e-7):
   """RMSProp (Hinton's lecture 6e)."""
-  _check_non_negative(learning_rate=learning_rate, decay=decay, eps=eps)
-  return optax.inject_hyperparams(optax.rmsprop)(learning_rate=learning_rate, decay=decay, eps=eps)
+  _check_non_negative(learning_rate=learning_rate, eps=eps)
+  _check_decay(decay=decay)
+  # initial_scale only seeds the state at init: static, so it is not offered as a hyperparameter.
+  return optax.inject_hyperparams(optax.rmsprop, static_args=('initial_scale',))(
+    learning_rate=learning_rate, decay=decay, eps=eps
+  )
 
 
 def build_yogi(
@@ -60,7 +74,8 @@ def build_yogi(
   eps: float = 1e-3,
 ):
   """Yogi (Zaheer et al., 2018), the server optimizer of Reddi et al.'s adaptive FL."""
-  _check_non_negative(learning_rate=learning_rate, b1=b1, b2=b2, eps=eps)
+  _check_non_negative(learning_rate=learning_rate, eps=eps)
+  _check_decay(b1=b1, b2=b2)
   return optax.inject_hyperparams(optax.yogi)(learning_rate=learning_rate, b1=b1, b2=b2, eps=eps)
 
 

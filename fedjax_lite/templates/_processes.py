@@ -64,11 +64,14 @@ def _check_initialize(initialize: Callable) -> None:
     )
 
 
-def _check_next_arity(next_fn: Callable, num_args: int, signature_doc: str) -> None:
+def _check_next_arity(
+  next_fn: Callable, num_args: int, signature_doc: str, exact: bool = True
+) -> None:
+  """Checks `next_fn` takes `num_args` positional arguments (at least, when not `exact`)."""
   if not callable(next_fn):
     raise TypeError(f'next must be callable; got {type(next_fn).__name__}')
   required, maximum = _positional_params(next_fn)
-  if required > num_args or (maximum is not None and maximum < num_args):
+  if (exact and required > num_args) or (maximum is not None and maximum < num_args):
     raise _errors.TemplateNextFnNumArgsError(
       f'next must take {num_args} positional arguments {signature_doc}; its signature is '
       f'{inspect.signature(next_fn)}'
@@ -114,7 +117,9 @@ class IterativeProcess(_IterativeProcessFields):
 
   def __new__(cls, initialize, next, *, next_arg_specs: tuple | None = None):
     _check_initialize(initialize)
-    _check_next_arity(next, 1 + len(next_arg_specs or ()), '(state, ...)')
+    _check_next_arity(
+      next, 1 + len(next_arg_specs or ()), '(state, ...)', exact=bool(next_arg_specs)
+    )
     if next_arg_specs is not None:
       state_spec, out = _traced_output(initialize, next, tuple(next_arg_specs))
       new_state = out if not isinstance(out, tuple) else out[0]
@@ -134,7 +139,9 @@ class MeasuredProcess(_MeasuredProcessFields):
 
   def __new__(cls, initialize, next, *, next_arg_specs: tuple | None = None):
     _check_initialize(initialize)
-    _check_next_arity(next, 1 + len(next_arg_specs or ()), '(state, ...)')
+    _check_next_arity(
+      next, 1 + len(next_arg_specs or ()), '(state, ...)', exact=bool(next_arg_specs)
+    )
     _check_measured(initialize, next, next_arg_specs)
     return super().__new__(cls, initialize, next)
 
@@ -223,21 +230,22 @@ class ClientWorkProcess(_ClientWorkProcessFields):
 class _AggregationProcessFields(NamedTuple):
   initialize: Callable[[], Any]
   next: Callable[..., MeasuredProcessOutput]
+  is_weighted: bool = True
 
 
 class AggregationProcess(_AggregationProcessFields):
   """Reduces client values to a server value.
 
   `next(state, value [clients, ...], weight [clients]) -> MeasuredProcessOutput(state,
-  result, measurements)` when weighted, `next(state, value)` when unweighted.
+  result, measurements)` when `is_weighted`, `next(state, value)` otherwise.
   """
 
   __slots__ = ()
 
-  def __new__(cls, initialize, next, *, value_spec: Any = None, weighted: bool = True):
+  def __new__(cls, initialize, next, is_weighted: bool = True, *, value_spec: Any = None):
     _check_initialize(initialize)
-    num_args = 3 if weighted else 2
-    doc = '(state, value, weight)' if weighted else '(state, value)'
+    num_args = 3 if is_weighted else 2
+    doc = '(state, value, weight)' if is_weighted else '(state, value)'
     _check_next_arity(next, num_args, doc)
     if value_spec is not None:
       specs = {}
@@ -251,12 +259,7 @@ class AggregationProcess(_AggregationProcessFields):
       mismatch = tree_lib.tree_spec_mismatch(value_spec, specs[2].result)
       if mismatch is not None:
         raise TypeError(f'the aggregate must match value_spec: {mismatch}')
-    return super().__new__(cls, initialize, next)
-
-  @property
-  def is_weighted(self) -> bool:
-    _, maximum = _positional_params(self.next)
-    return maximum is None or maximum >= 3
+    return super().__new__(cls, initialize, next, is_weighted)
 
 
 class _FinalizerProcessFields(NamedTuple):
