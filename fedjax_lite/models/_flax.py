@@ -49,7 +49,9 @@ def from_flax(
 
   Returns:
     A `FunctionalModel` whose `predict_on_batch(weights, x, training, rng=None)` equals the
-    module's own `apply` (linen) or call (nnx). `rng` feeds the 'dropout' stream.
+    module's own `apply` (linen) or call (nnx). `rng` feeds linen's 'dropout' stream and
+    reseeds every rng stream an nnx module holds. (An nnx module that takes `rngs` as a call
+    argument is not supported: its dropout needs the stream it is built with.)
   """
   if isinstance(module, linen.Module):
     initial_weights, predict = _from_linen(module, input_spec, seed, training_arg)
@@ -94,6 +96,11 @@ def _from_linen(module, input_spec, seed, training_arg):
 
 def _from_nnx(module):
   graphdef, trainable, non_trainable = nnx.split(module, nnx.Param, ...)
+  # The streams a module draws from at call time (e.g. Dropout's, 'dropout' or 'default'):
+  # `rng` reseeds every one, so each key gives its own masks.
+  stream_tags = sorted(
+    {node.tag for _, node in nnx.iter_graph(module) if isinstance(node, nnx.RngStream)}
+  )
   trainable = nnx.to_pure_dict(trainable)
   non_trainable = nnx.to_pure_dict(non_trainable)
 
@@ -106,8 +113,8 @@ def _from_nnx(module):
       model.train()
     else:
       model.eval()
-    if rng is not None:
-      nnx.reseed(model, dropout=rng)
+    if rng is not None and stream_tags:
+      nnx.reseed(model, **{tag: rng for tag in stream_tags})
     return model(x)
 
   return _model.ModelWeights(trainable, non_trainable), predict

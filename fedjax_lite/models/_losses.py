@@ -1,7 +1,10 @@
 """Losses in `FunctionalModel`'s `loss_fn` form: `(predictions, labels, sample_weight=None) -> []`.
 
-Each is the mean over examples weighted by `sample_weight` (the padding mask), so padded
-examples change neither the value nor its gradient; a batch with no real example gives 0.
+Each is the mean over examples weighted by `sample_weight` (the padding mask): padded rows
+change neither the value nor the gradient with respect to the real rows' predictions, and a
+batch with no real example gives 0. Client work also zeroes padded inputs before the forward
+pass (`templates._client_work.masked_batch`), so junk in padding cannot reach the weights'
+gradients through a model that is finite at 0.
 """
 
 from __future__ import annotations

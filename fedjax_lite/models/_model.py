@@ -97,7 +97,10 @@ def _check_concrete_weights(weights: ModelWeights) -> ModelWeights:
 
 
 def _check_input_spec(input_spec: Any) -> None:
-  split_batch(input_spec)
+  try:
+    split_batch(input_spec)
+  except (TypeError, ValueError) as e:
+    raise type(e)(f'input_spec describes one batch, so: {e}') from None
   paths = jax.tree_util.tree_flatten_with_path(input_spec)[0]
   for path, leaf in paths:
     if not isinstance(leaf, jax.ShapeDtypeStruct):
@@ -161,7 +164,11 @@ class FunctionalModel:
       raise TypeError(f'forward_pass_fn must be callable or None; got {forward_pass_fn!r}')
     if metrics_fns is None:
       metrics_fns = (_empty_metrics_state, _noop_update, _noop_finalize)
-    if len(metrics_fns) != 3 or not all(callable(f) for f in metrics_fns):
+    if (
+      not isinstance(metrics_fns, tuple | list)
+      or len(metrics_fns) != 3
+      or not all(callable(f) for f in metrics_fns)
+    ):
       raise TypeError(
         'metrics_fns must be a triple of callables (initialize, update, finalize); '
         f'got {metrics_fns!r}'

@@ -16,8 +16,11 @@ import optax
 
 
 def _check_non_negative(**values: float | None) -> None:
+  """Checks numbers; a callable (an optax schedule of the step count) is taken as it is."""
   for name, value in values.items():
-    if value is not None and not (np.isfinite(value) and value >= 0):
+    if value is None or callable(value):
+      continue
+    if not isinstance(value, int | float | np.number) or not (np.isfinite(value) and value >= 0):
       raise ValueError(f'{name} must be a finite number >= 0; got {value!r}')
 
 
@@ -100,7 +103,10 @@ def replace_hparams(current: Mapping[str, Any], hparams: Mapping[str, Any]) -> d
   new = dict(current)
   for name, value in hparams.items():
     old = jnp.asarray(current[name])
-    value = jnp.asarray(value, dtype=old.dtype)
+    try:
+      value = jnp.asarray(value, dtype=old.dtype)
+    except (TypeError, ValueError) as e:
+      raise TypeError(f"hparams['{name}'] must be a number like {old.dtype}; got {value!r}") from e
     if value.shape != old.shape:
       raise ValueError(f"hparams['{name}'] has shape {value.shape}; expected {old.shape}")
     new[name] = value

@@ -122,8 +122,14 @@ class IterativeProcess(_IterativeProcessFields):
     )
     if next_arg_specs is not None:
       state_spec, out = _traced_output(initialize, next, tuple(next_arg_specs))
-      new_state = out if not isinstance(out, tuple) else out[0]
-      _check_state_assignable(state_spec, new_state, 'next returns')
+      # `next` returns the state, or a tuple whose first element is the state (TFF's rule:
+      # whichever is assignable; a NamedTuple state is a tuple too).
+      whole = tree_lib.tree_spec_mismatch(state_spec, out)
+      first = isinstance(out, tuple) and out and tree_lib.tree_spec_mismatch(state_spec, out[0])
+      if whole is not None and first is not None:
+        raise _errors.TemplateStateNotAssignableError(
+          f"the state next returns is not assignable to initialize's state: {whole}"
+        )
     return super().__new__(cls, initialize, next)
 
 
