@@ -39,16 +39,18 @@ def _build_gradient_client_work(
     def step(carry, batch, mask, step_index):
       grad_sum, metric_state, key = carry
       rng = jax.random.fold_in(key, step_index) if model.uses_rng else None
-
-      def loss_fn(trainable):
-        weights = models.ModelWeights(trainable, model_weights.non_trainable)
-        return _client_work.masked_forward(model, weights, batch, mask, True, rng)
-
-      (_, batch_output), grads = jax.value_and_grad(loss_fn, has_aux=True)(model_weights.trainable)
-      n = batch_output.num_examples.astype(jnp.float32)
-      grad_sum = jax.tree.map(lambda s, g: s + n * g, grad_sum, grads)
-      _, y = models.split_batch(_client_work.masked_batch(batch, mask))
-      return grad_sum, metric_update(metric_state, y, batch_output, mask), key
+      n = jnp.sum(mask > 0).astype(jnp.float32)
+      grads, metric_state = _client_work.masked_grad_step(
+        model,
+        model_weights.trainable,
+        model_weights.non_trainable,
+        batch,
+        mask,
+        metric_update,
+        metric_state,
+        rng,
+      )
+      return jax.tree.map(lambda s, g: s + n * g, grad_sum, grads), metric_state, key
 
     def finalize_client(carry):
       grad_sum, metric_state, _ = carry

@@ -60,6 +60,25 @@ def masked_forward(model, weights, batch, mask, training, rng=None):
   return loss, models.BatchOutput(predictions, loss, num_examples)
 
 
+def masked_grad_step(
+  model, trainable, non_trainable, batch, mask, metric_update, metric_state, rng
+):
+  """One training forward/backward pass on a padded batch.
+
+  Returns:
+    `(grads, metric_state)`: gradients of the masked loss with respect to `trainable`, and the
+    metric state updated with this batch's output (computed before any weight changes).
+  """
+
+  def loss_fn(trainable):
+    weights = models.ModelWeights(trainable, non_trainable)
+    return masked_forward(model, weights, batch, mask, True, rng)
+
+  (_, batch_output), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+  _, y = models.split_batch(masked_batch(batch, mask))
+  return grads, metric_update(metric_state, y, batch_output, mask)
+
+
 def training_metric_fns(model) -> tuple[Callable, Callable, Callable]:
   """`loss` and `num_examples`, always reported, plus the model's own metrics (which win)."""
   builtin = metrics_lib.create_functional_metric_fns(
@@ -206,17 +225,18 @@ def build_model_delta_client_work(
     def step(carry, batch, mask, step_index):
       trainable, opt_state, metric_state, key = carry
       rng = jax.random.fold_in(key, step_index) if model.uses_rng else None
-
-      def loss_fn(trainable):
-        weights = models.ModelWeights(trainable, model_weights.non_trainable)
-        return masked_forward(model, weights, batch, mask, True, rng)
-
-      (_, batch_output), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+      grads, metric_state = masked_grad_step(
+        model,
+        trainable,
+        model_weights.non_trainable,
+        batch,
+        mask,
+        metric_update,
+        metric_state,
+        rng,
+      )
       updates, opt_state = optimizer.update(grads, opt_state, trainable)
-      trainable = optax.apply_updates(trainable, updates)
-      _, y = models.split_batch(masked_batch(batch, mask))
-      metric_state = metric_update(metric_state, y, batch_output, mask)
-      return trainable, opt_state, metric_state, key
+      return optax.apply_updates(trainable, updates), opt_state, metric_state, key
 
     def finalize_client(carry):
       trainable, _, metric_state, _ = carry
