@@ -3,7 +3,6 @@
 import numpy as np
 
 import fedjax_lite as fl
-from fedjax_lite.cli import mlp_model
 
 # Data: 1,797 8×8 digits, 80% split over clients with label skew, 20% held out.
 x, y = fl.data.load_digits()
@@ -12,7 +11,7 @@ parts = fl.data.dirichlet_label_partition(y_train, num_clients=30, alpha=0.5, se
 clients = [{'x': x_train[p], 'y': y_train[p]} for p in parts]
 
 # Model and algorithm: a 64-64-10 MLP, local SGD 0.1, server SGD 1.0 (weighted averaging).
-model = mlp_model(num_features=64, num_classes=10)
+model = fl.models.mlp_classifier(num_features=64, num_classes=10)
 process = fl.algorithms.build_weighted_fed_avg(model, fl.optimizers.build_sgdm(0.1))
 evaluation = fl.algorithms.build_fed_eval(model)
 

@@ -11,46 +11,9 @@ import sys
 import time
 from collections.abc import Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from fedjax_lite import algorithms, data, metrics, models, optimizers
-
-
-def mlp_model(
-  num_features: int, num_classes: int, hidden: Sequence[int] = (64,), seed: int = 0
-) -> models.FunctionalModel:
-  """A ReLU MLP classifier as a `FunctionalModel` (Glorot-uniform weights, zero biases)."""
-  sizes = [num_features, *hidden, num_classes]
-  keys = jax.random.split(jax.random.PRNGKey(seed), len(sizes) - 1)
-  init = jax.nn.initializers.glorot_uniform()
-  trainable = [
-    {'w': init(k, (a, b), jnp.float32), 'b': jnp.zeros((b,), jnp.float32)}
-    for k, a, b in zip(keys, sizes[:-1], sizes[1:], strict=True)
-  ]
-
-  def predict_on_batch(weights, x, training=True):
-    del training
-    h = jnp.reshape(x, (x.shape[0], -1))
-    for i, layer in enumerate(weights.trainable):
-      h = h @ layer['w'] + layer['b']
-      if i < len(weights.trainable) - 1:
-        h = jax.nn.relu(h)
-    return h
-
-  return models.FunctionalModel(
-    initial_weights=models.ModelWeights(trainable, ()),
-    predict_on_batch_fn=predict_on_batch,
-    loss_fn=models.softmax_cross_entropy,
-    metrics_fns=metrics.create_functional_metric_fns(
-      {'accuracy': metrics.sparse_categorical_accuracy()}
-    ),
-    input_spec={
-      'x': jax.ShapeDtypeStruct((None, num_features), jnp.float32),
-      'y': jax.ShapeDtypeStruct((None,), jnp.int32),
-    },
-  )
+from fedjax_lite import algorithms, data, models, optimizers
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -58,7 +21,7 @@ def _train(args: argparse.Namespace) -> int:
   (x_train, y_train), (x_test, y_test) = data.train_test_split(x, y, seed=args.seed)
   parts = data.dirichlet_label_partition(y_train, args.num_clients, args.alpha, seed=args.seed)
   clients = [{'x': x_train[p], 'y': y_train[p]} for p in parts]
-  model = mlp_model(x.shape[1], 10, seed=args.seed)
+  model = models.mlp_classifier(x.shape[1], 10, seed=args.seed)
   process = algorithms.build_weighted_fed_avg(
     model,
     client_optimizer=optimizers.build_sgdm(args.client_lr),

@@ -2,6 +2,7 @@
 
 from fedjax_lite.models._flax import from_flax
 from fedjax_lite.models._losses import mean_squared_error, softmax_cross_entropy, weighted_mean
+from fedjax_lite.models._mlp import mlp_classifier
 from fedjax_lite.models._model import BatchOutput, FunctionalModel, ModelWeights, split_batch
 
 __all__ = [
@@ -10,6 +11,7 @@ __all__ = [
   'ModelWeights',
   'from_flax',
   'mean_squared_error',
+  'mlp_classifier',
   'softmax_cross_entropy',
   'split_batch',
   'weighted_mean',

@@ -70,6 +70,8 @@ def run_clients(
   num_clients = mask.shape[0]
   chunk = min(client_chunk_size or default_chunk_size(num_clients), num_clients)
   num_chunks = -(-num_clients // chunk)
+  # Even chunks: 100 clients at 32 run as 4 chunks of 25, not 4 of 32 with 28 empty lanes.
+  chunk = -(-num_clients // num_chunks)
   client_steps = steps_per_client(mask)
   order = jnp.argsort(-client_steps, stable=True).astype(jnp.int32)
   # Index `num_clients` marks the filler slots of the last chunk: masked out, outputs dropped.
