@@ -61,3 +61,15 @@ def test_unweighted_aggregator_in_fed_avg():
 def test_create_rejects_missing_spec():
   with pytest.raises(ValueError, match='value_spec'):
     fl.aggregators.MeanFactory().create(None)
+
+
+def test_integer_values_are_rejected():
+  spec = {'count': jax.ShapeDtypeStruct((3,), np.int32)}
+  with pytest.raises(TypeError, match=r"leaf \['count'\] has dtype int32"):
+    fl.aggregators.MeanFactory().create(spec)
+
+
+def test_tff_style_create_with_weight_spec():
+  process = fl.aggregators.MeanFactory().create(SPEC, jax.ShapeDtypeStruct((), np.float32))
+  out = process.next(process.initialize(), VALUE, WEIGHT)
+  np.testing.assert_allclose(out.result['b'], 1.0)

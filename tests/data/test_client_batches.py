@@ -106,3 +106,10 @@ def test_check_client_batches_names_the_leaf():
     fl.data.check_client_batches(good._replace(mask=np.zeros((2, 4))), spec)
   with pytest.raises(TypeError, match=r'must be a fedjax_lite\.ClientBatches'):
     fl.data.check_client_batches((good.batch, good.mask), spec)
+
+
+def test_batches_are_64_byte_aligned_for_zero_copy_transfer():
+  batches = fl.data.build_client_batches(_clients([5, 17, 3]), batch_size=4)
+  for leaf in [*batches.batch.values(), batches.mask]:
+    assert leaf.ctypes.data % 64 == 0
+    assert leaf.flags['C_CONTIGUOUS'] and leaf.flags['OWNDATA'] is False

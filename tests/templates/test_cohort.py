@@ -95,3 +95,24 @@ def test_steps_per_client_counts_to_the_last_real_step():
   mask[0, 0, 0] = 1
   mask[1, 3, 1] = 1  # only the last step is real
   np.testing.assert_array_equal(_cohort.steps_per_client(jnp.asarray(mask)), [1, 4, 0])
+
+
+def test_chunks_are_even(monkeypatch):
+  """100 clients at chunk 32 run as 4 chunks of 25: no lane of a chunk is an empty filler."""
+  seen = []
+  real_scan = _cohort.lax.scan
+
+  def spy_scan(f, init, xs, *args, **kwargs):
+    seen.append(xs.shape)
+    return real_scan(f, init, xs, *args, **kwargs)
+
+  monkeypatch.setattr(_cohort.lax, 'scan', spy_scan)
+  mask = np.ones((100, 1, 1), np.float32)
+  _cohort.run_clients(
+    lambda i: jnp.int32(0),
+    lambda c, b, m, s: c + 1,
+    lambda c: c,
+    fl.ClientBatches({'v': mask}, mask),
+    client_chunk_size=32,
+  )
+  assert seen == [(4, 25)]
