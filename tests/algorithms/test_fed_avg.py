@@ -233,3 +233,56 @@ def test_fed_eval_equals_numpy_metrics():
   assert int(total['num_examples']) == 2 * len(y)
   np.testing.assert_allclose(float(total['loss']), loss, rtol=1e-5)
   np.testing.assert_array_equal(_weights(state, evaluation)[0], w)  # nothing trained
+
+
+def test_fed_eval_ignores_padding():
+  model = ref.linear_model(5, 3)
+  clients = ref.random_clients(SIZES)
+  batches = fl.data.build_client_batches(clients, batch_size=4)
+  padded = fl.data.build_client_batches(
+    [*clients, {'x': np.zeros((0, 5), np.float32), 'y': np.zeros(0, np.int32)}],
+    batch_size=4,
+    num_steps=20,
+  )
+  evaluation = fl.algorithms.build_fed_eval(model)
+  _, metrics = evaluation.next(evaluation.initialize(), batches)
+  _, padded_metrics = evaluation.next(evaluation.initialize(), padded)
+  a = metrics['client_work']['eval']['current_round_metrics']
+  b = padded_metrics['client_work']['eval']['current_round_metrics']
+  assert int(a['num_examples']) == int(b['num_examples']) == sum(SIZES)
+  np.testing.assert_allclose(b['loss'], a['loss'], rtol=1e-6)
+  np.testing.assert_allclose(b['accuracy'], a['accuracy'], rtol=1e-6)
+
+
+def test_dropout_model_gets_a_fresh_key_per_round_client_and_step():
+  import flax.linen as nn
+  import jax.numpy as jnp
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+      x = nn.Dropout(0.5, deterministic=not train)(x)
+      return nn.Dense(3)(x)
+
+  spec = {
+    'x': jax.ShapeDtypeStruct((None, 5), jnp.float32),
+    'y': jax.ShapeDtypeStruct((None,), jnp.int32),
+  }
+  model = fl.models.from_flax(
+    Net(), input_spec=spec, loss_fn=fl.models.softmax_cross_entropy, training_arg='train'
+  )
+  assert model.uses_rng
+  batches = fl.data.build_client_batches(ref.random_clients([6, 6]), batch_size=3)
+  # Two identical clients: different dropout keys make their updates differ.
+  same = fl.ClientBatches(
+    jax.tree.map(lambda a: np.stack([a[0], a[0]]), batches.batch), batches.mask
+  )
+  work = fl.templates.build_model_delta_client_work(model, fl.optimizers.build_sgdm(0.5))
+  state = work.initialize()
+  out = work.next(state, model.initial_weights, same)
+  kernel = out.result.update['Dense_0']['kernel']
+  assert not np.allclose(kernel[0], kernel[1])
+  again = work.next(state, model.initial_weights, same)  # same state: bit-identical
+  np.testing.assert_array_equal(again.result.update['Dense_0']['kernel'], kernel)
+  later = work.next(out.state, model.initial_weights, same)  # the key advances each round
+  assert not np.allclose(later.result.update['Dense_0']['kernel'], kernel)
