@@ -1,6 +1,6 @@
 """FedAvg round throughput on the reference workload (shared/WORKLOAD.md).
 
-Times one FedAvg round four ways on the same cohorts and the same examples, and reports
+Times one FedAvg round five ways on the same cohorts and the same examples, and reports
 client-examples per second (median over the timed rounds):
 
   (a) fedjax_lite: `fl.algorithms.build_weighted_fed_avg(..., client_chunk_size=K)`, one compiled
@@ -9,16 +9,18 @@ client-examples per second (median over the timed rounds):
       client's own batches), summing example-weighted models on the device;
   (c) the centralized bound: the round's examples pooled, ceil(total / 16) SGD steps of batch 16
       on one model in one jitted `lax.scan` (host preparation and compilation not timed);
-  (d) the data-parallel ceiling: the same examples in batches of 1,600 in one `lax.scan`.
+  (d) the data-parallel ceiling: the same examples in batches of 1,600 in one `lax.scan`;
+  (e) a Python loop over the clients and their batches calling one jitted SGD step (one
+      dispatch per batch: what a researcher writes first, and FedJAX's `fed_avg` loop).
 
-A round of (a) and (b) is timed from "here are the sampled client ids" to "new global weights
+A round of (a), (b) and (e) is timed from "here are the sampled client ids" to "new global weights
 ready" (`block_until_ready`), host batching (`fl.data.build_client_batches`) included. The
 clients' datasets are made before the clock starts: they stand for data already in memory.
 Methods are interleaved round by round (every method runs round r before any runs r + 1) so that
 they share the noise of a busy machine.
 
-After the first round the script checks that (a), for every chunk size, and (b) produce the same
-global weights (within 1e-4): both are fed the same `build_client_batches` output.
+After the first round the script checks that (a), for every chunk size, (b) and (e) produce the
+same global weights (within 1e-4): all are fed the same `build_client_batches` output.
 
 Usage:
   python benchmarks/fedavg_throughput.py [--quick] [--variants homo hetero]
@@ -215,6 +217,47 @@ class PythonLoopFedAvg:
     return self.finish(acc, float(mask.sum()), trainable)
 
 
+class PythonStepLoopFedAvg:
+  """(e): a loop over clients and over each client's batches calling one jitted SGD step.
+
+  What a researcher writes first (and FedJAX's `fed_avg` does): one dispatch per batch.
+  """
+
+  def __init__(self, model: fl.FunctionalModel):
+    non_trainable = model.initial_weights.non_trainable
+
+    def step(trainable, x, y):
+      def loss_fn(trainable):
+        logits = model.predict_on_batch(fl.ModelWeights(trainable, non_trainable), x, True)
+        return model.loss(logits, y)
+
+      grads = jax.grad(loss_fn)(trainable)
+      return jax.tree.map(lambda w, g: w - CLIENT_LR * g, trainable, grads)
+
+    self.step = jax.jit(step)
+    self.accumulate = jax.jit(lambda acc, n, w: jax.tree.map(lambda a, b: a + n * b, acc, w))
+    self.finish = jax.jit(
+      lambda acc, total, global_trainable: jax.tree.map(
+        lambda a, g: g + SERVER_LR * (a / total - g), acc, global_trainable
+      )
+    )
+
+  def round(self, trainable, client_batches: fl.ClientBatches):
+    mask = client_batches.mask
+    acc = jax.tree.map(jnp.zeros_like, trainable)
+    for i in range(mask.shape[0]):
+      local = trainable
+      for s in range(mask.shape[1]):
+        real = mask[i, s] > 0
+        if not real.any():
+          break
+        local = self.step(
+          local, client_batches.batch['x'][i, s][real], client_batches.batch['y'][i, s][real]
+        )
+      acc = self.accumulate(acc, float(mask[i].sum()), local)
+    return self.finish(acc, float(mask.sum()), trainable)
+
+
 def pooled_batches(clients, batch_size: int, seed: Sequence[int]):
   """The cohort's examples pooled, shuffled, cut into `[steps, batch_size, ...]` with a mask."""
   x = np.concatenate([c['x'] for c in clients])
@@ -287,6 +330,8 @@ def run_variant(
       fl_states[k] = processes[k].initialize()
   loop = PythonLoopFedAvg(model) if 'b' in methods else None
   loop_weights = initial
+  step_loop = PythonStepLoopFedAvg(model) if 'e' in methods else None
+  step_loop_weights = initial
   central = {}
   if 'c' in methods:
     central['c'] = Centralized(model, BATCH_SIZE)
@@ -295,7 +340,7 @@ def run_variant(
   central_weights = {name: initial for name in central}
 
   records = {f'a{k}': [] for k in processes}
-  records.update({name: [] for name in ('b', *central) if name in methods})
+  records.update({name: [] for name in ('b', 'e', *central) if name in methods})
   checks = {}
   compiles_after_warmup = {}
   for r in range(warmup + timed):
@@ -324,6 +369,26 @@ def run_variant(
       loop_weights = new_weights
       if is_timed:
         records['b'].append(
+          {'round': r, 'examples': examples, 'batch_s': t1 - t0, 'total_s': t2 - t0}
+        )
+
+    if step_loop is not None:
+      t0 = time.perf_counter()
+      clients = [datasets[int(c)] for c in ids]
+      batches = fl.data.build_client_batches(
+        clients, batch_size=BATCH_SIZE, num_steps=num_steps, seed=seed
+      )
+      t1 = time.perf_counter()
+      new_weights = jax.block_until_ready(step_loop.round(step_loop_weights, batches))
+      t2 = time.perf_counter()
+      if r == 0 and loop is not None:
+        diff = max_abs_diff(new_weights, round0_loop)
+        checks['e_vs_b_round0_max_abs_diff'] = diff
+        if not diff <= CHECK_TOL:
+          raise AssertionError(f'{variant}/{model_name}: (e) and (b) differ by {diff:.3g}')
+      step_loop_weights = new_weights
+      if is_timed:
+        records['e'].append(
           {'round': r, 'examples': examples, 'batch_s': t1 - t0, 'total_s': t2 - t0}
         )
 
@@ -408,9 +473,12 @@ def summarize(records):
     out[name] = summary
   bound = out.get('c', {}).get('median_ex_per_s')
   loop = out.get('b', {}).get('median_ex_per_s')
+  step_loop = out.get('e', {}).get('median_ex_per_s')
   for name, summary in out.items():
+    is_a = name[0] == 'a'
     summary['x_bound'] = summary['median_ex_per_s'] / bound if bound else None
-    summary['x_loop'] = summary['median_ex_per_s'] / loop if loop and name[0] == 'a' else None
+    summary['x_loop'] = summary['median_ex_per_s'] / loop if loop and is_a else None
+    summary['x_step_loop'] = summary['median_ex_per_s'] / step_loop if step_loop and is_a else None
   return out
 
 
@@ -427,12 +495,14 @@ def median_over_runs(summaries: Sequence[dict]) -> dict:
     ]
     out[name] = {k: statistics.median(s[name][k] for s in summaries) for k in keys}
     out[name].setdefault('x_loop', None)
+    out[name].setdefault('x_step_loop', None)
     out[name]['runs'] = len(summaries)
   return out
 
 
 LABELS = {
   'b': '(b) Python loop, jitted per-client update',
+  'e': '(e) Python loop, jitted per-batch step',
   'c': '(c) centralized bound, batch 16, lax.scan',
   'd': '(d) data-parallel ceiling, batch 1600',
 }
@@ -447,12 +517,12 @@ def label(name: str) -> str:
 def print_table(title: str, summary: dict, log=print) -> None:
   log(f'\n{title}')
   header = (
-    f'{"implementation":<48} {"ex/s":>9} {"x bound":>8} {"x loop":>7} {"round s":>8} '
+    f'{"implementation":<48} {"ex/s":>9} {"x bound":>8} {"x loop":>7} {"x e":>5} {"round s":>8} '
     f'{"batch s":>8} {"put s":>7} {"next s":>7}'
   )
   log(header)
   log('-' * len(header))
-  order = sorted(summary, key=lambda n: ('dcba'.index(n[0]), int(n[1:]) if n[0] == 'a' else 0))
+  order = sorted(summary, key=lambda n: ('dcbea'.index(n[0]), int(n[1:]) if n[0] == 'a' else 0))
   for name in order:
     s = summary[name]
     ex = s['median_ex_per_s']
@@ -462,7 +532,7 @@ def print_table(title: str, summary: dict, log=print) -> None:
 
     log(
       f'{label(name):<48} {ex:>9,.0f} {fmt(s.get("x_bound"), 8, ".2f")} '
-      f'{fmt(s.get("x_loop"), 7, ".2f")} '
+      f'{fmt(s.get("x_loop"), 7, ".2f")} {fmt(s.get("x_step_loop"), 5, ".2f")} '
       f'{s["median_round_s"]:>8.3f} {fmt(s.get("median_batch_s"), 8, ".3f")} '
       f'{fmt(s.get("median_put_s"), 7, ".3f")} {fmt(s.get("median_next_s"), 7, ".3f")}'
     )
@@ -574,7 +644,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       runs = []
       for rep in range(args.repeats):
         records, checks, recompiles, num_steps = run_variant(
-          variant, 'mlp', args.chunk_sizes, ('a', 'b', 'c', 'd'), warmup, timed
+          variant, 'mlp', args.chunk_sizes, ('a', 'b', 'c', 'd', 'e'), warmup, timed
         )
         summary = summarize(records)
         runs.append(
