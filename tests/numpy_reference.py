@@ -98,7 +98,10 @@ def fed_avg_round(w, b, client_batches, lr, momentum=None, weighting='num_exampl
         cw, cb = cw - lr * vw, cb - lr * vb
     examples += n_client
     deltas.append((w - cw, b - cb))
-    weights.append(n_client if weighting == 'num_examples' else float(n_client > 0))
+    if callable(weighting):
+      weights.append(weighting(n_client))
+    else:
+      weights.append(n_client if weighting == 'num_examples' else float(n_client > 0))
   total = sum(weights)
   mean_dw = sum(wt * d[0] for wt, d in zip(weights, deltas, strict=True)) / total
   mean_db = sum(wt * d[1] for wt, d in zip(weights, deltas, strict=True)) / total

@@ -286,3 +286,46 @@ def test_dropout_model_gets_a_fresh_key_per_round_client_and_step():
   np.testing.assert_array_equal(again.result.update['Dense_0']['kernel'], kernel)
   later = work.next(out.state, model.initial_weights, same)  # the key advances each round
   assert not np.allclose(later.result.update['Dense_0']['kernel'], kernel)
+
+
+def test_callable_client_weighting_sees_finalized_client_metrics():
+  import jax.numpy as jnp
+
+  seen = []
+
+  def weighting(metrics):
+    seen.append(sorted(metrics))
+    return jnp.sqrt(metrics['num_examples'].astype(jnp.float32))
+
+  model = ref.linear_model(5, 3)
+  batches = fl.data.build_client_batches(ref.random_clients(SIZES), batch_size=4)
+  process = fl.algorithms.build_weighted_fed_avg(
+    model, fl.optimizers.build_sgdm(0.1), client_weighting=weighting
+  )
+  state = process.initialize()
+  w, b = _weights(state, process)
+  state, _ = process.next(state, batches)
+  assert seen and seen[-1] == ['accuracy', 'loss', 'num_examples']
+  w, b, _ = ref.fed_avg_round(w, b, batches, 0.1, weighting=np.sqrt)
+  got_w, got_b = _weights(state, process)
+  np.testing.assert_allclose(got_w, w, atol=1e-5)
+  np.testing.assert_allclose(got_b, b, atol=1e-5)
+
+
+def test_set_hparams_changes_the_server_learning_rate():
+  model = ref.linear_model(5, 3)
+  batches = fl.data.build_client_batches(ref.random_clients(SIZES), batch_size=4)
+  process = fl.algorithms.build_weighted_fed_avg(
+    model, fl.optimizers.build_sgdm(0.1), fl.optimizers.build_sgdm(1.0)
+  )
+  state = process.initialize()
+  w, b = _weights(state, process)
+  state = process.set_hparams(state, {'finalizer': {'learning_rate': 0.5}})
+  np.testing.assert_allclose(process.get_hparams(state)['finalizer']['learning_rate'], 0.5)
+  state, _ = process.next(state, batches)
+  avg_w, avg_b, _ = ref.fed_avg_round(w, b, batches, 0.1)
+  got_w, got_b = _weights(state, process)
+  np.testing.assert_allclose(got_w, w + 0.5 * (avg_w - w), atol=1e-5)  # half-way to the average
+  np.testing.assert_allclose(got_b, b + 0.5 * (avg_b - b), atol=1e-5)
+  with pytest.raises(ValueError, match='unknown keys'):
+    process.set_hparams(state, {'server': {}})
