@@ -48,3 +48,62 @@ def test_bad_input(kwargs, match):
     fl.data.dirichlet_label_partition(
       np.zeros(20, int), **{'num_clients': 2, 'alpha': 1.0, **kwargs}
     )
+
+
+def _assert_exact_cover(parts, n):
+  np.testing.assert_array_equal(np.sort(np.concatenate(parts)), np.arange(n))
+
+
+@settings(max_examples=20, deadline=None)
+@given(num_clients=st.integers(1, 20), extra=st.integers(0, 200), seed=st.integers(0, 3))
+def test_iid_and_power_law_cover_every_example_once(num_clients, extra, seed):
+  n = num_clients + extra
+  iid = fl.data.iid_partition(n, num_clients, seed=seed)
+  _assert_exact_cover(iid, n)
+  assert max(map(len, iid)) - min(map(len, iid)) <= 1
+  skewed = fl.data.power_law_partition(n, num_clients, seed=seed)
+  _assert_exact_cover(skewed, n)
+  assert min(map(len, skewed)) >= 1
+  again = fl.data.power_law_partition(n, num_clients, seed=seed)
+  assert [len(p) for p in again] == [len(p) for p in skewed]
+
+
+def test_power_law_sizes_are_skewed():
+  sizes = np.sort([len(p) for p in fl.data.power_law_partition(100_000, 1000, seed=0)])
+  # The largest 10% of clients hold far more than 10% of the examples.
+  assert sizes[-100:].sum() > 0.3 * sizes.sum()
+
+
+def test_label_shards_give_each_client_few_classes():
+  labels = np.repeat(np.arange(10), 60)
+  parts = fl.data.label_shards_partition(labels, num_clients=30, shards_per_client=2, seed=1)
+  _assert_exact_cover(parts, len(labels))
+  assert max(len(np.unique(labels[p])) for p in parts) <= 4  # 2 shards, each within <= 2 labels
+  again = fl.data.label_shards_partition(labels, num_clients=30, shards_per_client=2, seed=1)
+  for a, b in zip(parts, again, strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_natural_partition():
+  parts = fl.data.natural_partition(np.array(['bob', 'amy', 'bob', 'cat', 'amy']))
+  assert list(parts) == ['bob', 'amy', 'cat']
+  np.testing.assert_array_equal(parts['amy'], [1, 4])
+
+
+@pytest.mark.parametrize(
+  ('fn', 'kwargs', 'match'),
+  [
+    (fl.data.iid_partition, {'num_examples': 3, 'num_clients': 4}, 'num_examples must be'),
+    (fl.data.label_shards_partition, {'labels': np.zeros(3), 'num_clients': 2}, '4 shards need'),
+    (
+      fl.data.power_law_partition,
+      {'num_examples': 10, 'num_clients': 2, 'exponent': 0},
+      'exponent',
+    ),
+    (fl.data.power_law_partition, {'num_examples': 3, 'num_clients': 4}, 'cannot give 4 clients'),
+    (fl.data.natural_partition, {'keys': np.zeros((2, 2))}, 'keys must be 1-D'),
+  ],
+)
+def test_partitioner_bad_input(fn, kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    fn(**kwargs)
