@@ -55,11 +55,6 @@ def tree_sum_over_clients(tree: PyTree) -> PyTree:
   return jax.tree.map(lambda x: jnp.sum(x, axis=0), tree)
 
 
-def tree_broadcast(tree: PyTree, n: int) -> PyTree:
-  """Stacks `n` copies of `tree` along a new leading axis."""
-  return jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *jnp.shape(x))), tree)
-
-
 def tree_strong_types(tree: PyTree) -> PyTree:
   """Arrays with weak types made strong, so a later set of the same dtype never retraces."""
   return jax.tree.map(lambda x: jnp.asarray(x, dtype=jnp.result_type(x)), tree)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import jax
+import jax.numpy as jnp
 
 from fedjax_lite import aggregators, models
 from fedjax_lite import metrics as metrics_lib
@@ -54,8 +54,7 @@ def build_fed_eval(
 
     def step(metric_state, batch, mask, step_index):
       del step_index
-      _, batch_output = _client_work.masked_forward(model, model_weights, batch, mask, False)
-      _, y = models.split_batch(_client_work.masked_batch(batch, mask))
+      _, (batch_output, y) = _client_work.masked_forward(model, model_weights, batch, mask, False)
       return metric_update(metric_state, y, batch_output, mask)
 
     client_states = _cohort.run_clients(
@@ -70,7 +69,7 @@ def build_fed_eval(
       }
     }
     num_clients = client_batches.mask.shape[0]
-    result = _processes.ClientResult((), jax.numpy.zeros((num_clients,)))
+    result = _processes.ClientResult((), jnp.zeros((num_clients,)))
     return _processes.MeasuredProcessOutput(total_state, result, measurements)
 
   client_work = _processes.ClientWorkProcess(initialize, next_fn)

@@ -22,10 +22,6 @@ class ClientBatches(NamedTuple):
   batch: Any
   mask: Any
 
-  @property
-  def num_clients(self) -> int:
-    return int(np.shape(self.mask)[0])
-
 
 def client_batches_spec(
   input_spec: Any, num_clients: int, num_steps: int, batch_size: int | None = None

@@ -52,12 +52,15 @@ def masked_batch(batch: Any, mask: jax.Array) -> Any:
 
 
 def masked_forward(model, weights, batch, mask, training, rng=None):
-  """`(loss [], BatchOutput)` of one padded batch, padding masked out of everything."""
+  """`(loss [], (BatchOutput, labels))` of one padded batch, padding masked out of everything.
+
+  The labels are the batch's, padded rows zeroed, ready for the metric update.
+  """
   x, y = models.split_batch(masked_batch(batch, mask))
   predictions = model.predict_on_batch(weights, x, training, rng=rng)
   loss = model.loss(predictions, y, mask)
   num_examples = jnp.sum(mask > 0).astype(jnp.int32)
-  return loss, models.BatchOutput(predictions, loss, num_examples)
+  return loss, (models.BatchOutput(predictions, loss, num_examples), y)
 
 
 def masked_grad_step(
@@ -74,8 +77,7 @@ def masked_grad_step(
     weights = models.ModelWeights(trainable, non_trainable)
     return masked_forward(model, weights, batch, mask, True, rng)
 
-  (_, batch_output), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
-  _, y = models.split_batch(masked_batch(batch, mask))
+  (_, (batch_output, y)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
   return grads, metric_update(metric_state, y, batch_output, mask)
 
 
