@@ -77,7 +77,7 @@ def check_client_batches(client_batches: Any, input_spec: Any, name: str = 'clie
       raise TypeError(f'{where} has dtype {dtype}; expected {np.dtype(spec.dtype)} from input_spec')
 
 
-def _aligned_zeros(shape: tuple, dtype: np.dtype, alignment: int = 64) -> np.ndarray:
+def aligned_zeros(shape: tuple, dtype: np.dtype, alignment: int = 64) -> np.ndarray:
   """Zeros whose buffer starts on an `alignment`-byte boundary.
 
   XLA:CPU adopts a host buffer without copying only when it is 64-byte aligned; numpy
@@ -90,7 +90,11 @@ def _aligned_zeros(shape: tuple, dtype: np.dtype, alignment: int = 64) -> np.nda
   return raw[offset : offset + nbytes].view(dtype).reshape(shape)
 
 
-def _client_steps(num_examples: int, num_epochs: int, batch_size: int, max_steps: int | None):
+def client_steps(
+  num_examples: int, num_epochs: int, batch_size: int, max_steps: int | None = None
+) -> int:
+  """Steps a client with `num_examples` takes: `ceil(num_examples * num_epochs / batch_size)`,
+  capped at `max_steps`."""
   steps = -(-num_examples * num_epochs // batch_size)
   return steps if max_steps is None else min(steps, max_steps)
 
@@ -103,14 +107,16 @@ def build_client_batches(
   max_steps: int | None = None,
   num_steps: int | None = None,
   seed: int | Sequence[int] = 0,
+  client_keys: Sequence[int] | None = None,
   shuffle: bool = True,
 ) -> ClientBatches:
   """Pads and masks the datasets of a cohort into one `ClientBatches` (host numpy arrays).
 
-  Each client's examples are shuffled once per epoch (seeded by `seed` and the client's
-  position), the epochs concatenated and cut into batches of `batch_size`; only the very last
-  batch may be partial (TFF's `shuffle().repeat(E).batch(B)`). At most `max_steps` batches are
-  kept. Clients are padded to the same number of steps with masked (zero) examples.
+  Each client's examples are shuffled once per epoch (seeded by `seed` and the client's key,
+  by default its position), the epochs concatenated and cut into batches of `batch_size`; only
+  the very last batch may be partial (TFF's `shuffle().repeat(E).batch(B)`). At most
+  `max_steps` batches are kept. Clients are padded to the same number of steps with masked
+  (zero) examples.
 
   Args:
     clients: one mapping of name -> array `[n_i, ...]` per client (all clients the same names,
@@ -121,6 +127,9 @@ def build_client_batches(
     num_steps: pad to this many steps (>= the longest client); default the longest client.
       A fixed value keeps the compiled round's shapes, and so its compilation, fixed.
     seed: an int or a sequence of ints (e.g. `(seed, round_num)`) seeding the shuffles.
+    client_keys: one non-negative int per client mixed into its shuffle seed (e.g. a stable
+      hash of its id, so a client's order does not depend on where it sits in the cohort);
+      default the positions `0..len(clients)-1`.
     shuffle: whether to shuffle within each epoch.
 
   Returns:
@@ -149,23 +158,29 @@ def build_client_batches(
           f'{a0.dtype}{list(a0.shape[1:])} like clients[0]'
         )
     sizes.append(lengths[keys[0]])
-  steps = [_client_steps(n, num_epochs, batch_size, max_steps) for n in sizes]
+  steps = [client_steps(n, num_epochs, batch_size, max_steps) for n in sizes]
   longest = max(max(steps), 1)
   if num_steps is None:
     num_steps = longest
   elif num_steps < longest:
     raise ValueError(f'num_steps={num_steps} is below the longest client ({longest} steps)')
   seed_words = [seed] if isinstance(seed, int) else list(seed)
+  if client_keys is None:
+    client_keys = range(len(clients))
+  elif len(client_keys) != len(clients):
+    raise ValueError(
+      f'client_keys has {len(client_keys)} entries; expected one per client ({len(clients)})'
+    )
   capacity = num_steps * batch_size
   batch = {
-    k: _aligned_zeros(
+    k: aligned_zeros(
       (len(clients), capacity, *np.shape(clients[0][k])[1:]), np.asarray(clients[0][k]).dtype
     )
     for k in keys
   }
-  mask = _aligned_zeros((len(clients), capacity), np.float32)
-  for i, (client, n, s) in enumerate(zip(clients, sizes, steps, strict=True)):
-    rng = np.random.default_rng([*seed_words, i])
+  mask = aligned_zeros((len(clients), capacity), np.float32)
+  for i, (client, n, s, key) in enumerate(zip(clients, sizes, steps, client_keys, strict=True)):
+    rng = np.random.default_rng([*seed_words, key])
     order = np.concatenate(
       [rng.permutation(n) if shuffle else np.arange(n) for _ in range(num_epochs)]
     )[: s * batch_size]

@@ -32,8 +32,10 @@ class FederatedData(abc.ABC):
   """A population of clients.
 
   Subclasses give `client_ids`, `client_sizes` and `_read(client_id)`; this class adds
-  validation of ids, per-client preprocessing hooks and iteration.
+  validation of ids, per-client and per-batch preprocessing hooks and iteration.
   """
+
+  _batch_preprocess: tuple[Callable[[ClientDataset], ClientDataset], ...] = ()
 
   def __init__(self, preprocess: Sequence[Callable[[ClientDataset], ClientDataset]] = ()):
     self._preprocess = tuple(preprocess)
@@ -90,6 +92,33 @@ class FederatedData(abc.ABC):
     view = copy.copy(self)
     view._preprocess = (*self._preprocess, fn)
     return view
+
+  def preprocess_batch(self, fn: Callable[[ClientDataset], ClientDataset]) -> FederatedData:
+    """A view whose batches are passed through `fn` (after any earlier hooks) when batched.
+
+    `fl.data.batch_cohort` applies the hooks once to a whole cohort's examples,
+    `{feature: [clients * steps * batch_size, ...]}` padding rows included, so `fn` must work
+    row by row (each output row a function of its input row, e.g. scaling pixels, one-hot
+    labels, a token lookup); it may add, drop or retype features. Padding rows stay masked.
+    """
+    if not callable(fn):
+      raise TypeError(f'fn must be callable; got {type(fn).__name__}')
+    view = copy.copy(self)
+    view._batch_preprocess = (*self._batch_preprocess, fn)
+    return view
+
+  def apply_batch_preprocess(self, examples: ClientDataset) -> ClientDataset:
+    """`examples` `{feature: [n, ...]}` through the per-batch hooks; checks rows are kept."""
+    n = len(next(iter(examples.values())))
+    for fn in self._batch_preprocess:
+      examples = check_client_dataset('<batch>', fn(examples))
+      got = len(next(iter(examples.values())))
+      if got != n:
+        raise ValueError(
+          f'a preprocess_batch function returned {got} rows for {n}; batch hooks must map '
+          'rows one to one (drop examples in preprocess_client instead)'
+        )
+    return examples
 
   @property
   def _id_set(self) -> set:

@@ -1,0 +1,121 @@
+"""Cohort batching: a round's clients read from a `FederatedData`, shuffled, padded and masked
+into one `ClientBatches`, the step axis bucketed so the compiled round sees few shapes."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from fedjax_lite.data import _client_batches
+from fedjax_lite.data._federated_data import FederatedData
+
+
+def client_key(client_id: Any) -> int:
+  """A stable non-negative int for a client id: the id itself for ints, a hash for str/bytes.
+
+  Seeding a client's shuffles by `(seed, round_num, client_key(id))` gives it the same order
+  whichever cohort position it lands in, and in every process (Python's `hash` is salted).
+  """
+  if isinstance(client_id, int | np.integer) and not isinstance(client_id, bool):
+    return int(client_id) % 2**63
+  if isinstance(client_id, str):
+    client_id = client_id.encode()
+  if isinstance(client_id, bytes):
+    return int.from_bytes(hashlib.blake2b(client_id, digest_size=8).digest(), 'little') >> 1
+  raise TypeError(f'client ids must be int, str or bytes; got {type(client_id).__name__}')
+
+
+def step_buckets(max_steps: int, num_buckets: int = 4) -> tuple[int, ...]:
+  """Step counts `ceil(max_steps / 2**k)` for `k < num_buckets`, ascending.
+
+  With these as `batch_cohort(..., buckets=)` a round compiles at most `num_buckets` times and
+  a cohort is padded to at most twice its longest client (or to the smallest bucket).
+  """
+  for name, value in [('max_steps', max_steps), ('num_buckets', num_buckets)]:
+    if not isinstance(value, int | np.integer) or value < 1:
+      raise ValueError(f'{name} must be an int >= 1; got {value!r}')
+  return tuple(sorted({-(-int(max_steps) // 2**k) for k in range(num_buckets)}))
+
+
+def padding_fraction(client_batches: _client_batches.ClientBatches) -> float:
+  """The fraction of example slots of `client_batches` that are padding (mask 0)."""
+  return 1.0 - float(np.mean(client_batches.mask))
+
+
+def batch_cohort(
+  data: FederatedData,
+  client_ids: Sequence[Any],
+  *,
+  batch_size: int,
+  num_epochs: int = 1,
+  max_steps: int | None = None,
+  round_num: int = 0,
+  seed: int = 0,
+  buckets: Sequence[int] | None = None,
+  shuffle: bool = True,
+) -> _client_batches.ClientBatches:
+  """The `ClientBatches` of one round's cohort, in `client_ids` order.
+
+  Each client's examples are shuffled per epoch with a seed of `(seed, round_num,
+  client_key(id))`, so a resumed run batches every round as the uninterrupted run did. The
+  per-batch hooks of `data` (`FederatedData.preprocess_batch`) are applied to the whole cohort.
+
+  Args:
+    data: the population.
+    client_ids: the cohort (e.g. `[data.client_ids[i] for i in sample_cohort(...)]`).
+    batch_size: examples per step.
+    num_epochs: passes over each client's data.
+    max_steps: optional cap on steps per client.
+    round_num: the round, mixed into the shuffle seeds.
+    seed: the run's seed.
+    buckets: ascending step counts (e.g. `step_buckets(...)`); the step axis is padded to the
+      smallest bucket that holds the cohort's longest client. None pads to the longest client
+      exactly (a skewed population then compiles once per distinct length).
+    shuffle: whether to shuffle within each epoch.
+
+  Returns:
+    `ClientBatches` with leaves `[len(client_ids), steps, batch_size, ...]`.
+  """
+  if not client_ids:
+    raise ValueError('client_ids is empty; expected at least one client')
+  clients = data.get_clients(client_ids)
+  longest = max(
+    _client_batches.client_steps(len(next(iter(c.values()))), num_epochs, batch_size, max_steps)
+    for c in clients
+  )
+  num_steps = None
+  if buckets is not None:
+    buckets = sorted(int(b) for b in buckets)
+    if not buckets or buckets[0] < 1:
+      raise ValueError(f'buckets must be non-empty step counts >= 1; got {buckets}')
+    if longest > buckets[-1]:
+      raise ValueError(
+        f'the longest client of this cohort takes {longest} steps, more than the largest '
+        f'bucket ({buckets[-1]}); buckets={buckets}. Tip: build buckets from the population '
+        'maximum, or set max_steps'
+      )
+    num_steps = next(b for b in buckets if b >= longest)
+  batches = _client_batches.build_client_batches(
+    clients,
+    batch_size=batch_size,
+    num_epochs=num_epochs,
+    max_steps=max_steps,
+    num_steps=num_steps,
+    seed=(seed, round_num),
+    client_keys=[client_key(c) for c in client_ids],
+    shuffle=shuffle,
+  )
+  if not data._batch_preprocess:
+    return batches
+  lead = batches.mask.shape
+  flat = {k: v.reshape(-1, *v.shape[3:]) for k, v in batches.batch.items()}
+  flat = data.apply_batch_preprocess(flat)
+  batch = {}
+  for k, v in flat.items():
+    aligned = _client_batches.aligned_zeros((*lead, *v.shape[1:]), v.dtype)
+    aligned.reshape(v.shape)[...] = v
+    batch[k] = aligned
+  return _client_batches.ClientBatches(batch, batches.mask)
