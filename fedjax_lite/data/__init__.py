@@ -5,9 +5,21 @@ from fedjax_lite.data._client_batches import (
   build_client_batches,
   check_client_batches,
   client_batches_spec,
+  client_steps,
+)
+from fedjax_lite.data._cohort_batching import (
+  batch_cohort,
+  client_key,
+  padding_fraction,
+  step_buckets,
 )
 from fedjax_lite.data._digits import load_digits, train_test_split
 from fedjax_lite.data._federated_data import FederatedData, InMemoryFederatedData
+from fedjax_lite.data._federated_datasets import load_emnist, load_shakespeare, load_stackoverflow
+from fedjax_lite.data._idx import read_idx
+from fedjax_lite.data._image_datasets import load_fashion_mnist, load_mnist, load_mnist_5k
+from fedjax_lite.data._leaf import load_leaf
+from fedjax_lite.data._movielens import load_movielens_100k, movielens_federated, movielens_split
 from fedjax_lite.data._partition import (
   dirichlet_label_partition,
   iid_partition,
@@ -15,21 +27,51 @@ from fedjax_lite.data._partition import (
   natural_partition,
   power_law_partition,
 )
+from fedjax_lite.data._prefetch import Prefetcher
+from fedjax_lite.data._registry import DATASETS, DatasetInfo, get_dataset
 from fedjax_lite.data._sampling import sample_cohort
+from fedjax_lite.data._shakespeare import SHAKESPEARE_VOCAB_SIZE, shakespeare_preprocess
+from fedjax_lite.data._sqlite import SQLiteFederatedData
+from fedjax_lite.data._tff_h5 import HDF5FederatedData, load_tff_h5
 
 __all__ = [
+  'DATASETS',
+  'SHAKESPEARE_VOCAB_SIZE',
   'ClientBatches',
+  'DatasetInfo',
   'FederatedData',
+  'HDF5FederatedData',
   'InMemoryFederatedData',
+  'Prefetcher',
+  'SQLiteFederatedData',
+  'batch_cohort',
   'build_client_batches',
   'check_client_batches',
   'client_batches_spec',
+  'client_key',
+  'client_steps',
   'dirichlet_label_partition',
+  'get_dataset',
   'iid_partition',
   'label_shards_partition',
   'load_digits',
+  'load_emnist',
+  'load_fashion_mnist',
+  'load_leaf',
+  'load_mnist',
+  'load_mnist_5k',
+  'load_movielens_100k',
+  'load_shakespeare',
+  'load_stackoverflow',
+  'load_tff_h5',
+  'movielens_federated',
+  'movielens_split',
   'natural_partition',
+  'padding_fraction',
   'power_law_partition',
+  'read_idx',
   'sample_cohort',
+  'shakespeare_preprocess',
+  'step_buckets',
   'train_test_split',
 ]
