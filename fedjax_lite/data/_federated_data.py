@@ -59,20 +59,29 @@ class FederatedData(abc.ABC):
     return len(self.client_ids)
 
   def get_client(self, client_id: Any) -> ClientDataset:
-    """The arrays of one client, after the preprocessing hooks, in `client_ids`' order."""
-    if client_id not in self._id_set:
-      shown = ', '.join(map(repr, list(self.client_ids)[:5]))
-      raise KeyError(
-        f'unknown client id {client_id!r}; this population has {self.num_clients} clients '
-        f'({shown}{", ..." if self.num_clients > 5 else ""})'
-      )
-    dataset = self._read(client_id)
-    for fn in self._preprocess:
-      dataset = check_client_dataset(client_id, fn(dataset))
-    return dataset
+    """The arrays of one client, after the preprocessing hooks."""
+    return self.get_clients([client_id])[0]
 
   def get_clients(self, client_ids: Sequence[Any]) -> list[ClientDataset]:
-    return [self.get_client(c) for c in client_ids]
+    """The arrays of several clients, after the preprocessing hooks, in `client_ids`' order."""
+    client_ids = list(client_ids)
+    for client_id in client_ids:
+      if client_id not in self._id_set:
+        shown = ', '.join(map(repr, list(self.client_ids)[:5]))
+        raise KeyError(
+          f'unknown client id {client_id!r}; this population has {self.num_clients} clients '
+          f'({shown}{", ..." if self.num_clients > 5 else ""})'
+        )
+    datasets = []
+    for client_id, dataset in zip(client_ids, self._read_many(client_ids), strict=True):
+      for fn in self._preprocess:
+        dataset = check_client_dataset(client_id, fn(dataset))
+      datasets.append(dataset)
+    return datasets
+
+  def _read_many(self, client_ids: list) -> list[ClientDataset]:
+    """The raw arrays of known clients; stores that read many clients at once override it."""
+    return [self._read(c) for c in client_ids]
 
   def __iter__(self) -> Iterator[tuple[Any, ClientDataset]]:
     for client_id in self.client_ids:
