@@ -1,1 +1,29 @@
-"""The training loop driver around compiled rounds (see the simulation issue)."""
+"""The training loop driver around compiled rounds: evaluation schedule, checkpoint/resume,
+metrics managers, progress and plots (TFF's `tff.simulation`)."""
+
+from fedjax_lite.simulation._checkpoint import FileCheckpointManager
+from fedjax_lite.simulation._metrics_managers import (
+  CSVMetricsManager,
+  InMemoryMetricsManager,
+  JSONLMetricsManager,
+  MetricsManager,
+  TensorBoardMetricsManager,
+  flatten_metrics,
+  load_metrics,
+)
+from fedjax_lite.simulation._plot import plot_run
+from fedjax_lite.simulation._training_loop import build_evaluation_fn, run_training_process
+
+__all__ = [
+  'CSVMetricsManager',
+  'FileCheckpointManager',
+  'InMemoryMetricsManager',
+  'JSONLMetricsManager',
+  'MetricsManager',
+  'TensorBoardMetricsManager',
+  'build_evaluation_fn',
+  'flatten_metrics',
+  'load_metrics',
+  'plot_run',
+  'run_training_process',
+]

@@ -1,0 +1,104 @@
+"""`plot_run`: PNG curves of a run's metrics file (loss and accuracy against round).
+
+Needs matplotlib (`pip install 'fedjax_lite[plot]'`). Figures are drawn on matplotlib's Agg
+canvas directly, so plotting never changes the user's pyplot backend.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from fedjax_lite.simulation import _metrics_managers
+
+METRICS_FILES = ('metrics.jsonl', 'metrics.csv')
+
+
+def _metrics_file(run_dir_or_metrics_file: str) -> str:
+  if os.path.isdir(run_dir_or_metrics_file):
+    for name in METRICS_FILES:
+      path = os.path.join(run_dir_or_metrics_file, name)
+      if os.path.isfile(path):
+        return path
+    raise FileNotFoundError(
+      f'run_dir_or_metrics_file {run_dir_or_metrics_file!r} is a folder without '
+      f'{" or ".join(METRICS_FILES)}'
+    )
+  if not os.path.isfile(run_dir_or_metrics_file):
+    raise FileNotFoundError(f'run_dir_or_metrics_file {run_dir_or_metrics_file!r} does not exist')
+  return run_dir_or_metrics_file
+
+
+def _pick(keys: list[str], metric: str, evaluation: bool) -> str | None:
+  """The key of a train (process) or evaluation metric named `metric`; TFF's names first."""
+  preferred = f'evaluation/{metric}' if evaluation else f'client_work/train/{metric}'
+  if preferred in keys:
+    return preferred
+  for key in keys:
+    is_eval = key.startswith('evaluation/')
+    if is_eval == evaluation and not key.startswith('timing/') and key.split('/')[-1] == metric:
+      return key
+  return None
+
+
+def _curve(rows: dict[int, dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+  points = [(r, m[key]) for r, m in rows.items() if isinstance(m.get(key), int | float)]
+  return [r for r, _ in points], [float(v) for _, v in points]
+
+
+def plot_run(run_dir_or_metrics_file: str | os.PathLike, out_dir: str | os.PathLike | None = None):
+  """Writes `loss.png` (train loss, and evaluation loss if any) and `accuracy.png` (evaluation
+  accuracy, and train accuracy if any) against round.
+
+  Args:
+    run_dir_or_metrics_file: a run folder holding `metrics.jsonl` (preferred) or `metrics.csv`,
+      or one such file.
+    out_dir: where to write the PNGs (created if needed); default the run folder (the metrics
+      file's folder).
+
+  Returns:
+    The paths of the PNG files written (a figure with no curve to draw is skipped).
+  """
+  try:
+    from matplotlib.backends import backend_agg
+    from matplotlib.figure import Figure
+  except ImportError as e:
+    raise ImportError('plot_run needs matplotlib. Tip: pip install "fedjax_lite[plot]"') from e
+  path = _metrics_file(os.fspath(run_dir_or_metrics_file))
+  rows = _metrics_managers.load_metrics(path)
+  keys = list(dict.fromkeys(k for metrics in rows.values() for k in metrics))
+  out_dir = os.path.dirname(os.path.abspath(path)) if out_dir is None else os.fspath(out_dir)
+  figures = [
+    (
+      'loss.png',
+      'loss',
+      [(_pick(keys, 'loss', False), 'train'), (_pick(keys, 'loss', True), 'eval')],
+    ),
+    (
+      'accuracy.png',
+      'accuracy',
+      [(_pick(keys, 'accuracy', True), 'eval'), (_pick(keys, 'accuracy', False), 'train')],
+    ),
+  ]
+  written = []
+  for filename, ylabel, curves in figures:
+    curves = [(key, label) for key, label in curves if key is not None]
+    if not curves:
+      continue
+    figure = Figure(figsize=(6, 4), dpi=100)
+    backend_agg.FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    for key, label in curves:
+      axes.plot(*_curve(rows, key), marker='.', label=f'{label} ({key})')
+    axes.set_xlabel('round')
+    axes.set_ylabel(ylabel)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    os.makedirs(out_dir, exist_ok=True)
+    out_path = os.path.join(out_dir, filename)
+    figure.savefig(out_path, format='png')
+    written.append(out_path)
+  if not written:
+    raise ValueError(f'{path} has no loss or accuracy metric to plot; its keys are {keys}')
+  return written

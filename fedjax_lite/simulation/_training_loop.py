@@ -1,0 +1,245 @@
+"""`run_training_process`: the Python loop around compiled rounds (TFF's
+`tff.simulation.run_training_process`, FedJAX's `run_federated_experiment`).
+
+Nothing inside a round does I/O: the driver calls the jitted `process.next`, waits for it, then
+evaluates, releases metrics and saves checkpoints between rounds.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import jax
+
+from fedjax_lite.simulation import _checkpoint, _metrics_managers, _progress
+
+EVALUATION_KEY = 'evaluation'
+TIMING_KEY = 'timing'
+
+
+def build_evaluation_fn(
+  training_process: Any, evaluation_process: Any
+) -> Callable[[Any, Any], Any]:
+  """An `evaluation_fn` for `run_training_process` from a `build_fed_eval` process.
+
+  The returned `evaluation_fn(state, client_batches)` evaluates
+  `training_process.get_model_weights(state)` on `client_batches` (a fresh evaluation state
+  each call) and returns that call's metrics, `{'loss', 'num_examples', <model metrics>}`
+  (build_fed_eval's `current_round_metrics`).
+
+  Example:
+    >>> evaluation_fn = fl.simulation.build_evaluation_fn(
+    ...     process, fl.algorithms.build_fed_eval(model))
+  """
+  for name, value in [
+    ('training_process', training_process),
+    ('evaluation_process', evaluation_process),
+  ]:
+    for method in ('initialize', 'next', 'get_model_weights', 'set_model_weights'):
+      if not callable(getattr(value, method, None)):
+        raise TypeError(f'{name} must be a LearningProcess (no callable .{method}); got {value!r}')
+  initial_eval_state = []
+
+  def evaluation_fn(state, client_batches):
+    if not initial_eval_state:
+      initial_eval_state.append(evaluation_process.initialize())
+    eval_state = evaluation_process.set_model_weights(
+      initial_eval_state[0], training_process.get_model_weights(state)
+    )
+    _, metrics = evaluation_process.next(eval_state, client_batches)
+    return metrics['client_work']['eval']['current_round_metrics']
+
+  return evaluation_fn
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+  if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    raise ValueError(f'{name} must be an int >= 1; got {value!r}')
+
+
+def _check_callable(name: str, value: Any, signature: str) -> None:
+  if not callable(value):
+    raise TypeError(f'{name} must be callable {signature}; got {value!r}')
+
+
+def _evaluate(evaluation_fn, evaluation_selection_fn, state, round_num) -> tuple[dict, float]:
+  start = time.perf_counter()
+  metrics = evaluation_fn(state, evaluation_selection_fn(round_num))
+  jax.block_until_ready(metrics)
+  seconds = time.perf_counter() - start
+  if not isinstance(metrics, Mapping):
+    raise TypeError(f'evaluation_fn must return a mapping of metrics; got {type(metrics).__name__}')
+  return dict(metrics), seconds
+
+
+def _num_examples(flat: dict[str, Any]) -> Any:
+  """The first flat process metric named `num_examples` (FedAvg: client_work/train/...)."""
+  return next((v for k, v in flat.items() if k.rsplit('/', 1)[-1] == 'num_examples'), None)
+
+
+def run_training_process(
+  process: Any,
+  training_selection_fn: Callable[[int], Any],
+  total_rounds: int,
+  *,
+  evaluation_fn: Callable[[Any, Any], Mapping[str, Any]] | None = None,
+  evaluation_selection_fn: Callable[[int], Any] | None = None,
+  rounds_per_evaluation: int = 1,
+  checkpoint_manager: _checkpoint.FileCheckpointManager | None = None,
+  rounds_per_checkpoint: int = 1,
+  metrics_managers: Iterable[_metrics_managers.MetricsManager] = (),
+  progress: bool = False,
+) -> Any:
+  """Runs `process` for rounds 1..`total_rounds`, resuming from the latest checkpoint.
+
+  Round 0 is the initial state. On a fresh start (no checkpoint) the driver calls
+  `process.initialize()`, evaluates it if `evaluation_fn` is given and releases those metrics
+  as round 0, and saves it as the checkpoint of round 0. If `checkpoint_manager` has a
+  checkpoint of round k, the run restores it and continues at round k + 1 instead. Before the
+  first round, every metrics manager's `clear_metrics(first round)` drops whatever an earlier,
+  interrupted run released after its last checkpoint, so the outputs of a resumed run equal those
+  of an uninterrupted one (except the timing values).
+
+  Round r: `data = training_selection_fn(r)`; `state, metrics = process.next(state, data)`,
+  waited for with `jax.block_until_ready`; evaluation when `r % rounds_per_evaluation == 0` or
+  r is the last round; `release(metrics, r)` to each manager; a checkpoint when
+  `r % rounds_per_checkpoint == 0` or r is the last round.
+
+  The released metrics are flattened (`flatten_metrics`): the process metrics
+  (`client_work/train/loss`, ...), `evaluation/<key>` when evaluated, and
+  `timing/data_seconds` (training_selection_fn), `timing/train_seconds` (process.next until its
+  outputs are ready; the first round includes compilation), `timing/evaluation_seconds`,
+  `timing/round_seconds` (the three together) and `timing/examples_per_second`
+  (the metrics' `num_examples` over train_seconds, when present).
+
+  Args:
+    process: a `LearningProcess` (or any process with `initialize()` and `next(state, data)`
+      returning `(state, metrics mapping)`).
+    training_selection_fn: `round_num -> client data` (e.g. a `ClientBatches`). The only data
+      interface: wrap a prefetcher (e.g. `fl.data.Prefetcher`) as a function of round_num. For
+      resumed runs to match, the data of round r must depend only on r (as
+      `fl.data.sample_cohort(..., round_num, seed)` does).
+    total_rounds: the last round (>= 1).
+    evaluation_fn: `(state, evaluation data) -> metrics mapping`; see `build_evaluation_fn`.
+    evaluation_selection_fn: `round_num -> evaluation data`; required with `evaluation_fn`.
+    rounds_per_evaluation: evaluate every this many rounds (and at the last round).
+    checkpoint_manager: saves and restores the state (e.g. a `FileCheckpointManager`).
+    rounds_per_checkpoint: save every this many rounds (and at the last round).
+    metrics_managers: where each round's flat metrics are released.
+    progress: show a progress bar over rounds (only on a terminal; needs rich).
+
+  Returns:
+    The state after round `total_rounds`.
+  """
+  for method in ('initialize', 'next'):
+    if not callable(getattr(process, method, None)):
+      raise TypeError(
+        f'process must have a callable .{method} (a LearningProcess); got {process!r}'
+      )
+  _check_callable('training_selection_fn', training_selection_fn, 'round_num -> client data')
+  _check_positive_int('total_rounds', total_rounds)
+  _check_positive_int('rounds_per_evaluation', rounds_per_evaluation)
+  _check_positive_int('rounds_per_checkpoint', rounds_per_checkpoint)
+  if (evaluation_fn is None) != (evaluation_selection_fn is None):
+    raise ValueError(
+      'evaluation_fn and evaluation_selection_fn go together; got only '
+      + ('evaluation_fn' if evaluation_fn is not None else 'evaluation_selection_fn')
+      + '. Tip: for fixed evaluation data use evaluation_selection_fn=lambda round_num: data.'
+    )
+  if evaluation_fn is not None:
+    _check_callable('evaluation_fn', evaluation_fn, '(state, evaluation data) -> metrics')
+    _check_callable('evaluation_selection_fn', evaluation_selection_fn, 'round_num -> data')
+  managers = list(metrics_managers)
+  for i, manager in enumerate(managers):
+    if not callable(getattr(manager, 'release', None)):
+      raise TypeError(
+        f'metrics_managers[{i}] must have a callable release(metrics, round_num); got {manager!r}'
+      )
+  if checkpoint_manager is not None:
+    for method in ('save_checkpoint', 'load_latest_checkpoint'):
+      if not callable(getattr(checkpoint_manager, method, None)):
+        raise TypeError(
+          f'checkpoint_manager must have a callable .{method}; got {checkpoint_manager!r}'
+        )
+
+  state, resumed_round = None, 0
+  if checkpoint_manager is not None:
+    state, resumed_round = checkpoint_manager.load_latest_checkpoint(
+      jax.eval_shape(process.initialize)
+    )
+    if state is not None and resumed_round > total_rounds:
+      raise ValueError(
+        f'the latest checkpoint is of round {resumed_round}, past total_rounds={total_rounds}. '
+        'Tip: raise total_rounds, or use a fresh checkpoint folder.'
+      )
+  first_round = resumed_round + 1 if state is not None else 0
+  for manager in managers:
+    clear = getattr(manager, 'clear_metrics', None)
+    if clear is not None:
+      clear(first_round)
+
+  def release(flat: dict[str, Any], round_num: int) -> None:
+    for manager in managers:
+      manager.release(flat, round_num)
+
+  def flat_with(prefix: str, metrics: Mapping[str, Any]) -> dict[str, Any]:
+    return _metrics_managers.flatten_metrics({prefix: metrics})
+
+  if state is None:
+    state = process.initialize()
+    if evaluation_fn is not None:
+      evaluation, seconds = _evaluate(evaluation_fn, evaluation_selection_fn, state, 0)
+      release(
+        {
+          **flat_with(EVALUATION_KEY, evaluation),
+          **flat_with(TIMING_KEY, {'evaluation_seconds': seconds}),
+        },
+        0,
+      )
+    if checkpoint_manager is not None:
+      checkpoint_manager.save_checkpoint(state, 0)
+    first_round = 1
+
+  bar = _progress.RoundProgress(total_rounds, first_round, progress)
+  try:
+    for round_num in range(first_round, total_rounds + 1):
+      start = time.perf_counter()
+      data = training_selection_fn(round_num)
+      data_seconds = time.perf_counter() - start
+      state, process_metrics = process.next(state, data)
+      jax.block_until_ready((state, process_metrics))
+      train_seconds = time.perf_counter() - start - data_seconds
+      if not isinstance(process_metrics, Mapping):
+        raise TypeError(
+          f'process.next must return (state, metrics mapping); metrics is '
+          f'{type(process_metrics).__name__}'
+        )
+      for key in (EVALUATION_KEY, TIMING_KEY):
+        if key in process_metrics:
+          raise ValueError(f'process metrics have a top-level {key!r} key, which the driver adds')
+      flat = _metrics_managers.flatten_metrics(process_metrics)
+      timing = {'data_seconds': data_seconds, 'train_seconds': train_seconds}
+      num_examples = _num_examples(flat)
+      if num_examples is not None:
+        timing['examples_per_second'] = num_examples / max(train_seconds, 1e-12)
+      round_seconds = data_seconds + train_seconds
+      if evaluation_fn is not None and (
+        round_num % rounds_per_evaluation == 0 or round_num == total_rounds
+      ):
+        evaluation, seconds = _evaluate(evaluation_fn, evaluation_selection_fn, state, round_num)
+        flat.update(flat_with(EVALUATION_KEY, evaluation))
+        timing['evaluation_seconds'] = seconds
+        round_seconds += seconds
+      timing['round_seconds'] = round_seconds
+      flat.update(flat_with(TIMING_KEY, timing))
+      release(flat, round_num)
+      if checkpoint_manager is not None and (
+        round_num % rounds_per_checkpoint == 0 or round_num == total_rounds
+      ):
+        checkpoint_manager.save_checkpoint(state, round_num)
+      bar.update(round_num, flat)
+  finally:
+    bar.close()
+  return state
