@@ -120,37 +120,7 @@ def build_mlp() -> fl.FunctionalModel:
 
 def build_cnn(seed: int = 0) -> fl.FunctionalModel:
   """The EMNIST CNN: conv3x3x32, conv3x3x64 (VALID, ReLU), maxpool 2x2, dense 128 (ReLU), 62."""
-  keys = jax.random.split(jax.random.PRNGKey(seed), 4)
-  init = jax.nn.initializers.glorot_uniform()
-  shapes = {'conv1': (3, 3, 1, 32), 'conv2': (3, 3, 32, 64), 'dense1': (9216, 128)}
-  shapes['dense2'] = (128, NUM_CLASSES)
-  trainable = {
-    name: {'w': init(k, shape, jnp.float32), 'b': jnp.zeros((shape[-1],), jnp.float32)}
-    for k, (name, shape) in zip(keys, shapes.items(), strict=True)
-  }
-  dims = ('NHWC', 'HWIO', 'NHWC')
-
-  def predict_on_batch(weights, x, training=True):
-    del training
-    p = weights.trainable
-    h = x
-    for name in ('conv1', 'conv2'):
-      h = lax.conv_general_dilated(h, p[name]['w'], (1, 1), 'VALID', dimension_numbers=dims)
-      h = jax.nn.relu(h + p[name]['b'])
-    h = lax.reduce_window(h, -jnp.inf, lax.max, (1, 2, 2, 1), (1, 2, 2, 1), 'VALID')
-    h = jnp.reshape(h, (h.shape[0], -1))
-    h = jax.nn.relu(h @ p['dense1']['w'] + p['dense1']['b'])
-    return h @ p['dense2']['w'] + p['dense2']['b']
-
-  model = fl.FunctionalModel(
-    initial_weights=fl.ModelWeights(trainable, ()),
-    predict_on_batch_fn=predict_on_batch,
-    loss_fn=fl.models.softmax_cross_entropy,
-    input_spec={
-      'x': jax.ShapeDtypeStruct((None, *IMAGE_SHAPE), jnp.float32),
-      'y': jax.ShapeDtypeStruct((None,), jnp.int32),
-    },
-  )
+  model = fl.models.cnn_classifier(IMAGE_SHAPE, NUM_CLASSES, seed=seed)
   assert num_params(model) == CNN_PARAMS, num_params(model)
   return model
 

@@ -1,5 +1,6 @@
 """Models: `ModelWeights`, `BatchOutput`, `FunctionalModel`, `from_flax`, masked losses."""
 
+from fedjax_lite.models._cnn import cnn_classifier
 from fedjax_lite.models._flax import from_flax
 from fedjax_lite.models._losses import mean_squared_error, softmax_cross_entropy, weighted_mean
 from fedjax_lite.models._mlp import mlp_classifier
@@ -9,6 +10,7 @@ __all__ = [
   'BatchOutput',
   'FunctionalModel',
   'ModelWeights',
+  'cnn_classifier',
   'from_flax',
   'mean_squared_error',
   'mlp_classifier',
