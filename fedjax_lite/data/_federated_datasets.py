@@ -84,7 +84,11 @@ def find_source(
 
 
 def _load(
-  dataset: str, path, split: str, only_digits: bool = False, leaf: bool = True
+  dataset: str,
+  path: str | pathlib.Path | None,
+  split: str,
+  only_digits: bool = False,
+  leaf: bool = True,
 ) -> tuple[str, _federated_data.FederatedData]:
   kind, where = find_source(path, tff_file_name(dataset, split, only_digits), split, leaf)
   return kind, (_tff_h5.load_tff_h5(where) if kind == 'h5' else _leaf.load_leaf(where))
