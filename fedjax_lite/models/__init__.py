@@ -3,6 +3,7 @@
 from fedjax_lite.models._cnn import cnn_classifier
 from fedjax_lite.models._flax import from_flax
 from fedjax_lite.models._losses import mean_squared_error, softmax_cross_entropy, weighted_mean
+from fedjax_lite.models._matrix_factorization import matrix_factorization, rating_metrics
 from fedjax_lite.models._mlp import mlp_classifier
 from fedjax_lite.models._model import BatchOutput, FunctionalModel, ModelWeights, split_batch
 
@@ -12,8 +13,10 @@ __all__ = [
   'ModelWeights',
   'cnn_classifier',
   'from_flax',
+  'matrix_factorization',
   'mean_squared_error',
   'mlp_classifier',
+  'rating_metrics',
   'softmax_cross_entropy',
   'split_batch',
   'weighted_mean',
