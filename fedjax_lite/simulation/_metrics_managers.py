@@ -13,7 +13,7 @@ import csv
 import io
 import json
 import os
-import uuid
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -39,28 +39,32 @@ def flatten_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
   """
   if not isinstance(metrics, Mapping):
     raise TypeError(f'metrics must be a mapping of name -> value; got {type(metrics).__name__}')
+  leaves: list[tuple[str, Any]] = []
+  _collect_leaves(leaves, '', metrics)
+  # One device_get for all leaves (not per leaf); a list keeps the mappings' own key order.
+  values = jax.device_get([value for _, value in leaves])
   flat: dict[str, Any] = {}
-  _flatten_into(flat, '', jax.device_get(dict(metrics)))
+  for (key, _), value in zip(leaves, values, strict=True):
+    if isinstance(value, np.ndarray) and value.ndim:
+      for index in np.ndindex(value.shape):
+        flat['/'.join([key, *map(str, index)])] = _python_scalar(key, value[index])
+    else:
+      flat[key] = _python_scalar(key, value)
   return flat
 
 
-def _flatten_into(flat: dict[str, Any], key: str, value: Any) -> None:
-  def join(name):
-    return f'{key}/{name}' if key else str(name)
-
+def _collect_leaves(leaves: list[tuple[str, Any]], key: str, value: Any) -> None:
   if isinstance(value, Mapping):
     items = value.items()
   elif isinstance(value, tuple) and hasattr(value, '_fields'):
     items = zip(value._fields, value, strict=True)
   elif isinstance(value, list | tuple):
     items = enumerate(value)
-  elif isinstance(value, np.ndarray) and value.ndim:
-    items = ((('/'.join(map(str, i))), value[i]) for i in np.ndindex(value.shape))
   else:
-    flat[key] = _python_scalar(key, value)
+    leaves.append((key, value))
     return
   for name, item in items:
-    _flatten_into(flat, join(name), item)
+    _collect_leaves(leaves, f'{key}/{name}' if key else str(name), item)
 
 
 def _python_scalar(key: str, value: Any) -> Any:
@@ -235,9 +239,10 @@ class TensorBoardMetricsManager(MetricsManager):
   def release(self, metrics: Mapping[str, Any], round_num: int) -> None:
     _check_round_num(round_num)
     if self._writer is None:
-      # A unique suffix: two writers opened within one second must not share a file name.
+      # File names carry whole seconds; a nanosecond suffix keeps two writers opened within
+      # one second apart and in creation order (TensorBoard reads files in name order).
       self._writer = self._summary_writer_cls(
-        self._log_dir, purge_step=self._purge_step, filename_suffix=f'.{uuid.uuid4().hex[:8]}'
+        self._log_dir, purge_step=self._purge_step, filename_suffix=f'.{time.time_ns()}'
       )
     for key, value in flatten_metrics(metrics).items():
       if isinstance(value, bool | int | float):
