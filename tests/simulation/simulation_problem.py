@@ -3,6 +3,8 @@ simulation tests and the subprocess they kill."""
 
 from __future__ import annotations
 
+import os
+
 import numpy_reference as ref
 
 import fedjax_lite as fl
@@ -32,3 +34,28 @@ def make_problem(seed: int = 0):
   )
   evaluation_fn = fl.simulation.build_evaluation_fn(process, fl.algorithms.build_fed_eval(model))
   return process, training_selection_fn, evaluation_fn, lambda round_num: eval_batches
+
+
+def run_experiment(
+  problem, run_dir, total_rounds, *, selection_fn=None, extra_managers=(), rounds_per_checkpoint=1
+):
+  """The run the resume tests repeat: evaluation every 2 rounds, CSV + JSONL, keep=3."""
+  process, training_selection_fn, evaluation_fn, evaluation_selection_fn = problem
+  managers = [
+    fl.simulation.CSVMetricsManager(os.path.join(run_dir, 'metrics.csv')),
+    fl.simulation.JSONLMetricsManager(os.path.join(run_dir, 'metrics.jsonl')),
+    *extra_managers,
+  ]
+  return fl.simulation.run_training_process(
+    process,
+    selection_fn or training_selection_fn,
+    total_rounds,
+    evaluation_fn=evaluation_fn,
+    evaluation_selection_fn=evaluation_selection_fn,
+    rounds_per_evaluation=2,
+    checkpoint_manager=fl.simulation.FileCheckpointManager(
+      os.path.join(run_dir, 'checkpoints'), keep=3
+    ),
+    rounds_per_checkpoint=rounds_per_checkpoint,
+    metrics_managers=managers,
+  )

@@ -1,0 +1,63 @@
+"""plot_run writes valid PNGs from a run's JSONL or CSV metrics."""
+
+import os
+import pathlib
+import struct
+
+import pytest
+
+import fedjax_lite as fl
+
+_PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
+
+
+def _write_run(manager):
+  manager.release({'evaluation': {'accuracy': 0.25, 'loss': 1.4}}, 0)
+  for round_num in range(1, 5):
+    metrics = {
+      'client_work': {'train': {'loss': 1.5 - 0.2 * round_num, 'accuracy': 0.1 * round_num}}
+    }
+    if round_num % 2 == 0:
+      metrics['evaluation'] = {'accuracy': 0.2 * round_num, 'loss': 1.3 - 0.1 * round_num}
+    manager.release(metrics, round_num)
+
+
+def _assert_png(path):
+  data = pathlib.Path(path).read_bytes()
+  assert data[:8] == _PNG_MAGIC
+  width, height = struct.unpack('>II', data[16:24])  # the IHDR chunk
+  assert (width, height) == (600, 400)
+
+
+@pytest.mark.parametrize('name', ['metrics.jsonl', 'metrics.csv'])
+def test_plot_run_writes_loss_and_accuracy_pngs(tmp_path, name):
+  manager_cls = {
+    'metrics.jsonl': fl.simulation.JSONLMetricsManager,
+    'metrics.csv': fl.simulation.CSVMetricsManager,
+  }[name]
+  _write_run(manager_cls(tmp_path / name))
+  paths = fl.simulation.plot_run(tmp_path)
+  assert paths == [str(tmp_path / 'loss.png'), str(tmp_path / 'accuracy.png')]
+  for path in paths:
+    _assert_png(path)
+  out = fl.simulation.plot_run(tmp_path / name, out_dir=tmp_path / 'plots')
+  assert [os.path.basename(p) for p in out] == ['loss.png', 'accuracy.png']
+  for path in out:
+    _assert_png(path)
+
+
+def test_plot_run_skips_a_figure_without_curves_and_reports_missing_input(tmp_path):
+  manager = fl.simulation.JSONLMetricsManager(tmp_path / 'metrics.jsonl')
+  manager.release({'client_work': {'train': {'loss': 1.0}}}, 1)
+  assert fl.simulation.plot_run(tmp_path) == [str(tmp_path / 'loss.png')]
+  (tmp_path / 'empty_run').mkdir()
+  with pytest.raises(FileNotFoundError, match=r'without metrics\.jsonl or metrics\.csv'):
+    fl.simulation.plot_run(tmp_path / 'empty_run')
+  with pytest.raises(FileNotFoundError, match='does not exist'):
+    fl.simulation.plot_run(tmp_path / 'missing.jsonl')
+  other = fl.simulation.JSONLMetricsManager(tmp_path / 'other.jsonl')
+  other.release({'throughput': 3.0}, 1)
+  with pytest.raises(
+    ValueError, match=r"no loss or accuracy metric to plot; its keys are \['throughput'\]"
+  ):
+    fl.simulation.plot_run(tmp_path / 'other.jsonl')
