@@ -119,10 +119,12 @@ def training_model(
   )
   x, y = models.split_batch(_abstract_batch(inner.input_spec))
   batch_size = jax.tree.leaves(y)[0].shape[0]
+
+  def batch_loss(x, y):
+    return fm.loss(fm.predict_on_batch(inner.initial_weights, x, True), y, jnp.ones(batch_size))
+
   try:
-    loss = jax.eval_shape(
-      lambda: fm.loss(fm.predict_on_batch(inner.initial_weights, x, True), y, jnp.ones(batch_size))
-    )
+    loss = jax.eval_shape(batch_loss, x, y)
   except TypeError as e:
     raise TypeError(f'loss_fn(predictions, labels, sample_weight) failed on a batch: {e}') from e
   if getattr(loss, 'shape', None) != ():
