@@ -1,108 +1,214 @@
-"""The `fedjax-lite` command.
+"""The `fedjax-lite` command: train, evaluate, list datasets, plot.
 
-`fedjax-lite train` with no arguments trains FedAvg on the digits data split non-IID over
-clients and prints per-round metrics and the final test accuracy.
+`fedjax-lite train` with no arguments trains FedAvg on the digits data split non-IID over 30
+clients, writes metrics and checkpoints under `runs/`, and prints the final test accuracy.
+Rerunning the same command after a kill resumes from the last checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
-import numpy as np
+import jax
 
-from fedjax_lite import algorithms, data, models, optimizers
+from fedjax_lite import _config, data, simulation
+from fedjax_lite._config import ConfigError
+
+CONFIG_FILE = 'config.json'
+CHECKPOINT_DIR = 'checkpoints'
+
+
+class _PrintMetrics(simulation.MetricsManager):
+  """One line per round on stdout (used when no progress bar is shown)."""
+
+  def release(self, metrics: Mapping[str, Any], round_num: int) -> None:
+    parts = [f'round {round_num:4d}']
+    for key, label in [
+      ('client_work/train/loss', 'loss'),
+      ('client_work/train/accuracy', 'accuracy'),
+      ('evaluation/accuracy', 'test accuracy'),
+      ('timing/examples_per_second', 'examples/s'),
+    ]:
+      if key in metrics:
+        value = metrics[key]
+        parts.append(f'{label} {value:.0f}' if label == 'examples/s' else f'{label} {value:.4f}')
+    print('  '.join(parts), flush=True)
+
+
+def _run_config(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+  """The run folder and its settings: flags over `--config` over defaults, or the saved run's."""
+  flags = {k: v for k, v in vars(args).items() if k in _config.OPTION_NAMES}
+  file_settings = _config.read_toml(args.config) if args.config else {}
+  config = _config.resolve(flags, file_settings)
+  out = args.out or os.path.join(
+    'runs', f'{config["dataset"]}-{config["model"]}-{config["algorithm"]}'
+  )
+  saved_path = os.path.join(out, CONFIG_FILE)
+  if not os.path.exists(saved_path):
+    if args.resume:
+      raise ConfigError(f'--resume: {out} holds no run to resume ({saved_path} is missing)')
+    return out, config
+  with open(saved_path) as f:
+    saved = json.load(f)
+  if args.resume:  # the saved settings, except those given now
+    config = {**saved, **{k: config[k] for k in (*file_settings, *flags)}}
+  changed = _config.differences(saved, config)
+  if changed:
+    raise ConfigError(
+      f'{out} holds a run with other settings ({"; ".join(changed)}). Tip: pass --out NEW_DIR '
+      'for a new run, or only the flags that may change on resume: '
+      + ', '.join(_config.flag(k) for k in _config.RESUMABLE)
+    )
+  return out, config
 
 
 def _train(args: argparse.Namespace) -> int:
-  x, y = data.load_digits()
-  (x_train, y_train), (x_test, y_test) = data.train_test_split(x, y, seed=args.seed)
-  parts = data.dirichlet_label_partition(y_train, args.num_clients, args.alpha, seed=args.seed)
-  clients = [{'x': x_train[p], 'y': y_train[p]} for p in parts]
-  model = models.mlp_classifier(x.shape[1], 10, seed=args.seed)
-  process = algorithms.build_weighted_fed_avg(
-    model,
-    client_optimizer=optimizers.build_sgdm(args.client_lr),
-    server_optimizer=optimizers.build_sgdm(args.server_lr),
+  from fedjax_lite import _experiment  # builds models: imported only when training
+
+  out, config = _run_config(args)
+  experiment = _experiment.build_experiment(config)
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, CONFIG_FILE), 'w') as f:
+    json.dump(config, f, indent=1)
+  checkpoints = simulation.FileCheckpointManager(
+    os.path.join(out, CHECKPOINT_DIR), keep=config['keep'], metadata=config
   )
-  evaluation = algorithms.build_fed_eval(model)
-  max_client_steps = -(-max(len(p) for p in parts) * args.epochs // args.batch_size)
-  test_batches = data.build_client_batches(
-    [{'x': x_test, 'y': y_test}], batch_size=len(y_test), shuffle=False
-  )
-  state = process.initialize()
-  start = time.perf_counter()
-  for round_num in range(1, args.rounds + 1):
-    cohort = np.random.default_rng([args.seed, round_num]).choice(
-      len(clients), args.clients_per_round, replace=False
-    )
-    batches = data.build_client_batches(
-      [clients[i] for i in cohort],
-      batch_size=args.batch_size,
-      num_epochs=args.epochs,
-      num_steps=max_client_steps,  # one shape for every round: compiled once
-      seed=(args.seed, round_num),
-    )
-    state, round_metrics = process.next(state, batches)
-    train = round_metrics['client_work']['train']
+  resumed = checkpoints.checkpoint_rounds()
+  managers = [
+    simulation.CSVMetricsManager(os.path.join(out, 'metrics.csv')),
+    simulation.JSONLMetricsManager(os.path.join(out, 'metrics.jsonl')),
+  ]
+  if config['tensorboard']:
+    managers.append(simulation.TensorBoardMetricsManager(os.path.join(out, 'tensorboard')))
+  progress = not args.quiet and sys.stdout.isatty()
+  if not args.quiet and not progress:
+    managers.append(_PrintMetrics())
+  if not args.quiet:
     print(
-      f'round {round_num:3d}  loss {float(train["loss"]):.4f}  '
-      f'accuracy {float(train["accuracy"]):.4f}  examples {int(train["num_examples"])}'
+      f'{config["dataset"]}: {experiment.train_data.num_clients} clients, '
+      f'{config["clients_per_round"]} per round; {config["model"]} with {config["algorithm"]}; '
+      f'writing to {out}' + (f' (resuming after round {resumed[-1]})' if resumed else '')
     )
-  eval_state = evaluation.set_model_weights(
-    evaluation.initialize(), process.get_model_weights(state)
-  )
-  _, eval_metrics = evaluation.next(eval_state, test_batches)
-  test = eval_metrics['client_work']['eval']['current_round_metrics']
+  start = time.perf_counter()
+  try:
+    with data.Prefetcher(experiment.training_data_fn, stop=config['rounds'] + 1) as prefetch:
+      state = simulation.run_training_process(
+        experiment.process,
+        prefetch,
+        config['rounds'],
+        evaluation_fn=experiment.evaluation_fn,
+        evaluation_selection_fn=lambda round_num: experiment.evaluation_data,
+        rounds_per_evaluation=config['eval_every'],
+        checkpoint_manager=checkpoints,
+        rounds_per_checkpoint=config['checkpoint_every'],
+        metrics_managers=managers,
+        progress=progress,
+      )
+  finally:
+    for manager in managers:
+      manager.close()
+  final = experiment.evaluation_fn(state, experiment.evaluation_data)
   print(
-    f'test loss {float(test["loss"]):.4f}  test accuracy {float(test["accuracy"]):.4f}  '
-    f'({time.perf_counter() - start:.1f}s)'
+    f'test loss {float(final["loss"]):.4f}  test accuracy {float(final["accuracy"]):.4f}  '
+    f'({time.perf_counter() - start:.1f}s; metrics and checkpoints in {out})'
   )
   return 0
 
 
-def _positive_int(text: str) -> int:
+def _eval(args: argparse.Namespace) -> int:
+  from fedjax_lite import _experiment
+
+  saved_path = os.path.join(args.run_dir, CONFIG_FILE)
+  if not os.path.exists(saved_path):
+    raise ConfigError(f'RUN_DIR: {args.run_dir} is not a run folder ({saved_path} is missing)')
+  with open(saved_path) as f:
+    config = _config.resolve({}, json.load(f))
+  experiment = _experiment.build_experiment(config)
+  checkpoints = simulation.FileCheckpointManager(os.path.join(args.run_dir, CHECKPOINT_DIR))
+  structure = jax.eval_shape(experiment.process.initialize)
+  if args.round is None:
+    state, round_num = checkpoints.load_latest_checkpoint(structure)
+    if state is None:
+      raise ConfigError(f'RUN_DIR: {args.run_dir} has no checkpoint yet')
+  else:
+    if args.round not in checkpoints.checkpoint_rounds():
+      raise ConfigError(
+        f'--round: no checkpoint of round {args.round} in {args.run_dir}; it has rounds '
+        f'{checkpoints.checkpoint_rounds()}'
+      )
+    state, round_num = checkpoints.load_checkpoint(structure, args.round), args.round
+  metrics = simulation.flatten_metrics(experiment.evaluation_fn(state, experiment.evaluation_data))
+  print(f'round {round_num} of {args.run_dir}')
+  for key, value in metrics.items():
+    print(f'  {key} {value}')
+  return 0
+
+
+def _datasets(args: argparse.Namespace) -> int:
+  del args
+  print(f'{"name":<15} {"kind":<9} {"here":<4} description')
+  for info in data.DATASETS.values():
+    here = 'yes' if info.available(None) else 'no'
+    print(f'{info.name:<15} {info.kind:<9} {here:<4} {info.description}')
+    if here == 'no':
+      print(f'{"":<30} to get it: {info.how_to_get}')
+  return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+  for path in simulation.plot_run(args.run_dir, args.out):
+    print(path)
+  return 0
+
+
+def _int_at_least_0(text: str) -> int:
   value = int(text)
-  if value < 1:
-    raise argparse.ArgumentTypeError(f'expected an int >= 1; got {text}')
-  return value
-
-
-def _positive_float(text: str) -> float:
-  value = float(text)
-  if not value > 0:
-    raise argparse.ArgumentTypeError(f'expected a number > 0; got {text}')
+  if value < 0:
+    raise argparse.ArgumentTypeError(f'expected an int >= 0; got {text}')
   return value
 
 
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog='fedjax-lite', description=__doc__.splitlines()[0])
   commands = parser.add_subparsers(dest='command', required=True)
-  train = commands.add_parser('train', help='train FedAvg on the digits data (the default job)')
-  train.add_argument('--rounds', type=_positive_int, default=30)
-  train.add_argument('--num-clients', type=_positive_int, default=30)
-  train.add_argument('--clients-per-round', type=_positive_int, default=10)
-  train.add_argument('--alpha', type=_positive_float, default=0.5, help='Dirichlet label skew')
-  train.add_argument('--batch-size', type=_positive_int, default=16)
-  train.add_argument('--epochs', type=_positive_int, default=2)
-  train.add_argument('--client-lr', type=_positive_float, default=0.1)
-  train.add_argument('--server-lr', type=_positive_float, default=1.0)
-  train.add_argument('--seed', type=int, default=0)
+  train = commands.add_parser(
+    'train',
+    help='train a federated model (default: FedAvg on the digits data)',
+    description='Flags override --config FILE.toml, which overrides the defaults.',
+  )
+  _config.add_flags(train)
+  train.add_argument('--config', metavar='FILE.toml', help='settings (same keys as the flags)')
+  train.add_argument('--out', metavar='DIR', help='run folder (default runs/DATASET-MODEL-ALGO)')
+  train.add_argument('--resume', action='store_true', help='continue the run in --out')
+  train.add_argument('--quiet', action='store_true', help='no progress or per-round lines')
+  train.set_defaults(run=_train)
+  evaluate = commands.add_parser('eval', help="evaluate a run's checkpoint on its test data")
+  evaluate.add_argument('run_dir', metavar='RUN_DIR')
+  evaluate.add_argument('--round', type=_int_at_least_0, help='default: the latest checkpoint')
+  evaluate.set_defaults(run=_eval)
+  datasets = commands.add_parser('datasets', help='list the datasets and which are here')
+  datasets.set_defaults(run=_datasets)
+  plot = commands.add_parser('plot', help="write PNG curves of a run's metrics")
+  plot.add_argument('run_dir', metavar='RUN_DIR')
+  plot.add_argument('--out', metavar='DIR', help='default: RUN_DIR')
+  plot.set_defaults(run=_plot)
   return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
-  if args.clients_per_round > args.num_clients:
-    print(
-      f'error: --clients-per-round ({args.clients_per_round}) exceeds --num-clients '
-      f'({args.num_clients})',
-      file=sys.stderr,
-    )
+  try:
+    return args.run(args)
+  except (ConfigError, KeyError) as error:
+    message = error.args[0] if isinstance(error, KeyError) else str(error)
+    print(f'fedjax-lite {args.command}: error: {message}', file=sys.stderr)
     return 2
-  return _train(args)
 
 
 if __name__ == '__main__':

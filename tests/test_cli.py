@@ -1,33 +1,144 @@
-"""The main job: `fedjax-lite train` on the digits data."""
+"""The `fedjax-lite` command: train (defaults, config file, resume), eval, datasets, plot."""
 
+import json
 import re
 
+import jax
+import numpy as np
 import pytest
 
-from fedjax_lite import cli
+import fedjax_lite as fl
+from fedjax_lite import _experiment, cli
+
+SMALL = ['--rounds', '4', '--eval-every', '2', '--clients-per-round', '5']
 
 
-def test_train_default_reaches_90_percent(capsys):
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+
+
+def _last_metrics(run_dir):
+  with open(f'{run_dir}/metrics.jsonl') as f:
+    return [json.loads(line) for line in f][-1]
+
+
+def _checkpoint(run_dir, round_num):
+  with open(f'{run_dir}/config.json') as f:
+    config = json.load(f)
+  process = _experiment.build_experiment(config).process
+  manager = fl.simulation.FileCheckpointManager(f'{run_dir}/checkpoints')
+  return manager.load_checkpoint(jax.eval_shape(process.initialize), round_num)
+
+
+def test_train_default_reaches_90_percent_and_writes_the_run(tmp_path, capsys):
   assert cli.main(['train']) == 0
   out = capsys.readouterr().out
   assert re.search(r'round +1 +loss', out)
-  accuracy = float(re.search(r'test accuracy (\d\.\d+)', out).group(1))
+  accuracy = float(re.search(r'test accuracy (\d\.\d+)  \(', out).group(1))
   assert accuracy >= 0.90
+  run = tmp_path / 'runs' / 'digits-mlp-fedavg'
+  last = _last_metrics(run)
+  assert last['round_num'] == 30
+  assert last['evaluation/accuracy'] == pytest.approx(accuracy, abs=1e-4)
+  header = (run / 'metrics.csv').read_text().splitlines()[0].split(',')
+  assert {'round_num', 'client_work/train/loss', 'evaluation/accuracy'} <= set(header)
+  assert sorted(p.name for p in (run / 'checkpoints').iterdir())[-1] == 'ckpt_30.msgpack'
+  # `eval` reproduces the final evaluation from the checkpoint.
+  assert cli.main(['eval', str(run)]) == 0
+  out = capsys.readouterr().out
+  assert 'round 30' in out
+  assert float(re.search(r'accuracy ([\d.]+)', out).group(1)) == pytest.approx(accuracy, abs=1e-4)
+
+
+def test_config_file_and_flags(tmp_path):
+  (tmp_path / 'exp.toml').write_text('rounds = 3\nclients-per-round = 4\nmodel = "logreg"\n')
+  assert cli.main(['train', '--config', 'exp.toml', '--rounds', '2', '--out', 'r', '--quiet']) == 0
+  config = json.loads((tmp_path / 'r' / 'config.json').read_text())
+  assert (config['rounds'], config['clients_per_round'], config['model']) == (2, 4, 'logreg')
+  assert _last_metrics(tmp_path / 'r')['round_num'] == 2
+
+
+def test_resumed_run_equals_an_uninterrupted_one(capsys):
+  # 'a' stops after round 2 (as if killed), then the same command with more rounds resumes it.
+  assert cli.main(['train', *SMALL, '--rounds', '2', '--out', 'a']) == 0
+  assert cli.main(['train', *SMALL, '--out', 'a']) == 0
+  assert 'resuming after round 2' in capsys.readouterr().out
+  assert cli.main(['train', *SMALL, '--out', 'b']) == 0
+  resumed, straight = _checkpoint('a', 4), _checkpoint('b', 4)
+  for x, y in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight), strict=True):
+    np.testing.assert_array_equal(x, y)  # bitwise on CPU
+  rows = {}
+  for run in ('a', 'b'):
+    with open(f'{run}/metrics.jsonl') as f:
+      rows[run] = [
+        {k: v for k, v in json.loads(line).items() if not k.startswith('timing/')} for line in f
+      ]
+  assert rows['a'] == rows['b']
+  # --resume takes the saved settings; changing one that matters is refused.
+  assert cli.main(['train', '--resume', '--out', 'a', '--rounds', '5', '--quiet']) == 0
+  assert _last_metrics('a')['round_num'] == 5
+  assert cli.main(['train', *SMALL, '--out', 'a', '--client-lr', '0.5']) == 2
+  assert 'client_lr: 0.1 -> 0.5' in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
   ('argv', 'message'),
   [
-    (['train', '--rounds', '0'], 'expected an int >= 1'),
-    (['train', '--client-lr', '-1'], 'expected a number > 0'),
-    (['train', '--clients-per-round', '50'], 'exceeds --num-clients'),
+    (['train', '--rounds', '0'], '--rounds: expected an int >= 1; got '),
+    (['train', '--client-lr', '-1'], '--client-lr: expected a number > 0'),
+    (['train', '--clients-per-round', '50'], 'exceeds the 30 training clients'),
+    (['train', '--model', 'resnet'], 'expected one of logreg, mlp, cnn, mf'),
+    (['train', '--dataset', 'imagenet'], "unknown name 'imagenet'; expected one of digits"),
+    (['train', '--model', 'mf'], 'mf and --algorithm fedrecon go together'),
+    (['train', '--resume', '--out', 'nowhere'], 'nowhere holds no run to resume'),
+    (['train', '--config', 'missing.toml'], "--config: no file 'missing.toml'"),
+    (['eval', 'nowhere'], 'nowhere is not a run folder'),
     (['fly'], 'invalid choice'),
   ],
 )
-def test_bad_flags_exit_nonzero(argv, message, capsys):
+def test_bad_input_exits_nonzero_naming_the_flag(argv, message, capsys):
   try:
     code = cli.main(argv)
   except SystemExit as exit_:
     code = exit_.code
   assert code != 0
   assert message in capsys.readouterr().err
+
+
+def test_bad_config_keys_and_values(tmp_path, capsys):
+  (tmp_path / 'bad.toml').write_text('roundz = 3\n')
+  assert cli.main(['train', '--config', 'bad.toml']) == 2
+  assert "bad.toml: unknown key 'roundz'; expected one of dataset" in capsys.readouterr().err
+  (tmp_path / 'bad.toml').write_text('epochs = "two"\n')
+  assert cli.main(['train', '--config', 'bad.toml']) == 2
+  assert "bad.toml: epochs: expected an int >= 1; got 'two'" in capsys.readouterr().err
+
+
+def test_other_models_and_algorithms_train(capsys):
+  for i, extra in enumerate(
+    [
+      ['--model', 'cnn', '--max-steps', '2'],
+      ['--algorithm', 'fedsgd', '--server-lr', '0.5'],
+      ['--algorithm', 'fedavg_unweighted', '--server-optimizer', 'adam', '--server-lr', '0.01'],
+      ['--partition', 'shards', '--client-optimizer', 'sgdm', '--model', 'logreg'],
+    ]
+  ):
+    argv = ['train', *SMALL, '--rounds', '1', '--epochs', '1', '--out', f'run{i}', '--quiet']
+    assert cli.main([*argv, *extra]) == 0
+    assert 'test accuracy' in capsys.readouterr().out
+
+
+def test_datasets_and_plot(tmp_path, capsys):
+  assert cli.main(['datasets']) == 0
+  out = capsys.readouterr().out
+  assert re.search(r'^digits +arrays +yes', out, re.M)
+  assert 'movielens_100k' in out and 'stackoverflow' in out
+  assert cli.main(['train', *SMALL, '--out', 'run', '--quiet']) == 0
+  capsys.readouterr()
+  assert cli.main(['plot', 'run']) == 0
+  paths = capsys.readouterr().out.split()
+  assert sorted(p.rsplit('/', 1)[-1] for p in paths) == ['accuracy.png', 'loss.png']
+  for path in paths:
+    with open(path, 'rb') as f:
+      assert f.read(8) == b'\x89PNG\r\n\x1a\n'

@@ -1,0 +1,165 @@
+"""The experiment settings of `fedjax-lite train`: one table of options, read from defaults, a
+TOML file and command-line flags (flags override the file, the file overrides defaults)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from fedjax_lite.data import _registry
+
+MODELS = ('logreg', 'mlp', 'cnn', 'mf')
+ALGORITHMS = ('fedavg', 'fedavg_unweighted', 'fedsgd', 'fedrecon')
+OPTIMIZERS = ('sgd', 'sgdm', 'adam', 'adagrad', 'rmsprop', 'yogi')
+PARTITIONS = ('dirichlet', 'iid', 'shards', 'power_law')
+
+
+class ConfigError(ValueError):
+  """A bad setting; the message names the flag or key, the expectation and what came."""
+
+
+def _int(low: int) -> Callable[[Any], int]:
+  def parse(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+      raise ValueError(f'expected an int >= {low}; got {value!r}')
+    try:
+      number = int(value)
+    except ValueError:
+      raise ValueError(f'expected an int >= {low}; got {value!r}') from None
+    if number < low:
+      raise ValueError(f'expected an int >= {low}; got {value!r}')
+    return number
+
+  return parse
+
+
+def _positive_float(value: Any) -> float:
+  try:
+    number = float(value)
+  except (TypeError, ValueError):
+    raise ValueError(f'expected a number > 0; got {value!r}') from None
+  if isinstance(value, bool) or not number > 0:
+    raise ValueError(f'expected a number > 0; got {value!r}')
+  return number
+
+
+def _optional(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
+  return lambda value: None if value in (None, 'none', 'None') else parse(value)
+
+
+def _choice(choices: Sequence[str]) -> Callable[[Any], str]:
+  def parse(value: Any) -> str:
+    if value not in choices:
+      raise ValueError(f'unknown name {value!r}; expected one of {", ".join(choices)}')
+    return value
+
+  return parse
+
+
+def _bool(value: Any) -> bool:
+  if isinstance(value, bool):
+    return value
+  raise ValueError(f'expected true or false; got {value!r}')
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+  name: str
+  parse: Callable[[Any], Any]
+  default: Any
+  help: str
+
+
+OPTIONS = (
+  Option('dataset', _choice(tuple(_registry.DATASETS)), 'digits', 'see `fedjax-lite datasets`'),
+  Option('data_path', _optional(str), None, "the dataset's files, if not at the default place"),
+  Option('model', _choice(MODELS), 'mlp', ' | '.join(MODELS)),
+  Option('algorithm', _choice(ALGORITHMS), 'fedavg', ' | '.join(ALGORITHMS)),
+  Option('rounds', _int(1), 30, 'training rounds'),
+  Option('clients_per_round', _int(1), 10, 'cohort size'),
+  Option('num_clients', _int(1), 30, 'clients to split a centralized dataset into'),
+  Option('partition', _choice(PARTITIONS), 'dirichlet', ' | '.join(PARTITIONS)),
+  Option('alpha', _positive_float, 0.5, 'Dirichlet label skew (partition=dirichlet)'),
+  Option('client_optimizer', _choice(OPTIMIZERS), 'sgd', ' | '.join(OPTIMIZERS)),
+  Option('client_lr', _positive_float, 0.1, 'client learning rate'),
+  Option('server_optimizer', _choice(OPTIMIZERS), 'sgd', ' | '.join(OPTIMIZERS)),
+  Option('server_lr', _positive_float, 1.0, 'server learning rate'),
+  Option('batch_size', _int(1), 16, 'examples per local step'),
+  Option('epochs', _int(1), 2, 'local epochs'),
+  Option('max_steps', _optional(_int(1)), None, 'cap on local steps per client'),
+  Option('seed', _int(0), 0, 'seeds the model, partition, cohorts and shuffles'),
+  Option('eval_every', _int(1), 5, 'evaluate every N rounds (and after the last)'),
+  Option('checkpoint_every', _int(1), 1, 'checkpoint every N rounds (and after the last)'),
+  Option('keep', _int(1), 3, 'checkpoints kept'),
+  Option('tensorboard', _bool, False, 'also write TensorBoard events (needs tensorboardX)'),
+)
+OPTION_NAMES = tuple(o.name for o in OPTIONS)
+# Settings that may differ between a run and its resumption.
+RESUMABLE = ('rounds', 'eval_every', 'checkpoint_every', 'keep', 'tensorboard')
+
+
+def flag(name: str) -> str:
+  return '--' + name.replace('_', '-')
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+  """One flag per option, defaulting to 'not given' so the file and defaults can fill in."""
+  for option in OPTIONS:
+    if option.parse is _bool:
+      parser.add_argument(
+        flag(option.name), action='store_true', default=argparse.SUPPRESS, help=option.help
+      )
+    else:
+      parser.add_argument(
+        flag(option.name),
+        default=argparse.SUPPRESS,
+        metavar=option.name.upper(),
+        help=f'{option.help} (default {option.default})',
+      )
+
+
+def read_toml(path: str) -> dict[str, Any]:
+  """The options of a TOML file (keys with `_` or `-`); unknown keys are an error."""
+  try:
+    with open(path, 'rb') as f:
+      table = tomllib.load(f)
+  except FileNotFoundError:
+    raise ConfigError(f'--config: no file {path!r}') from None
+  except tomllib.TOMLDecodeError as error:
+    raise ConfigError(f'--config: {path} is not valid TOML: {error}') from None
+  settings = {}
+  for key, value in table.items():
+    name = key.replace('-', '_')
+    if name not in OPTION_NAMES:
+      raise ConfigError(f'{path}: unknown key {key!r}; expected one of {", ".join(OPTION_NAMES)}')
+    settings[name] = _parse(name, value, f'{path}: {key}')
+  return settings
+
+
+def _parse(name: str, value: Any, where: str) -> Any:
+  option = OPTIONS[OPTION_NAMES.index(name)]
+  try:
+    return option.parse(value)
+  except ValueError as error:
+    raise ConfigError(f'{where}: {error}') from None
+
+
+def resolve(flags: Mapping[str, Any], file_settings: Mapping[str, Any] = ()) -> dict[str, Any]:
+  """Every option: defaults, then `file_settings`, then `flags` (raw strings, parsed here)."""
+  config = {o.name: o.default for o in OPTIONS}
+  config.update(file_settings)
+  for name, value in flags.items():
+    config[name] = _parse(name, value, flag(name))
+  return config
+
+
+def differences(saved: Mapping[str, Any], config: Mapping[str, Any]) -> list[str]:
+  """`key: saved -> given` for the settings a resumed run may not change."""
+  return [
+    f'{name}: {saved.get(name)!r} -> {config[name]!r}'
+    for name in OPTION_NAMES
+    if name not in RESUMABLE and saved.get(name) != config[name]
+  ]

@@ -1,0 +1,175 @@
+"""An experiment of `fedjax-lite train` built from its settings (`fedjax_lite._config`): the
+population, the model, the learning process, the per-round data and the evaluation."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+
+from fedjax_lite import algorithms, data, models, optimizers, simulation
+from fedjax_lite._config import ConfigError, flag
+from fedjax_lite.templates import LearningProcess
+
+EVAL_BATCH_SIZE = 256
+EVAL_CLIENTS = 100  # test clients evaluated for a naturally federated dataset
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  """What `run_training_process` needs.
+
+  Attributes:
+    process: the learning process.
+    train_data: the training population.
+    training_data_fn: `round_num -> ClientBatches` (host arrays) of that round's cohort.
+    evaluation_fn: `(state, ClientBatches) -> metrics`.
+    evaluation_data: the held-out `ClientBatches`.
+  """
+
+  process: LearningProcess
+  train_data: data.FederatedData
+  training_data_fn: Callable[[int], data.ClientBatches]
+  evaluation_fn: Callable[[Any, data.ClientBatches], Mapping[str, Any]]
+  evaluation_data: data.ClientBatches
+
+
+def _optimizer(name: str, learning_rate: float) -> optax.GradientTransformation:
+  if name == 'sgdm':
+    return optimizers.build_sgdm(learning_rate, momentum=0.9)
+  build = {
+    'sgd': optimizers.build_sgdm,
+    'adam': optimizers.build_adam,
+    'adagrad': optimizers.build_adagrad,
+    'rmsprop': optimizers.build_rmsprop,
+    'yogi': optimizers.build_yogi,
+  }[name]
+  return build(learning_rate)
+
+
+def _partition(config: Mapping[str, Any], labels: np.ndarray) -> list[np.ndarray]:
+  n, seed = config['num_clients'], config['seed']
+  if n > len(labels):
+    raise ConfigError(f'{flag("num_clients")}: {n} clients exceed the {len(labels)} examples')
+  if config['partition'] == 'dirichlet':
+    return data.dirichlet_label_partition(labels, n, config['alpha'], seed=seed)
+  if config['partition'] == 'iid':
+    return data.iid_partition(len(labels), n, seed=seed)
+  if config['partition'] == 'shards':
+    return data.label_shards_partition(labels, n, shards_per_client=2, seed=seed)
+  return data.power_law_partition(len(labels), n, seed=seed)
+
+
+def _as_model_input(model: str, x: np.ndarray) -> np.ndarray:
+  """`x [n, ...]` flat for logreg/mlp, `[n, side, side, 1]` for the CNN."""
+  x = x.reshape(len(x), -1).astype(np.float32)
+  if model != 'cnn':
+    return x
+  side = math.isqrt(x.shape[1])
+  if side * side != x.shape[1]:
+    raise ConfigError(f'{flag("model")}: cnn needs square images; got {x.shape[1]} features')
+  return x.reshape(len(x), side, side, 1)
+
+
+def _load(config: Mapping[str, Any]) -> tuple[data.FederatedData, dict[str, np.ndarray], int]:
+  """`(train population {'x', 'y'}, test arrays {'x', 'y'}, num_classes)`."""
+  info = data.get_dataset(config['dataset'])
+  if not info.available(config['data_path']):
+    raise ConfigError(
+      f'{flag("dataset")}: {info.name} is not available here ({info.source}); {info.how_to_get}'
+    )
+  model = config['model']
+  if info.kind == 'arrays':
+    (x_train, y_train), (x_test, y_test) = info.load(config['data_path'])
+    x_train, x_test = _as_model_input(model, x_train), _as_model_input(model, x_test)
+    parts = _partition(config, y_train)
+    train = data.InMemoryFederatedData(
+      {i: {'x': x_train[p], 'y': y_train[p]} for i, p in enumerate(parts)}
+    )
+    num_classes = int(max(y_train.max(), y_test.max())) + 1
+    return train, {'x': x_test, 'y': y_test}, num_classes
+  if info.name not in ('emnist', 'emnist_digits'):
+    raise ConfigError(
+      f'{flag("dataset")}: the command has no model for {info.name}; train it through the '
+      'library API (fl.data.get_dataset), or pick an image dataset'
+    )
+  train, test = info.load(config['data_path'])
+
+  def to_model_input(client):
+    return {'x': _as_model_input(model, client['pixels']), 'y': client['label'].astype(np.int32)}
+
+  train = train.preprocess_client(to_model_input)
+  test = test.preprocess_client(to_model_input)
+  rng = np.random.default_rng(config['seed'])
+  ids = rng.choice(test.num_clients, min(EVAL_CLIENTS, test.num_clients), replace=False)
+  held_out = test.get_clients([test.client_ids[i] for i in np.sort(ids)])
+  test_arrays = {k: np.concatenate([c[k] for c in held_out]) for k in ('x', 'y')}
+  return train, test_arrays, 10 if info.name == 'emnist_digits' else 62
+
+
+def _model(config: Mapping[str, Any], example_x: np.ndarray, num_classes: int):
+  seed = config['seed']
+  if config['model'] == 'cnn':
+    return models.cnn_classifier(example_x.shape[1:], num_classes, seed=seed)
+  hidden = () if config['model'] == 'logreg' else (200, 200)
+  return models.mlp_classifier(example_x.shape[1], num_classes, hidden=hidden, seed=seed)
+
+
+def _process(config: Mapping[str, Any], model: models.FunctionalModel) -> LearningProcess:
+  server = _optimizer(config['server_optimizer'], config['server_lr'])
+  if config['algorithm'] == 'fedsgd':
+    return algorithms.build_fed_sgd(model, server_optimizer=server)
+  client = _optimizer(config['client_optimizer'], config['client_lr'])
+  if config['algorithm'] == 'fedavg_unweighted':
+    return algorithms.build_unweighted_fed_avg(model, client, server)
+  return algorithms.build_weighted_fed_avg(model, client, server)
+
+
+def build_experiment(config: Mapping[str, Any]) -> Experiment:
+  """The experiment of a resolved configuration (`fedjax_lite._config.resolve`)."""
+  if (config['model'] == 'mf') != (config['algorithm'] == 'fedrecon'):
+    raise ConfigError(
+      f'{flag("model")} mf and {flag("algorithm")} fedrecon go together (matrix factorization '
+      f'with local user embeddings); got model={config["model"]}, '
+      f'algorithm={config["algorithm"]}. Tip: see examples/fedrecon_movielens.py'
+    )
+  train, test, num_classes = _load(config)
+  if config['clients_per_round'] > train.num_clients:
+    raise ConfigError(
+      f'{flag("clients_per_round")}: {config["clients_per_round"]} exceeds the '
+      f'{train.num_clients} training clients'
+    )
+  model = _model(config, test['x'], num_classes)
+  process = _process(config, model)
+  longest = data.client_steps(
+    int(train.client_sizes.max()), config['epochs'], config['batch_size'], config['max_steps']
+  )
+  buckets = data.step_buckets(longest, 4)
+
+  def training_data_fn(round_num: int) -> data.ClientBatches:
+    cohort = data.sample_cohort(
+      train.num_clients, config['clients_per_round'], round_num, seed=config['seed']
+    )
+    return data.batch_cohort(
+      train,
+      [train.client_ids[i] for i in cohort],
+      batch_size=config['batch_size'],
+      num_epochs=config['epochs'],
+      max_steps=config['max_steps'],
+      round_num=round_num,
+      seed=config['seed'],
+      buckets=buckets,
+    )
+
+  evaluation_data = jax.device_put(
+    data.build_client_batches(
+      [test], batch_size=min(EVAL_BATCH_SIZE, len(test['y'])), shuffle=False
+    )
+  )
+  evaluation_fn = simulation.build_evaluation_fn(process, algorithms.build_fed_eval(model))
+  return Experiment(process, train, training_data_fn, evaluation_fn, evaluation_data)
