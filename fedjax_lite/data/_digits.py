@@ -8,24 +8,18 @@ scikit-learn is located but never imported.
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import pathlib
 
 import numpy as np
 
+from fedjax_lite.data import _package_files
+
 
 def digits_path() -> pathlib.Path:
   """The path of `digits.csv.gz` inside the installed scikit-learn package."""
-  spec = importlib.util.find_spec('sklearn')
-  if spec is None or not spec.submodule_search_locations:
-    raise FileNotFoundError(
-      'the digits dataset ships with scikit-learn, which is not installed. '
-      'Tip: pip install scikit-learn'
-    )
-  path = pathlib.Path(next(iter(spec.submodule_search_locations))) / 'datasets/data/digits.csv.gz'
-  if not path.is_file():
-    raise FileNotFoundError(f'scikit-learn is installed but {path} is missing')
-  return path
+  return _package_files.package_file(
+    'sklearn', 'datasets/data/digits.csv.gz', 'pip install scikit-learn'
+  )
 
 
 def load_digits(path: str | pathlib.Path | None = None) -> tuple[np.ndarray, np.ndarray]:
