@@ -8,8 +8,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from fedjax_lite import metrics as metrics_lib
-from fedjax_lite.models import _losses, _model
+from fedjax_lite.models import _classifier, _model
 
 _DIMENSIONS = ('NHWC', 'HWIO', 'NHWC')
 
@@ -56,15 +55,4 @@ def cnn_classifier(
     h = jax.nn.relu(h @ p['dense1']['w'] + p['dense1']['b'])
     return h @ p['dense2']['w'] + p['dense2']['b']
 
-  return _model.FunctionalModel(
-    initial_weights=_model.ModelWeights(trainable, ()),
-    predict_on_batch_fn=predict_on_batch,
-    loss_fn=_losses.softmax_cross_entropy,
-    metrics_fns=metrics_lib.create_functional_metric_fns(
-      {'accuracy': metrics_lib.sparse_categorical_accuracy()}
-    ),
-    input_spec={
-      'x': jax.ShapeDtypeStruct((None, *image_shape), jnp.float32),
-      'y': jax.ShapeDtypeStruct((None,), jnp.int32),
-    },
-  )
+  return _classifier.classifier(trainable, predict_on_batch, image_shape)

@@ -7,8 +7,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from fedjax_lite import metrics as metrics_lib
-from fedjax_lite.models import _losses, _model
+from fedjax_lite.models import _classifier, _model
 
 
 def mlp_classifier(
@@ -36,15 +35,4 @@ def mlp_classifier(
         h = jax.nn.relu(h)
     return h
 
-  return _model.FunctionalModel(
-    initial_weights=_model.ModelWeights(trainable, ()),
-    predict_on_batch_fn=predict_on_batch,
-    loss_fn=_losses.softmax_cross_entropy,
-    metrics_fns=metrics_lib.create_functional_metric_fns(
-      {'accuracy': metrics_lib.sparse_categorical_accuracy()}
-    ),
-    input_spec={
-      'x': jax.ShapeDtypeStruct((None, num_features), jnp.float32),
-      'y': jax.ShapeDtypeStruct((None,), jnp.int32),
-    },
-  )
+  return _classifier.classifier(trainable, predict_on_batch, (num_features,))
