@@ -7,6 +7,7 @@ from fedjax_lite import (
   metrics,
   models,
   optimizers,
+  reconstruction,
   simulation,
   templates,
 )
@@ -30,6 +31,7 @@ __all__ = [
   'metrics',
   'models',
   'optimizers',
+  'reconstruction',
   'simulation',
   'templates',
 ]
