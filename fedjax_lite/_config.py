@@ -85,6 +85,7 @@ OPTIONS = (
   Option('alpha', _positive_float, 0.5, 'Dirichlet label skew (partition=dirichlet)'),
   Option('client_optimizer', _choice(OPTIMIZERS), 'sgd', ' | '.join(OPTIMIZERS)),
   Option('client_lr', _positive_float, 0.1, 'client learning rate'),
+  Option('recon_lr', _positive_float, 0.1, 'reconstruction learning rate (fedrecon)'),
   Option('server_optimizer', _choice(OPTIMIZERS), 'sgd', ' | '.join(OPTIMIZERS)),
   Option('server_lr', _positive_float, 1.0, 'server learning rate'),
   Option('batch_size', _int(1), 16, 'examples per local step'),

@@ -12,12 +12,14 @@ import jax
 import numpy as np
 import optax
 
-from fedjax_lite import algorithms, data, models, optimizers, simulation
+from fedjax_lite import algorithms, data, models, optimizers, reconstruction, simulation
 from fedjax_lite._config import ConfigError, flag
 from fedjax_lite.templates import LearningProcess
 
 EVAL_BATCH_SIZE = 256
 EVAL_CLIENTS = 100  # test clients evaluated for a naturally federated dataset
+MF_DIM = 50  # embedding size of the matrix factorization (Singhal et al., 2021)
+MF_EVAL_RECON_EPOCHS = 5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +132,48 @@ def _process(config: Mapping[str, Any], model: models.FunctionalModel) -> Learni
   return algorithms.build_weighted_fed_avg(model, client, server)
 
 
+def _fed_recon(config: Mapping[str, Any]):
+  """MovieLens users as clients, matrix factorization with local user embeddings.
+
+  Returns `(train, test, process, evaluation_process)`: each user's earlier ratings train,
+  their latest 20% evaluate (reconstruct on even batches, evaluate on odd ones).
+  """
+  if config['dataset'] != 'movielens_100k':
+    raise ConfigError(
+      f'{flag("model")} mf needs {flag("dataset")} movielens_100k; got {config["dataset"]}'
+    )
+  info = data.get_dataset('movielens_100k')
+  if not info.available(config['data_path']):
+    raise ConfigError(f'{flag("dataset")}: movielens_100k is not here; {info.how_to_get}')
+  train, test = info.load(config['data_path'])
+  num_items = 1 + max(int(c['item_id'].max()) for p in (train, test) for _, c in p)
+
+  def to_model_input(client):
+    return {'x': client['item_id'].astype(np.int32), 'y': client['rating'].astype(np.float32)}
+
+  train, test = train.preprocess_client(to_model_input), test.preprocess_client(to_model_input)
+  model = models.matrix_factorization(1, num_items, MF_DIM, personal=True, seed=config['seed'])
+  local = reconstruction.ReconstructionModel(model, lambda path: 'user' in path)
+  recon_optimizer = optimizers.build_sgdm(config['recon_lr'])
+  process = reconstruction.build_fed_recon(
+    local,
+    server_optimizer=_optimizer(config['server_optimizer'], config['server_lr']),
+    client_optimizer=_optimizer(config['client_optimizer'], config['client_lr']),
+    reconstruction_optimizer=recon_optimizer,
+    dataset_split_fn=reconstruction.build_dataset_split_fn(split_dataset=True),
+    seed=config['seed'],
+  )
+  evaluation = reconstruction.build_fed_recon_eval(
+    local,
+    reconstruction_optimizer=recon_optimizer,
+    dataset_split_fn=reconstruction.build_dataset_split_fn(
+      recon_epochs=MF_EVAL_RECON_EPOCHS, split_dataset=True
+    ),
+    seed=config['seed'],
+  )
+  return train, test, process, evaluation
+
+
 def build_experiment(config: Mapping[str, Any]) -> Experiment:
   """The experiment of a resolved configuration (`fedjax_lite._config.resolve`)."""
   if (config['model'] == 'mf') != (config['algorithm'] == 'fedrecon'):
@@ -138,14 +182,23 @@ def build_experiment(config: Mapping[str, Any]) -> Experiment:
       f'with local user embeddings); got model={config["model"]}, '
       f'algorithm={config["algorithm"]}. Tip: see examples/fedrecon_movielens.py'
     )
-  train, test, num_classes = _load(config)
+  if config['model'] == 'mf':
+    train, test, process, evaluation = _fed_recon(config)
+    evaluation_data = data.batch_cohort(
+      test, test.client_ids, batch_size=config['batch_size'], seed=config['seed']
+    )
+  else:
+    train, test_arrays, num_classes = _load(config)
+    model = _model(config, test_arrays['x'], num_classes)
+    process, evaluation = _process(config, model), algorithms.build_fed_eval(model)
+    evaluation_data = data.build_client_batches(
+      [test_arrays], batch_size=min(EVAL_BATCH_SIZE, len(test_arrays['y'])), shuffle=False
+    )
   if config['clients_per_round'] > train.num_clients:
     raise ConfigError(
       f'{flag("clients_per_round")}: {config["clients_per_round"]} exceeds the '
       f'{train.num_clients} training clients'
     )
-  model = _model(config, test['x'], num_classes)
-  process = _process(config, model)
   longest = data.client_steps(
     int(train.client_sizes.max()), config['epochs'], config['batch_size'], config['max_steps']
   )
@@ -166,10 +219,7 @@ def build_experiment(config: Mapping[str, Any]) -> Experiment:
       buckets=buckets,
     )
 
-  evaluation_data = jax.device_put(
-    data.build_client_batches(
-      [test], batch_size=min(EVAL_BATCH_SIZE, len(test['y'])), shuffle=False
-    )
+  evaluation_fn = simulation.build_evaluation_fn(process, evaluation)
+  return Experiment(
+    process, train, training_data_fn, evaluation_fn, jax.device_put(evaluation_data)
   )
-  evaluation_fn = simulation.build_evaluation_fn(process, algorithms.build_fed_eval(model))
-  return Experiment(process, train, training_data_fn, evaluation_fn, evaluation_data)

@@ -32,7 +32,9 @@ class _PrintMetrics(simulation.MetricsManager):
     for key, label in [
       ('client_work/train/loss', 'loss'),
       ('client_work/train/accuracy', 'accuracy'),
+      ('client_work/train/rmse', 'rmse'),
       ('evaluation/accuracy', 'test accuracy'),
+      ('evaluation/rmse', 'test rmse'),
       ('timing/examples_per_second', 'examples/s'),
     ]:
       if key in metrics:
@@ -113,11 +115,9 @@ def _train(args: argparse.Namespace) -> int:
   finally:
     for manager in managers:
       manager.close()
-  final = experiment.evaluation_fn(state, experiment.evaluation_data)
-  print(
-    f'test loss {float(final["loss"]):.4f}  test accuracy {float(final["accuracy"]):.4f}  '
-    f'({time.perf_counter() - start:.1f}s; metrics and checkpoints in {out})'
-  )
+  final = simulation.flatten_metrics(experiment.evaluation_fn(state, experiment.evaluation_data))
+  scores = '  '.join(f'test {k} {v:.4f}' for k, v in final.items() if k != 'num_examples')
+  print(f'final: {scores}  ({time.perf_counter() - start:.1f}s; metrics and checkpoints in {out})')
   return 0
 
 
@@ -205,9 +205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
   try:
     return args.run(args)
-  except (ConfigError, KeyError) as error:
-    message = error.args[0] if isinstance(error, KeyError) else str(error)
-    print(f'fedjax-lite {args.command}: error: {message}', file=sys.stderr)
+  except ConfigError as error:
+    print(f'fedjax-lite {args.command}: error: {error}', file=sys.stderr)
     return 2
 
 

@@ -35,7 +35,7 @@ def test_train_default_reaches_90_percent_and_writes_the_run(tmp_path, capsys):
   assert cli.main(['train']) == 0
   out = capsys.readouterr().out
   assert re.search(r'round +1 +loss', out)
-  accuracy = float(re.search(r'test accuracy (\d\.\d+)  \(', out).group(1))
+  accuracy = float(re.search(r'final: .*test accuracy (\d\.\d+)', out).group(1))
   assert accuracy >= 0.90
   run = tmp_path / 'runs' / 'digits-mlp-fedavg'
   last = _last_metrics(run)
@@ -126,7 +126,7 @@ def test_other_models_and_algorithms_train(capsys):
   ):
     argv = ['train', *SMALL, '--rounds', '1', '--epochs', '1', '--out', f'run{i}', '--quiet']
     assert cli.main([*argv, *extra]) == 0
-    assert 'test accuracy' in capsys.readouterr().out
+    assert re.search(r'final: test accuracy 0\.\d+  test loss \d', capsys.readouterr().out)
 
 
 def test_datasets_and_plot(tmp_path, capsys):
@@ -142,3 +142,23 @@ def test_datasets_and_plot(tmp_path, capsys):
   for path in paths:
     with open(path, 'rb') as f:
       assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+
+
+def test_fedrecon_matrix_factorization_on_a_movielens_file(tmp_path, capsys):
+  # A small file in MovieLens' u.data format: user item rating timestamp, tab-separated.
+  rng = np.random.default_rng(0)
+  rows = [
+    f'{user}\t{item}\t{rng.integers(1, 6)}\t{1000 * user + item}'
+    for user in range(1, 13)
+    for item in rng.choice(np.arange(1, 41), 30, replace=False)
+  ]
+  (tmp_path / 'u.data').write_text('\n'.join(rows) + '\n')
+  argv = ['train', '--dataset', 'movielens_100k', '--data-path', 'u.data', '--model', 'mf']
+  argv += ['--algorithm', 'fedrecon', '--batch-size', '2', '--rounds', '2', '--quiet']
+  assert cli.main([*argv, '--clients-per-round', '4', '--out', 'mf']) == 0
+  out = capsys.readouterr().out
+  rmse = float(re.search(r'final: .*test rmse (\d+\.\d+)', out).group(1))
+  assert 0 < rmse < 5
+  assert _last_metrics(tmp_path / 'mf')['evaluation/rmse'] == pytest.approx(rmse, abs=1e-4)
+  assert cli.main(['train', '--model', 'mf', '--algorithm', 'fedrecon']) == 2
+  assert 'mf needs --dataset movielens_100k; got digits' in capsys.readouterr().err
