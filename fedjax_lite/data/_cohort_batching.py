@@ -110,12 +110,15 @@ def batch_cohort(
   )
   if not data._batch_preprocess:
     return batches
+  # Hooks see only the real rows; padding stays zeros (masked), and its pages, never written,
+  # cost no memory: host time and memory follow the real examples, not the padded shape.
   lead = batches.mask.shape
-  flat = {k: v.reshape(-1, *v.shape[3:]) for k, v in batches.batch.items()}
+  real = batches.mask.reshape(-1) > 0
+  flat = {k: v.reshape(-1, *v.shape[3:])[real] for k, v in batches.batch.items()}
   flat = data.apply_batch_preprocess(flat)
   batch = {}
   for k, v in flat.items():
-    aligned = _client_batches.aligned_zeros((*lead, *v.shape[1:]), v.dtype)
-    aligned.reshape(v.shape)[...] = v
-    batch[k] = aligned
+    padded = _client_batches.aligned_zeros((*lead, *v.shape[1:]), v.dtype)
+    padded.reshape(-1, *v.shape[1:])[real] = v
+    batch[k] = padded
   return _client_batches.ClientBatches(batch, batches.mask)

@@ -105,10 +105,10 @@ class FederatedData(abc.ABC):
   def preprocess_batch(self, fn: Callable[[ClientDataset], ClientDataset]) -> FederatedData:
     """A view whose batches are passed through `fn` (after any earlier hooks) when batched.
 
-    `fl.data.batch_cohort` applies the hooks once to a whole cohort's examples,
-    `{feature: [clients * steps * batch_size, ...]}` padding rows included, so `fn` must work
-    row by row (each output row a function of its input row, e.g. scaling pixels, one-hot
-    labels, a token lookup); it may add, drop or retype features. Padding rows stay masked.
+    `fl.data.batch_cohort` applies the hooks once to all the real examples of a cohort,
+    `{feature: [examples, ...]}`, so `fn` must work row by row (each output row a function of
+    its input row, e.g. scaling pixels, one-hot labels, a token lookup); it may add, drop or
+    retype features. Padding rows are zeros of the output dtype, masked.
     """
     if not callable(fn):
       raise TypeError(f'fn must be callable; got {type(fn).__name__}')

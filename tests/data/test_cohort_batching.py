@@ -130,11 +130,12 @@ def test_preprocess_batch_hooks_apply_to_the_cohort_in_order():
   assert batches.batch['x'].shape == (2, 2, 2, 2) and batches.batch['x'].dtype == np.float32
   np.testing.assert_array_equal(batches.batch['x'][0].reshape(-1, 2)[:3], 1.0)
   np.testing.assert_array_equal(batches.batch['x2'], 2 * batches.batch['x'])
+  np.testing.assert_array_equal(batches.batch['x'][batches.mask == 0], 0.0)  # padding: zeros
   assert batches.batch['x'].ctypes.data % 64 == 0  # still zero-copy for device_put
   # The base population is unchanged; hooks that change the row count are refused.
   assert sorted(fl.data.batch_cohort(base, ['a'], batch_size=2).batch) == ['px', 'y']
   dropping = base.preprocess_batch(lambda b: {k: v[:1] for k, v in b.items()})
-  with pytest.raises(ValueError, match='returned 1 rows for 4; batch hooks must map rows'):
+  with pytest.raises(ValueError, match='returned 1 rows for 3; batch hooks must map rows'):
     fl.data.batch_cohort(dropping, ['a'], batch_size=2)
   with pytest.raises(TypeError, match='fn must be callable'):
     base.preprocess_batch('scale')
