@@ -164,23 +164,30 @@ def _no_metrics(state, labels, batch_output, sample_weight):
   return state
 
 
-def reconstruct(
+def split_and_reconstruct(
   fm: models.FunctionalModel,
   model: _model.ReconstructionModel,
   optimizer: optax.GradientTransformation,
   hparams: dict,
   global_weights: models.ModelWeights,
-  recon_batches: _client_batches.ClientBatches,
+  client_batches: _client_batches.ClientBatches,
+  dataset_split_fn: _dataset_split.DatasetSplitFn,
   round_key: jax.Array,
   client_chunk_size: int | None,
-) -> Any:
-  """Every client's local weights after reconstruction; leaves `[clients, ...]`.
+) -> tuple[Any, _client_batches.ClientBatches]:
+  """Splits `client_batches` with `dataset_split_fn` and reconstructs on the first part.
+
+  Returns every client's local weights after reconstruction (leaves `[clients, ...]`) and the
+  second part of the split (post-reconstruction training, or evaluation).
 
   Client `i` initializes its locals from `fold_in(fold_in(round_key, 0), i)` and trains only
   the local trainables, global weights frozen, with a fresh `optimizer` state (hyperparameters
   `hparams`), one step per batch that has data; no metrics are counted. With no local
   trainables the initial locals are returned as they are.
   """
+  split = dataset_split_fn(client_batches)
+  check_split_output(split, client_batches)
+  recon_batches, other_batches = split
   num_clients = recon_batches.mask.shape[0]
   init_key = jax.random.fold_in(round_key, _INIT_STREAM)
   step_key = jax.random.fold_in(round_key, _RECON_STREAM)
@@ -189,7 +196,7 @@ def reconstruct(
     return model.initialize_local_weights(jax.random.fold_in(init_key, index))
 
   if not jax.tree.leaves(model.local_trainable_variables):
-    return jax.vmap(initial_locals)(jnp.arange(num_clients))
+    return jax.vmap(initial_locals)(jnp.arange(num_clients)), other_batches
   opt_state = optimizers.set_hparams(optimizer.init(model.local_trainable_variables), hparams)
   # Trained: the local trainables; frozen: the local non-trainables (and the global weights).
   phase = _PhaseModel(
@@ -209,9 +216,10 @@ def reconstruct(
     updates, opt_state = optimizer.update(grads, opt_state, local.trainable)
     return local._replace(trainable=optax.apply_updates(local.trainable, updates)), opt_state, key
 
-  return _cohort.run_clients(
+  locals_ = _cohort.run_clients(
     init_client, step, lambda carry: carry[0], recon_batches, client_chunk_size
   )
+  return locals_, other_batches
 
 
 def _hparams(optimizer: optax.GradientTransformation, params: Any) -> dict:
@@ -277,17 +285,15 @@ def build_reconstruction_client_work(
 
   def next_fn(state, global_weights, client_batches):
     _client_batches.check_client_batches(client_batches, model.input_spec)
-    split = dataset_split_fn(client_batches)
-    check_split_output(split, client_batches)
-    recon_batches, post_batches = split
     round_key, next_key = jax.random.split(state.rng)
-    locals_ = reconstruct(
+    locals_, post_batches = split_and_reconstruct(
       fm,
       model,
       reconstruction_optimizer,
       state.hparams['reconstruction_optimizer'],
       global_weights,
-      recon_batches,
+      client_batches,
+      dataset_split_fn,
       round_key,
       client_chunk_size,
     )

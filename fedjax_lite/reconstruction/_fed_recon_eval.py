@@ -97,17 +97,15 @@ def build_fed_recon_eval(
 
   def next_fn(state, global_weights, client_batches):
     _client_batches.check_client_batches(client_batches, model.input_spec)
-    split = dataset_split_fn(client_batches)
-    _client_work.check_split_output(split, client_batches)
-    recon_batches, eval_batches = split
     round_key, next_key = jax.random.split(state.rng)
-    locals_ = _client_work.reconstruct(
+    locals_, eval_batches = _client_work.split_and_reconstruct(
       fm,
       model,
       reconstruction_optimizer,
       state.hparams['reconstruction_optimizer'],
       global_weights,
-      recon_batches,
+      client_batches,
+      dataset_split_fn,
       round_key,
       client_chunk_size,
     )
