@@ -98,7 +98,7 @@ def open_population(path: str, num_clients: int) -> tuple[fl.data.FederatedData,
 def run_cohort_size(data, process, input_spec, cohort: int, rounds: int, max_steps: int) -> dict:
   buckets = fl.data.step_buckets(max_steps, 4)
 
-  def build(round_num, buckets=buckets):
+  def build(round_num):
     ids = fl.data.sample_cohort(data.num_clients, cohort, round_num, seed=0)
     return fl.data.batch_cohort(
       data,
@@ -127,12 +127,14 @@ def run_cohort_size(data, process, input_spec, cohort: int, rounds: int, max_ste
     start = time.perf_counter()
     state = jax.block_until_ready(process.next(state, on_device).state)
     device.append(time.perf_counter() - start)
-    longest = build(r, buckets=None).mask
+    # The cohort's real steps end at its longest client: padding to it, or to max_steps.
+    real = float(batches.mask.sum())
+    longest = int(np.any(batches.mask > 0, axis=(0, 2)).sum())
     padding['bucketed'].append(fl.data.padding_fraction(batches))
-    padding['longest'].append(1 - float(longest.mean()))
-    padding['max_steps'].append(1 - float(longest.sum()) / (cohort * max_steps * BATCH_SIZE))
+    padding['longest'].append(1 - real / (cohort * longest * BATCH_SIZE))
+    padding['max_steps'].append(1 - real / (cohort * max_steps * BATCH_SIZE))
     shapes['bucketed'].add(batches.mask.shape[1])
-    shapes['longest'].add(longest.shape[1])
+    shapes['longest'].add(longest)
 
   state = process.initialize()
   start = time.perf_counter()
