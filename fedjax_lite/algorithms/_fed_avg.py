@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import optax
+from jax.sharding import Mesh
 
 from fedjax_lite import aggregators, models, optimizers
 from fedjax_lite.algorithms import _common
@@ -25,6 +26,7 @@ def build_weighted_fed_avg(
   model_aggregator: Any = None,
   metrics_aggregator: Callable | None = None,
   client_chunk_size: int | None = None,
+  mesh: Mesh | None = None,
 ) -> _processes.LearningProcess:
   """FedAvg with client updates weighted (by default) by their number of examples.
 
@@ -50,6 +52,8 @@ def build_weighted_fed_avg(
     model_aggregator: an aggregation factory; default `MeanFactory()`.
     metrics_aggregator: default `fl.metrics.sum_then_finalize`.
     client_chunk_size: clients vmapped together (see `build_model_delta_client_work`).
+    mesh: a `jax.sharding.Mesh` with a `'clients'` axis: each device trains its own clients
+      and the sums are combined once per round.
 
   Returns:
     A `LearningProcess`; `next(state, client_batches)` is one compiled call.
@@ -61,6 +65,7 @@ def build_weighted_fed_avg(
     client_weighting,
     metrics_aggregator,
     client_chunk_size=client_chunk_size,
+    mesh=mesh,
   )
   finalizer = _finalizers.build_apply_optimizer_finalizer(server_optimizer, model.initial_weights)
   return _common.compose(model, client_work, finalizer, model_distributor, model_aggregator)
@@ -75,6 +80,7 @@ def build_unweighted_fed_avg(
   model_aggregator: Any = None,
   metrics_aggregator: Callable | None = None,
   client_chunk_size: int | None = None,
+  mesh: Mesh | None = None,
 ) -> _processes.LearningProcess:
   """FedAvg where every client that trained counts once.
 
@@ -91,4 +97,5 @@ def build_unweighted_fed_avg(
     model_aggregator=model_aggregator or aggregators.MeanFactory(),
     metrics_aggregator=metrics_aggregator,
     client_chunk_size=client_chunk_size,
+    mesh=mesh,
   )

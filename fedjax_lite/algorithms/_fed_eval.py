@@ -4,22 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import jax.numpy as jnp
+from jax.sharding import Mesh
 
 from fedjax_lite import aggregators, models
-from fedjax_lite import metrics as metrics_lib
-from fedjax_lite import tree as tree_lib
 from fedjax_lite.algorithms import _common
-from fedjax_lite.data import _client_batches
-from fedjax_lite.templates import _client_work, _cohort, _processes
-
-
-def _identity_finalizer() -> _processes.FinalizerProcess:
-  def next_fn(state, model_weights, update):
-    del update
-    return _processes.MeasuredProcessOutput(state, model_weights, {})
-
-  return _processes.FinalizerProcess(lambda: (), next_fn)
+from fedjax_lite.templates import _client_work, _finalizers, _processes
 
 
 def build_fed_eval(
@@ -28,6 +17,7 @@ def build_fed_eval(
   model_distributor: _processes.DistributionProcess | None = None,
   metrics_aggregator: Callable | None = None,
   client_chunk_size: int | None = None,
+  mesh: Mesh | None = None,
 ) -> _processes.LearningProcess:
   """Evaluates the global model (`training=False`) on each round's clients.
 
@@ -42,41 +32,31 @@ def build_fed_eval(
     >>> _, metrics = evaluation.next(state, client_batches)
   """
   _client_work.check_model(model)
-  _cohort.check_chunk_size(client_chunk_size)
-  metric_init, metric_update, metric_finalize = _client_work.training_metric_fns(model)
-  aggregate_metrics = (metrics_aggregator or metrics_lib.sum_then_finalize)(metric_finalize)
 
-  def initialize():
-    return metric_init()
+  def client_loop(model_weights, hparams):
+    del hparams
 
-  def next_fn(state, model_weights, client_batches):
-    _client_batches.check_client_batches(client_batches, model.input_spec)
+    def step(carry, batch, mask, key):
+      del key
+      _, step_metrics = _client_work.masked_forward(model, model_weights, batch, mask, False)
+      return carry, step_metrics
 
-    def step(metric_state, batch, mask, step_index):
-      del step_index
-      _, (batch_output, y) = _client_work.masked_forward(model, model_weights, batch, mask, False)
-      return metric_update(metric_state, y, batch_output, mask)
-
-    client_states = _cohort.run_clients(
-      lambda index: metric_init(), step, lambda s: s, client_batches, client_chunk_size
+    return _client_work.ClientLoop(
+      lambda client_input, key: (), step, lambda carry: _client_work.ClientOutput()
     )
-    round_state = tree_lib.tree_sum_over_clients(client_states)
-    total_state = tree_lib.tree_add(state, round_state)
-    measurements = {
-      'eval': {
-        'current_round_metrics': aggregate_metrics(client_states),
-        'total_rounds_metrics': metric_finalize(total_state),
-      }
-    }
-    num_clients = client_batches.mask.shape[0]
-    result = _processes.ClientResult((), jnp.zeros((num_clients,)))
-    return _processes.MeasuredProcessOutput(total_state, result, measurements)
 
-  client_work = _processes.ClientWorkProcess(initialize, next_fn)
+  client_work = _client_work.build_client_work(
+    model,
+    client_loop,
+    metrics_aggregator=metrics_aggregator,
+    evaluation=True,
+    client_chunk_size=client_chunk_size,
+    mesh=mesh,
+  )
   return _common.compose(
     model,
     client_work,
-    _identity_finalizer(),
+    _finalizers.build_identity_finalizer(),
     model_distributor,
     aggregators.SumFactory(),
     update_spec=(),

@@ -8,62 +8,39 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh
 
-from fedjax_lite import metrics as metrics_lib
 from fedjax_lite import models, optimizers
-from fedjax_lite import tree as tree_lib
 from fedjax_lite.algorithms import _common
-from fedjax_lite.data import _client_batches
-from fedjax_lite.templates import _client_work, _cohort, _finalizers, _processes
+from fedjax_lite.templates import _client_work, _finalizers, _processes
 
 
-def _build_gradient_client_work(
-  model, metrics_aggregator, client_chunk_size, seed=0
-) -> _processes.ClientWorkProcess:
-  """Client work returning each client's mean gradient over all its real examples."""
-  metric_init, metric_update, metric_finalize = _client_work.training_metric_fns(model)
-  aggregate_metrics = (metrics_aggregator or metrics_lib.sum_then_finalize)(metric_finalize)
-  weighting = _client_work.ClientWeighting.NUM_EXAMPLES
+def _gradient_client_loop(model: models.FunctionalModel) -> Callable:
+  """Per client: the mean gradient over all its real examples, at the broadcast weights."""
 
-  def initialize():
-    return _client_work.ClientWorkState({}, jax.random.PRNGKey(seed))
+  def client_loop(model_weights, hparams):
+    del hparams
+    zero_grad = jax.tree.map(jnp.zeros_like, model_weights.trainable)
 
-  def next_fn(state, model_weights, client_batches):
-    _client_batches.check_client_batches(client_batches, model.input_spec)
-    round_key, next_key = jax.random.split(state.rng)
-    zero_grad = tree_lib.tree_zeros_like(model_weights.trainable)
+    def init(client_input, key):
+      del client_input, key
+      return zero_grad, jnp.zeros((), jnp.float32)
 
-    def init_client(index):
-      return zero_grad, metric_init(), jax.random.fold_in(round_key, index)
-
-    def step(carry, batch, mask, step_index):
-      grad_sum, metric_state, key = carry
-      rng = jax.random.fold_in(key, step_index) if model.uses_rng else None
+    def step(carry, batch, mask, key):
+      grad_sum, count = carry
+      rng = key if model.uses_rng else None
+      grads, step_metrics = _client_work.masked_grad(model, model_weights, batch, mask, rng)
       n = jnp.sum(mask > 0).astype(jnp.float32)
-      grads, metric_state = _client_work.masked_grad_step(
-        model,
-        model_weights.trainable,
-        model_weights.non_trainable,
-        batch,
-        mask,
-        metric_update,
-        metric_state,
-        rng,
-      )
-      return jax.tree.map(lambda s, g: s + n * g, grad_sum, grads), metric_state, key
+      return (jax.tree.map(lambda s, g: s + n * g, grad_sum, grads), count + n), step_metrics
 
-    def finalize_client(carry):
-      grad_sum, metric_state, _ = carry
-      n = metric_state['builtin']['num_examples'].astype(jnp.float32)
-      mean_grad = jax.tree.map(lambda g: g / jnp.maximum(n, 1.0), grad_sum)
-      return _client_work.client_result(mean_grad, metric_state, weighting, metric_finalize)
+    def finalize(carry):
+      grad_sum, count = carry
+      mean_grad = jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), grad_sum)
+      return _client_work.ClientOutput(update=mean_grad)
 
-    outputs = _cohort.run_clients(
-      init_client, step, finalize_client, client_batches, client_chunk_size
-    )
-    return _client_work.client_work_output(state._replace(rng=next_key), outputs, aggregate_metrics)
+    return _client_work.ClientLoop(init, step, finalize)
 
-  return _processes.ClientWorkProcess(initialize, next_fn)
+  return client_loop
 
 
 def build_fed_sgd(
@@ -74,6 +51,7 @@ def build_fed_sgd(
   model_aggregator: Any = None,
   metrics_aggregator: Callable | None = None,
   client_chunk_size: int | None = None,
+  mesh: Mesh | None = None,
 ) -> _processes.LearningProcess:
   """FedSGD: each client computes the gradient of its mean loss at the global weights, the
   server averages the gradients weighted by examples and takes one `server_optimizer` step
@@ -86,8 +64,13 @@ def build_fed_sgd(
     A `LearningProcess`; metrics as `build_weighted_fed_avg`'s.
   """
   _client_work.check_model(model)
-  _cohort.check_chunk_size(client_chunk_size)
   server_optimizer = server_optimizer or optimizers.build_sgdm(0.1)
-  client_work = _build_gradient_client_work(model, metrics_aggregator, client_chunk_size)
+  client_work = _client_work.build_client_work(
+    model,
+    _gradient_client_loop(model),
+    metrics_aggregator=metrics_aggregator,
+    client_chunk_size=client_chunk_size,
+    mesh=mesh,
+  )
   finalizer = _finalizers.build_apply_optimizer_finalizer(server_optimizer, model.initial_weights)
   return _common.compose(model, client_work, finalizer, model_distributor, model_aggregator)

@@ -17,10 +17,14 @@ class ClientBatches(NamedTuple):
       ...]`.
     mask: `[clients, steps, batch_size]` float, 1 for a real example, 0 for padding. Padded
       examples change nothing: not the loss, the gradient, the metrics or the counts.
+    client_ids: optional `[clients]` uint32, a stable key of each client's identity (e.g. the low
+      32 bits of `fl.data.client_key(id)`); device-side randomness is keyed by it, never by a
+      client's position in the cohort. None: the positions `0..clients-1` stand in.
   """
 
   batch: Any
   mask: Any
+  client_ids: Any = None
 
 
 def client_batches_spec(
@@ -37,7 +41,11 @@ def client_batches_spec(
 
   batch = jax.tree.map(leaf, input_spec)
   b = jax.tree.leaves(batch)[0].shape[2]
-  return ClientBatches(batch, jax.ShapeDtypeStruct((num_clients, num_steps, b), np.float32))
+  return ClientBatches(
+    batch,
+    jax.ShapeDtypeStruct((num_clients, num_steps, b), np.float32),
+    jax.ShapeDtypeStruct((num_clients,), np.uint32),
+  )
 
 
 def check_client_batches(client_batches: Any, input_spec: Any, name: str = 'client_batches'):
@@ -50,6 +58,14 @@ def check_client_batches(client_batches: Any, input_spec: Any, name: str = 'clie
   mask_shape = tuple(np.shape(client_batches.mask))
   if len(mask_shape) != 3:
     raise ValueError(f'{name}.mask has shape {mask_shape}; expected (clients, steps, batch_size)')
+  ids = client_batches.client_ids
+  if ids is not None:
+    ids_dtype = np.dtype(ids.dtype if hasattr(ids, 'dtype') else np.asarray(ids).dtype)
+    if tuple(np.shape(ids)) != mask_shape[:1] or ids_dtype != np.uint32:
+      raise ValueError(
+        f'{name}.client_ids is {ids_dtype.name}{list(np.shape(ids))}; expected uint32'
+        f'[{mask_shape[0]}], one id per client. Tip: fl.data.client_ids_array(ids).'
+      )
   expected_struct = jax.tree.structure(input_spec)
   got_struct = jax.tree.structure(client_batches.batch)
   if expected_struct != got_struct:
@@ -133,7 +149,8 @@ def build_client_batches(
     shuffle: whether to shuffle within each epoch.
 
   Returns:
-    `ClientBatches` with leaves `[clients, steps, batch_size, ...]` and a float32 mask.
+    `ClientBatches` with leaves `[clients, steps, batch_size, ...]`, a float32 mask, and
+    `client_ids` the low 32 bits of `client_keys`.
   """
   if not clients:
     raise ValueError('clients is empty; expected at least one client dataset')
@@ -189,5 +206,7 @@ def build_client_batches(
     mask[i, : len(order)] = 1.0
   shape = (len(clients), num_steps, batch_size)
   return ClientBatches(
-    {k: v.reshape(*shape, *v.shape[2:]) for k, v in batch.items()}, mask.reshape(shape)
+    {k: v.reshape(*shape, *v.shape[2:]) for k, v in batch.items()},
+    mask.reshape(shape),
+    np.asarray([int(k) & 0xFFFFFFFF for k in client_keys], np.uint32),
   )

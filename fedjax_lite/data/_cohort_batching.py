@@ -121,4 +121,4 @@ def batch_cohort(
     padded = _client_batches.aligned_zeros((*lead, *v.shape[1:]), v.dtype)
     padded.reshape(-1, *v.shape[1:])[real] = v
     batch[k] = padded
-  return _client_batches.ClientBatches(batch, batches.mask)
+  return batches._replace(batch=batch)

@@ -92,16 +92,23 @@ def get_hparams(opt_state: Any) -> dict[str, Any]:
 def replace_hparams(current: Mapping[str, Any], hparams: Mapping[str, Any]) -> dict[str, Any]:
   """`current` with some or all values replaced, each cast to the dtype and shape it had.
 
+  Nested mappings (e.g. one per optimizer) are replaced key by key in the same way.
+
   Raises:
     ValueError: a key is not in `current`, or a value has the wrong shape.
   """
   unknown = sorted(set(hparams) - set(current))
   if unknown:
     raise ValueError(
-      f'hparams has unknown keys {unknown}; this optimizer has {sorted(current) or "none"}'
+      f'hparams has unknown keys {unknown}; expected some of {sorted(current) or "none"}'
     )
   new = dict(current)
   for name, value in hparams.items():
+    if isinstance(current[name], Mapping):
+      if not isinstance(value, Mapping):
+        raise TypeError(f"hparams['{name}'] must be a mapping like {sorted(current[name])}")
+      new[name] = replace_hparams(current[name], value)
+      continue
     old = jnp.asarray(current[name])
     try:
       value = jnp.asarray(value, dtype=old.dtype)

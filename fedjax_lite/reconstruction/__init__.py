@@ -12,7 +12,7 @@ from fedjax_lite.reconstruction._dataset_split import (
   simple_dataset_split_fn,
 )
 from fedjax_lite.reconstruction._fed_recon import build_fed_recon
-from fedjax_lite.reconstruction._fed_recon_eval import FedReconEvalState, build_fed_recon_eval
+from fedjax_lite.reconstruction._fed_recon_eval import build_fed_recon_eval
 from fedjax_lite.reconstruction._model import (
   ReconstructionModel,
   from_flax,
@@ -23,7 +23,6 @@ from fedjax_lite.reconstruction._model import (
 
 __all__ = [
   'DatasetSplitFn',
-  'FedReconEvalState',
   'ReconstructionModel',
   'build_dataset_split_fn',
   'build_fed_recon',

@@ -1,13 +1,13 @@
 """Federated Reconstruction's client work: reconstruct local weights, then train global ones.
 
-A round runs as one program. Reconstruction is one `run_clients` pass (chunks of vmapped clients,
-a loop over each chunk's reconstruction steps) that trains only the local trainables and returns
-every client's local weights `[clients, ...]`; post-reconstruction is a second pass, each client
-starting from its own reconstructed locals, that trains the global trainables (and, jointly
-trained, the locals too) and returns the update of the global trainables. Each pass is sorted and
-chunked by its own step counts, so neither walks the other's padding, and reconstruction never
-computes gradients of the global weights. The local weights stay inside the round: only the
-update, its weight and summed metrics leave the client work.
+A round runs as one program of two client works built with `build_client_work`. The
+reconstruction pass trains only the local trainables and returns every client's local weights
+as per-client outputs `[clients, ...]`; the post-reconstruction pass takes them as per-client
+inputs, trains the global trainables (and, jointly trained, the locals too) and hands the update
+of the global trainables to the aggregator. Each pass is sorted and chunked by its own step
+counts, so neither walks the other's padding, and reconstruction never computes gradients of
+the global weights. The local weights stay inside the round: only the update, its weight and
+summed metrics leave the client work.
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh
 
-from fedjax_lite import metrics as metrics_lib
 from fedjax_lite import models, optimizers
 from fedjax_lite import tree as tree_lib
 from fedjax_lite.data import _client_batches
 from fedjax_lite.reconstruction import _dataset_split, _model
-from fedjax_lite.templates import _client_work, _cohort, _processes
+from fedjax_lite.templates import _client_work, _processes
 
 
 class GlobalModel(NamedTuple):
@@ -36,8 +36,8 @@ class GlobalModel(NamedTuple):
   input_spec: Any
 
 
-# Keys folded into the round key: one stream per use, then the client's position in the cohort.
-_INIT_STREAM, _RECON_STREAM, _POST_STREAM = 0, 1, 2
+# Keys folded into the round key, one stream per pass; each pass keys its clients by id.
+_RECON_STREAM, _POST_STREAM = 1, 2
 
 
 class _PhaseModel:
@@ -140,6 +140,11 @@ def _model_metrics(model: models.FunctionalModel) -> tuple[Callable, Callable, C
 
 def check_split_output(out: Any, client_batches: _client_batches.ClientBatches) -> None:
   """Raises if a dataset split function did not return two `ClientBatches` like its input."""
+  if isinstance(out, _client_batches.ClientBatches):
+    raise TypeError(
+      'dataset_split_fn returned one ClientBatches; expected a (reconstruction, '
+      'post_reconstruction) pair of ClientBatches'
+    )
   if not (isinstance(out, tuple) and len(out) == 2):
     raise TypeError(
       'dataset_split_fn must return (reconstruction, post_reconstruction) ClientBatches; got '
@@ -159,71 +164,93 @@ def check_split_output(out: Any, client_batches: _client_batches.ClientBatches) 
       )
 
 
-def _no_metrics(state, labels, batch_output, sample_weight):
-  del labels, batch_output, sample_weight
-  return state
+def _hparams(optimizer: optax.GradientTransformation, params: Any) -> dict:
+  return optimizers.get_hparams(optimizer.init(params))
 
 
-def split_and_reconstruct(
+def build_reconstruction_pass(
   fm: models.FunctionalModel,
   model: _model.ReconstructionModel,
   optimizer: optax.GradientTransformation,
+  client_chunk_size: int | None,
+  mesh: Mesh | None,
+) -> _processes.ClientWorkProcess:
+  """Client work whose per-client output is the client's reconstructed local weights.
+
+  A client initializes its locals from its key (round and client id), then trains only the
+  local trainables, global weights frozen, with a fresh `optimizer` state (the hyperparameters
+  in state), one step per batch that has data; no metrics are counted.
+  """
+  local_spec = model.local_trainable_variables
+  has_local_trainables = bool(jax.tree.leaves(local_spec))
+
+  def client_loop(global_weights, hparams):
+    # Trained: the local trainables; frozen: the local non-trainables (and the global weights).
+    phase = _PhaseModel(
+      fm,
+      lambda trainable, frozen: _model.merge(
+        global_weights, models.ModelWeights(trainable, frozen)
+      ),
+    )
+    opt_state = optimizers.set_hparams(optimizer.init(local_spec), hparams)
+
+    def init(client_input, key):
+      del client_input
+      return model.initialize_local_weights(key), opt_state
+
+    def step(carry, batch, mask, key):
+      if not has_local_trainables:
+        return carry, None
+      local, opt_state = carry
+      rng = key if fm.uses_rng else None
+      grads, _ = _client_work.masked_grad(phase, local, batch, mask, rng)
+      updates, opt_state = optimizer.update(grads, opt_state, local.trainable)
+      trainable = optax.apply_updates(local.trainable, updates)
+      return (local._replace(trainable=trainable), opt_state), None
+
+    def finalize(carry):
+      return _client_work.ClientOutput(client_output=carry[0])
+
+    return _client_work.ClientLoop(init, step, finalize)
+
+  return _client_work.build_client_work(
+    fm,
+    client_loop,
+    _hparams(optimizer, local_spec),
+    client_chunk_size=client_chunk_size,
+    mesh=mesh,
+  )
+
+
+def post_reconstruction_key(round_key: jax.Array) -> jax.Array:
+  """The key of the pass after reconstruction (training or evaluation)."""
+  return jax.random.fold_in(round_key, _POST_STREAM)
+
+
+def split_and_reconstruct(
+  reconstruction_pass: _processes.ClientWorkProcess,
   hparams: dict,
+  round_key: jax.Array,
   global_weights: models.ModelWeights,
   client_batches: _client_batches.ClientBatches,
   dataset_split_fn: _dataset_split.DatasetSplitFn,
-  round_key: jax.Array,
-  client_chunk_size: int | None,
 ) -> tuple[Any, _client_batches.ClientBatches]:
   """Splits `client_batches` with `dataset_split_fn` and reconstructs on the first part.
 
   Returns every client's local weights after reconstruction (leaves `[clients, ...]`) and the
   second part of the split (post-reconstruction training, or evaluation).
-
-  Client `i` initializes its locals from `fold_in(fold_in(round_key, 0), i)` and trains only
-  the local trainables, global weights frozen, with a fresh `optimizer` state (hyperparameters
-  `hparams`), one step per batch that has data; no metrics are counted. With no local
-  trainables the initial locals are returned as they are.
   """
   split = dataset_split_fn(client_batches)
   check_split_output(split, client_batches)
   recon_batches, other_batches = split
-  num_clients = recon_batches.mask.shape[0]
-  init_key = jax.random.fold_in(round_key, _INIT_STREAM)
-  step_key = jax.random.fold_in(round_key, _RECON_STREAM)
-
-  def initial_locals(index):
-    return model.initialize_local_weights(jax.random.fold_in(init_key, index))
-
-  if not jax.tree.leaves(model.local_trainable_variables):
-    return jax.vmap(initial_locals)(jnp.arange(num_clients)), other_batches
-  opt_state = optimizers.set_hparams(optimizer.init(model.local_trainable_variables), hparams)
-  # Trained: the local trainables; frozen: the local non-trainables (and the global weights).
-  phase = _PhaseModel(
-    fm,
-    lambda trainable, frozen: _model.merge(global_weights, models.ModelWeights(trainable, frozen)),
-  )
-
-  def init_client(index):
-    return initial_locals(index), opt_state, jax.random.fold_in(step_key, index)
-
-  def step(carry, batch, mask, step_index):
-    local, opt_state, key = carry
-    rng = jax.random.fold_in(key, step_index) if fm.uses_rng else None
-    grads, _ = _client_work.masked_grad_step(
-      phase, local.trainable, local.non_trainable, batch, mask, _no_metrics, (), rng
-    )
-    updates, opt_state = optimizer.update(grads, opt_state, local.trainable)
-    return local._replace(trainable=optax.apply_updates(local.trainable, updates)), opt_state, key
-
-  locals_ = _cohort.run_clients(
-    init_client, step, lambda carry: carry[0], recon_batches, client_chunk_size
-  )
-  return locals_, other_batches
+  state = _client_work.ClientWorkState(hparams, jax.random.fold_in(round_key, _RECON_STREAM))
+  out = reconstruction_pass.next(state, global_weights, recon_batches)
+  return out.result.client_outputs, other_batches
 
 
-def _hparams(optimizer: optax.GradientTransformation, params: Any) -> dict:
-  return optimizers.get_hparams(optimizer.init(params))
+def check_no_client_inputs(client_inputs: Any) -> None:
+  if jax.tree.leaves(client_inputs):
+    raise ValueError('Federated Reconstruction client work takes no client_inputs')
 
 
 def build_reconstruction_client_work(
@@ -240,12 +267,13 @@ def build_reconstruction_client_work(
   metrics_aggregator: Callable | None = None,
   jointly_train_variables: bool = False,
   client_chunk_size: int | None = None,
+  mesh: Mesh | None = None,
   seed: int = 0,
 ) -> _processes.ClientWorkProcess:
   """FedRecon's `ClientWorkProcess`: `next(state, global_weights, client_batches)`.
 
   Per client: split its batches with `dataset_split_fn`; initialize its local weights from a key
-  (the round's key, then its position in the cohort); reconstruct them (`reconstruct`); then,
+  (the round's key, then its client id); reconstruct them (`build_reconstruction_pass`); then,
   starting from the broadcast global weights with a fresh `client_optimizer` state, train the
   global trainables on the post-reconstruction batches, locals frozen (or both, when
   `jointly_train_variables`), counting metrics there only. The result is `update = initial −
@@ -258,8 +286,6 @@ def build_reconstruction_client_work(
   fm = training_model(model, loss_fn, metrics_fns)
   _client_work.check_optimizer(client_optimizer, 'client_optimizer')
   _client_work.check_optimizer(reconstruction_optimizer, 'reconstruction_optimizer')
-  _client_work.check_client_weighting(client_weighting)
-  _cohort.check_chunk_size(client_chunk_size)
   if not callable(dataset_split_fn):
     raise TypeError(f'dataset_split_fn must be callable; got {type(dataset_split_fn).__name__}')
   if not jax.tree.leaves(model.global_trainable_variables):
@@ -267,37 +293,12 @@ def build_reconstruction_client_work(
       'the model has no global trainable weights, so there is nothing to train federatedly; '
       'every trainable leaf is local under the partition. Tip: mark some leaves False (global).'
     )
-  metric_init, metric_update, metric_finalize = _client_work.training_metric_fns(fm)
-  aggregate_metrics = (metrics_aggregator or metrics_lib.sum_then_finalize)(metric_finalize)
   global_spec = model.initial_global_weights
   local_spec = model.local_trainable_variables
   joint = bool(jointly_train_variables) and bool(jax.tree.leaves(local_spec))
   post_spec = (global_spec.trainable, local_spec) if joint else global_spec.trainable
 
-  def initialize():
-    hparams = {
-      'client_optimizer': _hparams(client_optimizer, post_spec),
-      'reconstruction_optimizer': _hparams(reconstruction_optimizer, local_spec),
-    }
-    return tree_lib.tree_strong_types(
-      _client_work.ClientWorkState(hparams, jax.random.PRNGKey(seed))
-    )
-
-  def next_fn(state, global_weights, client_batches):
-    _client_batches.check_client_batches(client_batches, model.input_spec)
-    round_key, next_key = jax.random.split(state.rng)
-    locals_, post_batches = split_and_reconstruct(
-      fm,
-      model,
-      reconstruction_optimizer,
-      state.hparams['reconstruction_optimizer'],
-      global_weights,
-      client_batches,
-      dataset_split_fn,
-      round_key,
-      client_chunk_size,
-    )
-    post_key = jax.random.fold_in(round_key, _POST_STREAM)
+  def post_reconstruction_loop(global_weights, hparams):
     initial = global_weights.trainable
     if joint:
       # Trained: (global trainables, local trainables); frozen: the local non-trainables.
@@ -313,59 +314,69 @@ def build_reconstruction_client_work(
 
     phase = _PhaseModel(fm, assemble)
     start = (initial, local_spec) if joint else initial
-    opt_state = optimizers.set_hparams(
-      client_optimizer.init(start), state.hparams['client_optimizer']
-    )
+    opt_state = optimizers.set_hparams(client_optimizer.init(start), hparams)
 
-    def init_client(index):
-      local = jax.tree.map(lambda x: x[index], locals_)
-      trainable, frozen = (
-        ((initial, local.trainable), local.non_trainable)
-        if joint
-        else (
-          initial,
-          local,
-        )
-      )
-      return trainable, frozen, opt_state, metric_init(), jax.random.fold_in(post_key, index)
+    def init(local, key):
+      del key
+      if joint:
+        return models.ModelWeights((initial, local.trainable), local.non_trainable), opt_state
+      return models.ModelWeights(initial, local), opt_state
 
-    def step(carry, batch, mask, step_index):
-      trainable, frozen, opt_state, metric_state, key = carry
-      rng = jax.random.fold_in(key, step_index) if fm.uses_rng else None
-      grads, metric_state = _client_work.masked_grad_step(
-        phase, trainable, frozen, batch, mask, metric_update, metric_state, rng
-      )
-      updates, opt_state = client_optimizer.update(grads, opt_state, trainable)
-      return optax.apply_updates(trainable, updates), frozen, opt_state, metric_state, key
+    def step(carry, batch, mask, key):
+      weights, opt_state = carry
+      rng = key if fm.uses_rng else None
+      grads, step_metrics = _client_work.masked_grad(phase, weights, batch, mask, rng)
+      updates, opt_state = client_optimizer.update(grads, opt_state, weights.trainable)
+      trainable = optax.apply_updates(weights.trainable, updates)
+      return (weights._replace(trainable=trainable), opt_state), step_metrics
 
-    def finalize_client(carry):
-      trainable, _, _, metric_state, _ = carry
+    def finalize(carry):
+      trainable = carry[0].trainable
       final = trainable[0] if joint else trainable
-      update = tree_lib.tree_sub(initial, final)
-      return _client_work.client_result(update, metric_state, client_weighting, metric_finalize)
+      return _client_work.ClientOutput(update=tree_lib.tree_sub(initial, final))
 
-    outputs = _cohort.run_clients(
-      init_client, step, finalize_client, post_batches, client_chunk_size
+    return _client_work.ClientLoop(init, step, finalize)
+
+  recon_pass = build_reconstruction_pass(
+    fm, model, reconstruction_optimizer, client_chunk_size, mesh
+  )
+  post_pass = _client_work.build_client_work(
+    fm,
+    post_reconstruction_loop,
+    _hparams(client_optimizer, post_spec),
+    client_weighting=client_weighting,
+    metrics_aggregator=metrics_aggregator,
+    client_chunk_size=client_chunk_size,
+    mesh=mesh,
+  )
+
+  def initialize():
+    hparams = {
+      'client_optimizer': post_pass.initialize().hparams,
+      'reconstruction_optimizer': recon_pass.initialize().hparams,
+    }
+    return _client_work.ClientWorkState(hparams, jax.random.PRNGKey(seed))
+
+  def next_fn(state, global_weights, client_batches, client_inputs=(), *, client_part=None):
+    check_no_client_inputs(client_inputs)
+    _client_batches.check_client_batches(client_batches, model.input_spec)
+    round_key, next_key = jax.random.split(state.rng)
+    locals_, post_batches = split_and_reconstruct(
+      recon_pass,
+      state.hparams['reconstruction_optimizer'],
+      round_key,
+      global_weights,
+      client_batches,
+      dataset_split_fn,
     )
-    return _client_work.client_work_output(state._replace(rng=next_key), outputs, aggregate_metrics)
-
-  return _processes.ClientWorkProcess(initialize, next_fn, get_hparams, set_hparams)
-
-
-def get_hparams(state: Any) -> dict:
-  """`state.hparams`, one dict per optimizer (`{'reconstruction_optimizer': {...}, ...}`)."""
-  return {name: dict(h) for name, h in state.hparams.items()}
-
-
-def set_hparams(state: Any, hparams: dict) -> Any:
-  """`state` with some optimizers' hyperparameters replaced (cast as they were: no retrace)."""
-  unknown = sorted(set(hparams) - set(state.hparams))
-  if unknown:
-    raise ValueError(
-      f'hparams has unknown keys {unknown}; expected some of {sorted(state.hparams)}'
+    post_state = _client_work.ClientWorkState(
+      state.hparams['client_optimizer'], post_reconstruction_key(round_key)
     )
-  new = {
-    name: optimizers.replace_hparams(current, hparams.get(name, {}))
-    for name, current in state.hparams.items()
-  }
-  return state._replace(hparams=new)
+    out = post_pass.next(post_state, global_weights, post_batches, locals_, client_part=client_part)
+    return _processes.MeasuredProcessOutput(
+      state._replace(rng=next_key), out.result, out.measurements
+    )
+
+  return _processes.ClientWorkProcess(
+    initialize, next_fn, _client_work.get_hparams, _client_work.set_hparams, streams=True
+  )

@@ -112,7 +112,7 @@ def build_dataset_split_fn(
       raise TypeError(
         f'client_batches must be a ClientBatches; got {type(client_batches).__name__}'
       )
-    batch, mask = jax.tree.map(jnp.asarray, tuple(client_batches))
+    batch, mask = jax.tree.map(jnp.asarray, (client_batches.batch, client_batches.mask))
     if mask.ndim != 3:
       raise ValueError(
         f'client_batches.mask has shape {mask.shape}; expected (clients, steps, batch_size)'
@@ -126,9 +126,14 @@ def build_dataset_split_fn(
     else:
       recon = post = None
       recon_capacity = post_capacity = num_steps
+    ids = client_batches.client_ids
     return (
-      _phase_batches(batch, mask, recon, recon_capacity, recon_epochs, recon_steps_max),
-      _phase_batches(batch, mask, post, post_capacity, post_recon_epochs, post_recon_steps_max),
+      _phase_batches(batch, mask, recon, recon_capacity, recon_epochs, recon_steps_max)._replace(
+        client_ids=ids
+      ),
+      _phase_batches(
+        batch, mask, post, post_capacity, post_recon_epochs, post_recon_steps_max
+      )._replace(client_ids=ids),
     )
 
   return dataset_split_fn

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import optax
+from jax.sharding import Mesh
 
 from fedjax_lite import optimizers
 from fedjax_lite.algorithms import _common
@@ -32,12 +33,13 @@ def build_fed_recon(
   metrics_aggregator: Callable | None = None,
   jointly_train_variables: bool = False,
   client_chunk_size: int | None = None,
+  mesh: Mesh | None = None,
   seed: int = 0,
 ) -> _processes.LearningProcess:
   """Federated Reconstruction: global weights averaged, local weights rebuilt on every client.
 
   Each round every sampled client receives the global weights, initializes its local weights
-  (a pure function of a key folded from the round and its position in the cohort), reconstructs
+  (a pure function of a key folded from the round and its client id), reconstructs
   them on its reconstruction batches with the global weights frozen, then trains the global
   trainables on its post-reconstruction batches with the locals frozen (both together with
   `jointly_train_variables`, the paper's joint variant). The server averages the global deltas,
@@ -73,6 +75,7 @@ def build_fed_recon(
     metrics_aggregator: default `fl.metrics.sum_then_finalize`.
     jointly_train_variables: train locals with the globals after reconstruction.
     client_chunk_size: clients vmapped together (see `build_model_delta_client_work`).
+    mesh: a `jax.sharding.Mesh` with a `'clients'` axis: each device runs its own clients.
     seed: seeds the per-round keys (local initialization, models that take an `rng`).
 
   Returns:
@@ -92,6 +95,7 @@ def build_fed_recon(
     metrics_aggregator=metrics_aggregator,
     jointly_train_variables=jointly_train_variables,
     client_chunk_size=client_chunk_size,
+    mesh=mesh,
     seed=seed,
   )
   finalizer = _finalizers.build_apply_optimizer_finalizer(

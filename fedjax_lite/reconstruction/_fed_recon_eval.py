@@ -4,34 +4,17 @@ other (TFF's `tff.learning.algorithms.build_fed_recon_eval`)."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh
 
 from fedjax_lite import aggregators, optimizers
-from fedjax_lite import metrics as metrics_lib
-from fedjax_lite import tree as tree_lib
-from fedjax_lite.algorithms import _common, _fed_eval
+from fedjax_lite.algorithms import _common
 from fedjax_lite.data import _client_batches
 from fedjax_lite.reconstruction import _client_work, _dataset_split, _model
 from fedjax_lite.templates import _client_work as _templates_client_work
-from fedjax_lite.templates import _cohort, _processes
-
-
-class FedReconEvalState(NamedTuple):
-  """Client-work state of `build_fed_recon_eval`.
-
-  Attributes:
-    hparams: `{'reconstruction_optimizer': {...}}`.
-    rng: `[2] uint32` key of this round's randomness (local initialization, dropout).
-    total_rounds_metrics: the metric state summed over all rounds so far.
-  """
-
-  hparams: dict
-  rng: jax.Array
-  total_rounds_metrics: Any
+from fedjax_lite.templates import _finalizers, _processes
 
 
 def build_fed_recon_eval(
@@ -44,6 +27,7 @@ def build_fed_recon_eval(
   model_distributor: _processes.DistributionProcess | None = None,
   metrics_aggregator: Callable | None = None,
   client_chunk_size: int | None = None,
+  mesh: Mesh | None = None,
   seed: int = 0,
 ) -> _processes.LearningProcess:
   """Evaluates global weights after each client reconstructs its locals.
@@ -74,6 +58,7 @@ def build_fed_recon_eval(
     model_distributor: default `build_broadcast_process`.
     metrics_aggregator: `(finalize) -> (client states) -> metrics`; default sum then finalize.
     client_chunk_size: clients vmapped together.
+    mesh: a `jax.sharding.Mesh` with a `'clients'` axis: each device runs its own clients.
     seed: seeds the per-round keys.
   """
   fm = _client_work.training_model(model, loss_fn, metrics_fns)
@@ -82,68 +67,66 @@ def build_fed_recon_eval(
   dataset_split_fn = dataset_split_fn or _dataset_split.build_dataset_split_fn(split_dataset=True)
   if not callable(dataset_split_fn):
     raise TypeError(f'dataset_split_fn must be callable; got {type(dataset_split_fn).__name__}')
-  _cohort.check_chunk_size(client_chunk_size)
-  metric_init, metric_update, metric_finalize = _templates_client_work.training_metric_fns(fm)
-  aggregate_metrics = (metrics_aggregator or metrics_lib.sum_then_finalize)(metric_finalize)
-  local_spec = model.local_trainable_variables
 
-  def initialize():
-    hparams = {
-      'reconstruction_optimizer': optimizers.get_hparams(reconstruction_optimizer.init(local_spec))
-    }
-    return tree_lib.tree_strong_types(
-      FedReconEvalState(hparams, jax.random.PRNGKey(seed), metric_init())
+  def evaluation_loop(global_weights, hparams):
+    del hparams
+
+    def step(local, batch, mask, key):
+      del key
+      weights = _model.merge(global_weights, local)
+      _, step_metrics = _templates_client_work.masked_forward(fm, weights, batch, mask, False)
+      return local, step_metrics
+
+    return _templates_client_work.ClientLoop(
+      lambda local, key: local, step, lambda local: _templates_client_work.ClientOutput()
     )
 
-  def next_fn(state, global_weights, client_batches):
+  recon_pass = _client_work.build_reconstruction_pass(
+    fm, model, reconstruction_optimizer, client_chunk_size, mesh
+  )
+  eval_pass = _templates_client_work.build_client_work(
+    fm,
+    evaluation_loop,
+    metrics_aggregator=metrics_aggregator,
+    evaluation=True,
+    client_chunk_size=client_chunk_size,
+    mesh=mesh,
+  )
+
+  def initialize():
+    return eval_pass.initialize()._replace(
+      hparams={'reconstruction_optimizer': recon_pass.initialize().hparams},
+      rng=jax.random.PRNGKey(seed),
+    )
+
+  def next_fn(state, global_weights, client_batches, client_inputs=(), *, client_part=None):
+    _client_work.check_no_client_inputs(client_inputs)
     _client_batches.check_client_batches(client_batches, model.input_spec)
     round_key, next_key = jax.random.split(state.rng)
     locals_, eval_batches = _client_work.split_and_reconstruct(
-      fm,
-      model,
-      reconstruction_optimizer,
+      recon_pass,
       state.hparams['reconstruction_optimizer'],
+      round_key,
       global_weights,
       client_batches,
       dataset_split_fn,
-      round_key,
-      client_chunk_size,
     )
-
-    def init_client(index):
-      return jax.tree.map(lambda x: x[index], locals_), metric_init()
-
-    def step(carry, batch, mask, step_index):
-      del step_index
-      local, metric_state = carry
-      weights = _model.merge(global_weights, local)
-      _, (output, y) = _templates_client_work.masked_forward(fm, weights, batch, mask, False)
-      return local, metric_update(metric_state, y, output, mask)
-
-    client_states = _cohort.run_clients(
-      init_client, step, lambda carry: carry[1], eval_batches, client_chunk_size
-    )
-    total = tree_lib.tree_add(
-      state.total_rounds_metrics, tree_lib.tree_sum_over_clients(client_states)
-    )
-    measurements = {
-      'eval': {
-        'current_round_metrics': aggregate_metrics(client_states),
-        'total_rounds_metrics': metric_finalize(total),
-      }
-    }
-    num_clients = client_batches.mask.shape[0]
-    result = _processes.ClientResult((), jnp.zeros((num_clients,)))
-    new_state = FedReconEvalState(state.hparams, next_key, total)
-    return _processes.MeasuredProcessOutput(new_state, result, measurements)
+    eval_state = state._replace(hparams={}, rng=_client_work.post_reconstruction_key(round_key))
+    out = eval_pass.next(eval_state, global_weights, eval_batches, locals_, client_part=client_part)
+    new_state = out.state._replace(hparams=state.hparams, rng=next_key)
+    return _processes.MeasuredProcessOutput(new_state, out.result, out.measurements)
 
   client_work = _processes.ClientWorkProcess(
-    initialize, next_fn, _client_work.get_hparams, _client_work.set_hparams
+    initialize,
+    next_fn,
+    _templates_client_work.get_hparams,
+    _templates_client_work.set_hparams,
+    streams=True,
   )
   return _common.compose(
     _client_work.GlobalModel(model.initial_global_weights, model.input_spec),
     client_work,
-    _fed_eval._identity_finalizer(),
+    _finalizers.build_identity_finalizer(),
     model_distributor,
     aggregators.SumFactory(),
     update_spec=(),

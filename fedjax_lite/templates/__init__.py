@@ -1,9 +1,14 @@
 """Process templates, their validation errors, and the building blocks of learning processes."""
 
 from fedjax_lite.templates._client_work import (
+  ClientLoop,
+  ClientOutput,
   ClientWeighting,
   ClientWorkState,
+  build_client_work,
   build_model_delta_client_work,
+  masked_forward,
+  masked_grad,
 )
 from fedjax_lite.templates._composers import LearningAlgorithmState, compose_learning_process
 from fedjax_lite.templates._distributors import build_broadcast_process
@@ -16,7 +21,10 @@ from fedjax_lite.templates._errors import (
   TemplateNotMeasuredProcessOutputError,
   TemplateStateNotAssignableError,
 )
-from fedjax_lite.templates._finalizers import build_apply_optimizer_finalizer
+from fedjax_lite.templates._finalizers import (
+  build_apply_optimizer_finalizer,
+  build_identity_finalizer,
+)
 from fedjax_lite.templates._processes import (
   AggregationProcess,
   ClientResult,
@@ -28,10 +36,13 @@ from fedjax_lite.templates._processes import (
   LearningProcessOutput,
   MeasuredProcess,
   MeasuredProcessOutput,
+  StreamedClientResult,
 )
 
 __all__ = [
   'AggregationProcess',
+  'ClientLoop',
+  'ClientOutput',
   'ClientResult',
   'ClientWeighting',
   'ClientWorkProcess',
@@ -47,12 +58,17 @@ __all__ = [
   'LearningProcessSequenceTypeError',
   'MeasuredProcess',
   'MeasuredProcessOutput',
+  'StreamedClientResult',
   'TemplateInitFnParamNotEmptyError',
   'TemplateNextFnNumArgsError',
   'TemplateNotMeasuredProcessOutputError',
   'TemplateStateNotAssignableError',
   'build_apply_optimizer_finalizer',
   'build_broadcast_process',
+  'build_client_work',
+  'build_identity_finalizer',
   'build_model_delta_client_work',
   'compose_learning_process',
+  'masked_forward',
+  'masked_grad',
 ]

@@ -9,6 +9,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh
 
 from fedjax_lite import metrics as metrics_lib
 from fedjax_lite import models, optimizers
@@ -29,16 +30,52 @@ class ClientWeighting(enum.Enum):
 
 
 class ClientWorkState(NamedTuple):
-  """Server-side state of the client work built here and by the algorithms.
+  """Server-side state of every client work `build_client_work` makes.
 
   Attributes:
-    hparams: the client optimizer's hyperparameters, e.g. `{'learning_rate': [] float32}`
-      (`{}` when there is no client optimizer).
-    rng: `[2] uint32` key of this round's randomness (used when the model takes an `rng`).
+    hparams: the client work's hyperparameters, e.g. the client optimizer's
+      `{'learning_rate': [] float32}` (`{}` when there are none).
+    rng: `[2] uint32` key of this round's randomness, advanced every round.
+    total_rounds_metrics: for evaluation, the metric state summed over all rounds so far; `()`
+      for training.
   """
 
-  hparams: dict
+  hparams: Any
   rng: jax.Array
+  total_rounds_metrics: Any = ()
+
+
+class ClientOutput(NamedTuple):
+  """What one client's `finalize` returns.
+
+  Attributes:
+    update: the client's model update, handed to the aggregator (`()` when nothing is sent).
+    client_output: optional per-client output (e.g. a new local state), returned stacked
+      `[clients, ...]` in cohort order, never aggregated.
+  """
+
+  update: Any = ()
+  client_output: Any = ()
+
+
+class ClientLoop(NamedTuple):
+  """One client's local computation, written for a single client; `build_client_work` runs it
+  for every client of a round, vmapped in chunks and compiled (FedJAX's
+  `for_each_client(client_init, client_step, client_final)`).
+
+  Attributes:
+    init: `(client_input, key) -> carry`. `client_input` is the client's slice of the
+      per-client inputs (`()` when none); `key` is keyed by round and client id.
+    step: `(carry, batch, mask [batch_size], key) -> (carry, step_metrics)` on one padded batch
+      (leaves `[batch_size, ...]`); `key` is folded with the step index. `step_metrics` is
+      `(BatchOutput, labels)` to count in the metrics, or None. A step whose mask is all zero
+      keeps the old carry whatever `step` returns.
+    finalize: `(carry) -> ClientOutput`.
+  """
+
+  init: Callable[[Any, jax.Array], Any]
+  step: Callable[[Any, Any, jax.Array, jax.Array], tuple[Any, Any]]
+  finalize: Callable[[Any], ClientOutput]
 
 
 def masked_batch(batch: Any, mask: jax.Array) -> Any:
@@ -54,7 +91,8 @@ def masked_batch(batch: Any, mask: jax.Array) -> Any:
 def masked_forward(model, weights, batch, mask, training, rng=None):
   """`(loss [], (BatchOutput, labels))` of one padded batch, padding masked out of everything.
 
-  The labels are the batch's, padded rows zeroed, ready for the metric update.
+  The second element is a `ClientLoop.step`'s `step_metrics`: the labels are the batch's,
+  padded rows zeroed, ready for the metric update.
   """
   x, y = models.split_batch(masked_batch(batch, mask))
   predictions = model.predict_on_batch(weights, x, training, rng=rng)
@@ -63,22 +101,19 @@ def masked_forward(model, weights, batch, mask, training, rng=None):
   return loss, (models.BatchOutput(predictions, loss, num_examples), y)
 
 
-def masked_grad_step(
-  model, trainable, non_trainable, batch, mask, metric_update, metric_state, rng
-):
-  """One training forward/backward pass on a padded batch.
+def masked_grad(model, weights, batch, mask, rng=None):
+  """One training forward/backward pass on a padded batch (leaves `[batch_size, ...]`).
 
   Returns:
-    `(grads, metric_state)`: gradients of the masked loss with respect to `trainable`, and the
-    metric state updated with this batch's output (computed before any weight changes).
+    `(grads, step_metrics)`: gradients of the masked mean loss with respect to
+    `weights.trainable`, and `(BatchOutput, labels)` of this batch for the metrics.
   """
 
   def loss_fn(trainable):
-    weights = models.ModelWeights(trainable, non_trainable)
-    return masked_forward(model, weights, batch, mask, True, rng)
+    return masked_forward(model, weights._replace(trainable=trainable), batch, mask, True, rng)
 
-  (_, (batch_output, y)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
-  return grads, metric_update(metric_state, y, batch_output, mask)
+  (_, step_metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(weights.trainable)
+  return grads, step_metrics
 
 
 def training_metric_fns(model) -> tuple[Callable, Callable, Callable]:
@@ -137,34 +172,173 @@ def check_optimizer(optimizer: Any, name: str) -> None:
     )
 
 
-def client_result(update, metric_state, client_weighting, metric_finalize):
-  """One client's `(update, weight, metric_state, non_finite)`, zeroed when not finite.
+def _check_client_inputs(client_inputs: Any, num_clients: int) -> None:
+  for path, leaf in jax.tree_util.tree_flatten_with_path(client_inputs)[0]:
+    if not jnp.shape(leaf)[:1] == (num_clients,):
+      raise ValueError(
+        f'client_inputs leaf {tree_lib.keystr(path)} has shape {jnp.shape(leaf)}; expected a '
+        f'leading client axis of {num_clients}, one slice per client of client_batches'
+      )
 
-  A client whose update or weight holds a non-finite value gets a zero update, weight 0 and
-  zero (dropped) metrics.
+
+def build_client_work(
+  model: models.FunctionalModel,
+  client_loop_fn: Callable[[models.ModelWeights, Any], ClientLoop],
+  hparams: Any = None,
+  *,
+  client_weighting: ClientWeighting | Callable = ClientWeighting.NUM_EXAMPLES,
+  metrics_aggregator: Callable | None = None,
+  evaluation: bool = False,
+  client_chunk_size: int | None = None,
+  mesh: Mesh | None = None,
+  seed: int = 0,
+) -> _processes.ClientWorkProcess:
+  """Turns a per-client description into a `ClientWorkProcess` that runs a whole cohort.
+
+  `client_loop_fn(model_weights, hparams) -> ClientLoop` is called once per round (at trace
+  time) with the broadcast weights and the hyperparameters in state; the `ClientLoop` it
+  returns is written for one client. The builder owns the rest: input checks, keys (per round,
+  per client id, per step), the chunked and vmapped cohort loop (`_cohort.run_clients`, sharded
+  over `mesh`), the metrics (`loss`, `num_examples` and the model's, counted from each step's
+  `step_metrics`), client weighting, and non-finite exclusion (a client whose update or weight
+  is not finite sends a zero update with weight 0 and its metrics are dropped).
+
+  Example: FedProx's local step (Li et al., 2020) in a few lines.
+    >>> def prox_loop(weights, hparams):
+    ...   w0 = weights.trainable
+    ...   def step(w, batch, mask, key):
+    ...     grads, step_metrics = fl.templates.masked_grad(model, weights._replace(
+    ...         trainable=w), batch, mask)
+    ...     grads = jax.tree.map(lambda g, w, w0: g + hparams['mu'] * (w - w0), grads, w, w0)
+    ...     return jax.tree.map(lambda w, g: w - hparams['lr'] * g, w, grads), step_metrics
+    ...   return fl.templates.ClientLoop(lambda inputs, key: w0, step,
+    ...       lambda w: fl.templates.ClientOutput(update=fl.tree.tree_sub(w0, w)))
+    >>> work = fl.templates.build_client_work(model, prox_loop, {'mu': 0.1, 'lr': 0.05})
+
+  Args:
+    model: the `FunctionalModel` whose `input_spec` checks the data and whose metrics count.
+    client_loop_fn: `(model_weights, hparams) -> ClientLoop`.
+    hparams: pytree (nested dicts) of numbers kept in state; `set_hparams` replaces them
+      without recompiling.
+    client_weighting: `ClientWeighting` or `(client metrics) -> [] weight`.
+    metrics_aggregator: `(finalize) -> (client metric states [clients, ...]) -> metrics`;
+      default `fl.metrics.sum_then_finalize`, which streams (states summed in the loop).
+    evaluation: report `{'eval': {'current_round_metrics', 'total_rounds_metrics'}}` (the
+      state sums metric states over rounds) instead of training measurements; no update.
+    client_chunk_size: clients vmapped together; default a few on CPU, many on accelerators.
+    mesh: a `jax.sharding.Mesh` with a `'clients'` axis: every device runs its own clients.
+    seed: seeds the per-round keys.
+
+  Returns:
+    A streaming `ClientWorkProcess`: `next(state, model_weights, client_batches,
+    client_inputs=(), *, client_part=None)`, measurements `{'train': {'loss', 'num_examples',
+    ...model metrics}, 'non_finite_clients': [] int32}` (training).
   """
-  num_examples = metric_state['builtin']['num_examples']
-  weight = client_weight(client_weighting, num_examples, metric_finalize(metric_state))
-  ok = tree_lib.tree_all_finite(update) & jnp.isfinite(weight)
-  zeros = tree_lib.tree_zeros_like
-  return (
-    tree_lib.tree_where(ok, update, zeros(update)),
-    jnp.where(ok, weight, 0.0),
-    tree_lib.tree_where(ok, metric_state, zeros(metric_state)),
-    ~ok,
-  )
+  check_model(model)
+  if not callable(client_loop_fn):
+    raise TypeError(f'client_loop_fn must be callable; got {type(client_loop_fn).__name__}')
+  check_client_weighting(client_weighting)
+  _cohort.check_chunk_size(client_chunk_size)
+  _cohort.check_mesh(mesh)
+  stream_metrics = metrics_aggregator in (None, metrics_lib.sum_then_finalize)
+  metric_init, metric_update, metric_finalize = training_metric_fns(model)
+  aggregate_metrics = (metrics_aggregator or metrics_lib.sum_then_finalize)(metric_finalize)
+  initial_hparams = {} if hparams is None else hparams
+
+  def initialize():
+    totals = metric_init() if evaluation else ()
+    return tree_lib.tree_strong_types(
+      ClientWorkState(initial_hparams, jax.random.PRNGKey(seed), totals)
+    )
+
+  def next_fn(state, model_weights, client_batches, client_inputs=(), *, client_part=None):
+    _client_batches.check_client_batches(client_batches, model.input_spec)
+    num_clients = client_batches.mask.shape[0]
+    _check_client_inputs(client_inputs, num_clients)
+    round_key, next_key = jax.random.split(state.rng)
+    loop = client_loop_fn(model_weights, state.hparams)
+    if not isinstance(loop, ClientLoop):
+      raise TypeError(f'client_loop_fn must return a ClientLoop; got {type(loop).__name__}')
+
+    def init(client_input, client_id):
+      key = jax.random.fold_in(round_key, client_id)
+      return loop.init(client_input, key), metric_init(), key
+
+    def step(carry, batch, mask, step_index):
+      inner, metric_state, key = carry
+      inner, step_metrics = loop.step(inner, batch, mask, jax.random.fold_in(key, step_index))
+      if step_metrics is not None:
+        batch_output, labels = step_metrics
+        metric_state = metric_update(metric_state, labels, batch_output, mask)
+      return inner, metric_state, key
+
+    def finalize(carry, client_input, client_id):
+      del client_input
+      inner, metric_state, _ = carry
+      out = loop.finalize(inner)
+      if not isinstance(out, ClientOutput):
+        raise TypeError(f'ClientLoop.finalize must return a ClientOutput; got {type(out).__name__}')
+      update, ok = out.update, jnp.array(True)
+      weight = jnp.zeros((), jnp.float32)
+      if not evaluation:
+        num_examples = metric_state['builtin']['num_examples']
+        weight = client_weight(client_weighting, num_examples, metric_finalize(metric_state))
+        ok = tree_lib.tree_all_finite(update) & jnp.isfinite(weight)
+        zeros = tree_lib.tree_zeros_like
+        update = tree_lib.tree_where(ok, update, zeros(update))
+        weight = jnp.where(ok, weight, 0.0)
+        metric_state = tree_lib.tree_where(ok, metric_state, zeros(metric_state))
+      # Metric states are summed in the loop unless a custom aggregator wants them stacked.
+      summed = {'non_finite': (~ok).astype(jnp.int32)}
+      stacked = {'outputs': out.client_output}
+      (summed if stream_metrics else stacked)['metrics'] = metric_state
+      if client_part is None:
+        stacked['result'] = (update, weight)
+      else:
+        summed['result'] = client_part(update, weight, client_id)
+      return summed, stacked
+
+    summed, stacked = _cohort.run_clients(
+      init,
+      step,
+      finalize,
+      client_batches,
+      client_inputs,
+      client_chunk_size=client_chunk_size,
+      mesh=mesh,
+    )
+    if stream_metrics:
+      round_metrics = summed['metrics']
+      metrics = metric_finalize(round_metrics)
+    else:
+      round_metrics = tree_lib.tree_sum_over_clients(stacked['metrics'])
+      metrics = aggregate_metrics(stacked['metrics'])
+    if client_part is None:
+      result = _processes.ClientResult(*stacked['result'], stacked['outputs'])
+    else:
+      result = _processes.StreamedClientResult(summed['result'], stacked['outputs'])
+    new_state = state._replace(rng=next_key)
+    if evaluation:
+      totals = tree_lib.tree_add(state.total_rounds_metrics, round_metrics)
+      new_state = new_state._replace(total_rounds_metrics=totals)
+      measurements = {
+        'eval': {'current_round_metrics': metrics, 'total_rounds_metrics': metric_finalize(totals)}
+      }
+    else:
+      measurements = {'train': metrics, 'non_finite_clients': summed['non_finite']}
+    return _processes.MeasuredProcessOutput(new_state, result, measurements)
+
+  return _processes.ClientWorkProcess(initialize, next_fn, get_hparams, set_hparams, streams=True)
 
 
-def client_work_output(state, client_outputs, aggregate_metrics):
-  """The `MeasuredProcessOutput` of training client work from stacked `client_result`s."""
-  update, weight, metric_states, non_finite = client_outputs
-  measurements = {
-    'train': aggregate_metrics(metric_states),
-    'non_finite_clients': jnp.sum(non_finite).astype(jnp.int32),
-  }
-  return _processes.MeasuredProcessOutput(
-    state, _processes.ClientResult(update, weight), measurements
-  )
+def get_hparams(state: ClientWorkState) -> Any:
+  """A copy of `state.hparams` (nested dicts of arrays)."""
+  return jax.tree.map(lambda x: x, state.hparams)
+
+
+def set_hparams(state: ClientWorkState, hparams: Any) -> ClientWorkState:
+  """`state` with some hyperparameters replaced, each cast as it was (no retrace)."""
+  return state._replace(hparams=optimizers.replace_hparams(state.hparams, hparams))
 
 
 def build_model_delta_client_work(
@@ -174,15 +348,15 @@ def build_model_delta_client_work(
   metrics_aggregator: Callable | None = None,
   *,
   client_chunk_size: int | None = None,
+  mesh: Mesh | None = None,
   seed: int = 0,
 ) -> _processes.ClientWorkProcess:
   """Client work that trains the broadcast model locally and returns the model delta.
 
   Every client starts from the same weights with a fresh optimizer state, takes one optimizer
   step per batch over its (padded, masked) steps, and returns `update = initial.trainable -
-  final.trainable`. A client whose update holds a non-finite value returns a zero update with
-  weight 0 and its metrics are dropped (counted in `measurements['non_finite_clients']`).
-  The whole cohort runs in one call: see `_cohort.run_clients`.
+  final.trainable`. Built on `build_client_work`, which owns the cohort loop, metrics and
+  non-finite exclusion (counted in `measurements['non_finite_clients']`).
 
   Example:
     >>> work = build_model_delta_client_work(model, fl.optimizers.build_sgdm(0.1))
@@ -193,67 +367,42 @@ def build_model_delta_client_work(
     model: the `FunctionalModel` to train.
     optimizer: client optimizer; its hyperparameters are this process's state.
     client_weighting: `ClientWeighting` or `(client metrics) -> [] weight`.
-    metrics_aggregator: `(finalize) -> (client metric states [clients, ...]) -> metrics`;
-      default `fl.metrics.sum_then_finalize`.
+    metrics_aggregator: default `fl.metrics.sum_then_finalize`.
     client_chunk_size: clients vmapped together; default a few on CPU, many on accelerators.
+    mesh: optional `Mesh` with a `'clients'` axis (see `build_client_work`).
     seed: seeds the per-round keys passed to models that take an `rng`.
-
-  Returns:
-    A `ClientWorkProcess`, `next(state, model_weights, client_batches)` with measurements
-    `{'train': {'loss', 'num_examples', ...model metrics}, 'non_finite_clients': [] int32}`.
   """
   check_model(model)
   check_optimizer(optimizer, 'optimizer')
-  check_client_weighting(client_weighting)
-  _cohort.check_chunk_size(client_chunk_size)
-  metrics_aggregator = metrics_aggregator or metrics_lib.sum_then_finalize
-  metric_init, metric_update, metric_finalize = training_metric_fns(model)
-  aggregate_metrics = metrics_aggregator(metric_finalize)
-  trainable_spec = model.initial_weights.trainable
 
-  def initialize():
-    hparams = optimizers.get_hparams(optimizer.init(trainable_spec))
-    return tree_lib.tree_strong_types(ClientWorkState(hparams, jax.random.PRNGKey(seed)))
-
-  def next_fn(state, model_weights, client_batches):
-    _client_batches.check_client_batches(client_batches, model.input_spec)
-    round_key, next_key = jax.random.split(state.rng)
+  def client_loop(model_weights, hparams):
     initial = model_weights.trainable
-    opt_state = optimizers.set_hparams(optimizer.init(initial), state.hparams)
+    opt_state = optimizers.set_hparams(optimizer.init(initial), hparams)
 
-    def init_client(index):
-      return initial, opt_state, metric_init(), jax.random.fold_in(round_key, index)
+    def init(client_input, key):
+      del client_input, key
+      return initial, opt_state
 
-    def step(carry, batch, mask, step_index):
-      trainable, opt_state, metric_state, key = carry
-      rng = jax.random.fold_in(key, step_index) if model.uses_rng else None
-      grads, metric_state = masked_grad_step(
-        model,
-        trainable,
-        model_weights.non_trainable,
-        batch,
-        mask,
-        metric_update,
-        metric_state,
-        rng,
-      )
+    def step(carry, batch, mask, key):
+      trainable, opt_state = carry
+      rng = key if model.uses_rng else None
+      weights = model_weights._replace(trainable=trainable)
+      grads, step_metrics = masked_grad(model, weights, batch, mask, rng)
       updates, opt_state = optimizer.update(grads, opt_state, trainable)
-      return optax.apply_updates(trainable, updates), opt_state, metric_state, key
+      return (optax.apply_updates(trainable, updates), opt_state), step_metrics
 
-    def finalize_client(carry):
-      trainable, _, metric_state, _ = carry
-      update = tree_lib.tree_sub(initial, trainable)
-      return client_result(update, metric_state, client_weighting, metric_finalize)
+    def finalize(carry):
+      return ClientOutput(update=tree_lib.tree_sub(initial, carry[0]))
 
-    outputs = _cohort.run_clients(
-      init_client, step, finalize_client, client_batches, client_chunk_size
-    )
-    return client_work_output(state._replace(rng=next_key), outputs, aggregate_metrics)
+    return ClientLoop(init, step, finalize)
 
-  def get_hparams(state):
-    return dict(state.hparams)
-
-  def set_hparams(state, hparams):
-    return state._replace(hparams=optimizers.replace_hparams(state.hparams, hparams))
-
-  return _processes.ClientWorkProcess(initialize, next_fn, get_hparams, set_hparams)
+  return build_client_work(
+    model,
+    client_loop,
+    optimizers.get_hparams(optimizer.init(model.initial_weights.trainable)),
+    client_weighting=client_weighting,
+    metrics_aggregator=metrics_aggregator,
+    client_chunk_size=client_chunk_size,
+    mesh=mesh,
+    seed=seed,
+  )

@@ -38,7 +38,11 @@ def compose_learning_process(
 
   One round: the distributor sends the global weights; client work trains every client; the
   aggregator reduces the updates over the client axis (weighted when it takes weights); the
-  finalizer applies the aggregate to the global weights. Metrics are nested
+  finalizer applies the aggregate to the global weights. When both the client work and the
+  aggregator stream (`ClientWorkProcess.streams`, `AggregationProcess.streams`), the
+  aggregator's per-client part runs inside the cohort loop and the updates are summed as the
+  chunks go: a round's memory is then set by the chunk, not the cohort. Otherwise the updates
+  are stacked `[clients, ...]` and handed to the aggregator's `next`. Metrics are nested
   `{'distributor', 'client_work', 'aggregator', 'finalizer'}`; hyperparameters
   `{'client_work', 'finalizer'}`.
 
@@ -75,12 +79,30 @@ def compose_learning_process(
       finalizer=model_finalizer.initialize(),
     )
 
+  streaming = client_work.streams and model_update_aggregator.streams
+
   def next_fn(state, client_batches):
     distributed = model_weights_distributor.next(state.distributor, state.global_model_weights)
-    trained = client_work.next(state.client_work, distributed.result, client_batches)
-    update, weight = trained.result
-    aggregate_args = (update, weight) if weighted else (update,)
-    aggregated = model_update_aggregator.next(state.aggregator, *aggregate_args)
+    agg_state = state.aggregator
+    if streaming:
+      # The aggregator's per-client part runs inside the cohort loop; only sums leave it.
+      if weighted:
+        client_part = lambda value, weight, cid: model_update_aggregator.client_part(
+          agg_state, value, weight, cid
+        )
+      else:
+        client_part = lambda value, weight, cid: model_update_aggregator.client_part(
+          agg_state, value, cid
+        )
+      trained = client_work.next(
+        state.client_work, distributed.result, client_batches, client_part=client_part
+      )
+      aggregated = model_update_aggregator.server_part(agg_state, trained.result.accumulated)
+    else:
+      trained = client_work.next(state.client_work, distributed.result, client_batches)
+      update, weight = trained.result.update, trained.result.update_weight
+      aggregate_args = (update, weight) if weighted else (update,)
+      aggregated = model_update_aggregator.next(agg_state, *aggregate_args)
     finalized = model_finalizer.next(state.finalizer, state.global_model_weights, aggregated.result)
     new_state = LearningAlgorithmState(
       global_model_weights=finalized.result,

@@ -62,3 +62,13 @@ def build_apply_optimizer_finalizer(
     optimizers.set_hparams,
     weights_spec=tree_lib.tree_specs(model_weights_spec),
   )
+
+
+def build_identity_finalizer() -> _processes.FinalizerProcess:
+  """A `FinalizerProcess` that keeps the model weights as they are (evaluation processes)."""
+
+  def next_fn(state, model_weights, update):
+    del update
+    return _processes.MeasuredProcessOutput(state, model_weights, {})
+
+  return _processes.FinalizerProcess(lambda: (), next_fn)

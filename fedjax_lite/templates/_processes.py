@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 
 from fedjax_lite import tree as tree_lib
 from fedjax_lite.data import _client_batches
@@ -33,10 +34,31 @@ class LearningProcessOutput(NamedTuple):
 
 
 class ClientResult(NamedTuple):
-  """Client work's result: `update` leaves `[clients, ...]`, `update_weight` `[clients]`."""
+  """Client work's stacked result (TFF's `ClientResult@CLIENTS`).
+
+  Attributes:
+    update: leaves `[clients, ...]`.
+    update_weight: `[clients]`.
+    client_outputs: optional per-client outputs, leaves `[clients, ...]` (e.g. a client's new
+      local state), `()` when the client work has none.
+  """
 
   update: Any
   update_weight: Any
+  client_outputs: Any = ()
+
+
+class StreamedClientResult(NamedTuple):
+  """Client work's result when the aggregation streams through the cohort loop.
+
+  Attributes:
+    accumulated: the sum over clients of the aggregator's `client_part` (no client axis); the
+      aggregator's `server_part` turns it into the aggregate.
+    client_outputs: per-client outputs, leaves `[clients, ...]`, as in `ClientResult`.
+  """
+
+  accumulated: Any
+  client_outputs: Any = ()
 
 
 def _positional_params(fn: Callable) -> tuple[int, int | None]:
@@ -193,9 +215,10 @@ def _check_no_client_axis(value_spec_by_clients: dict[int, Any], what: str) -> N
 
 class _ClientWorkProcessFields(NamedTuple):
   initialize: Callable[[], Any]
-  next: Callable[[Any, Any, Any], MeasuredProcessOutput]
+  next: Callable[..., MeasuredProcessOutput]
   get_hparams: Callable[[Any], Any] = _no_hparams
   set_hparams: Callable[[Any, Any], Any] = _set_no_hparams
+  streams: bool = False
 
 
 class ClientWorkProcess(_ClientWorkProcessFields):
@@ -204,6 +227,12 @@ class ClientWorkProcess(_ClientWorkProcessFields):
   `next(state, model_weights, client_batches) -> MeasuredProcessOutput(state,
   ClientResult(update [clients, ...], update_weight [clients]), measurements)`; TFF's
   `(<S@SERVER, W@CLIENTS, {D*}@CLIENTS> -> <S@SERVER, ClientResult@CLIENTS, M@SERVER>)`.
+
+  A client work that `streams` (every one `build_client_work` makes) also takes per-client
+  inputs and an aggregator's per-client part: `next(state, model_weights, client_batches,
+  client_inputs=(), *, client_part=None)`. With `client_part` `(update, weight, client_id) ->
+  contribution`, the contributions are summed inside the cohort loop and the result is a
+  `StreamedClientResult`; no `[clients, ...]` update is ever materialized.
   """
 
   __slots__ = ()
@@ -214,12 +243,19 @@ class ClientWorkProcess(_ClientWorkProcessFields):
     next,
     get_hparams=_no_hparams,
     set_hparams=_set_no_hparams,
+    streams: bool = False,
     *,
     weights_spec: Any = None,
     client_data_spec: Any = None,
   ):
     _check_initialize(initialize)
     _check_next_arity(next, 3, '(state, model_weights, client_batches)')
+    if streams and 'client_part' not in inspect.signature(next).parameters:
+      raise _errors.TemplateNextFnNumArgsError(
+        'a streaming client work must take a client_part keyword: next(state, model_weights, '
+        f'client_batches, client_inputs=(), *, client_part=None); its signature is '
+        f'{inspect.signature(next)}'
+      )
     if weights_spec is not None and client_data_spec is not None:
       out = _check_measured(initialize, next, (weights_spec, client_data_spec))
       num_clients = jax.tree.leaves(client_data_spec)[-1].shape[0]
@@ -230,13 +266,37 @@ class ClientWorkProcess(_ClientWorkProcessFields):
         raise _errors.LearningProcessPlacementError(
           f'client work results must have a leading client axis of {num_clients}; got {bad}'
         )
-    return super().__new__(cls, initialize, next, get_hparams, set_hparams)
+    return super().__new__(cls, initialize, next, get_hparams, set_hparams, bool(streams))
 
 
 class _AggregationProcessFields(NamedTuple):
   initialize: Callable[[], Any]
   next: Callable[..., MeasuredProcessOutput]
   is_weighted: bool = True
+  client_part: Callable[..., Any] | None = None
+  server_part: Callable[[Any, Any], MeasuredProcessOutput] | None = None
+
+
+def _stacked_next(client_part, server_part, is_weighted):
+  """`next` on stacked values from the streaming parts; client ids are the positions."""
+
+  def contributions(state, value, *weight):
+    leaves = jax.tree.leaves((value, weight))
+    ids = jnp.arange(leaves[0].shape[0] if leaves else 0, dtype=jnp.uint32)
+    per_client = lambda v, *rest: client_part(state, v, *rest)
+    return tree_lib.tree_sum_over_clients(jax.vmap(per_client)(value, *weight, ids))
+
+  if is_weighted:
+
+    def next_fn(state, value, weight):
+      return server_part(state, contributions(state, value, weight))
+
+  else:
+
+    def next_fn(state, value):
+      return server_part(state, contributions(state, value))
+
+  return next_fn
 
 
 class AggregationProcess(_AggregationProcessFields):
@@ -244,12 +304,36 @@ class AggregationProcess(_AggregationProcessFields):
 
   `next(state, value [clients, ...], weight [clients]) -> MeasuredProcessOutput(state,
   result, measurements)` when `is_weighted`, `next(state, value)` otherwise.
+
+  A **streaming** aggregation is given as two parts instead of `next` (which is then derived):
+  `client_part(state, value, weight, client_id) -> contribution` (`(state, value, client_id)`
+  when unweighted) runs per client inside the cohort loop; the contributions are summed over
+  clients (across chunks, and with one `psum` across devices); `server_part(state, sum) ->
+  MeasuredProcessOutput` runs once. An aggregation that needs every client at once (a median)
+  gives `next` only and receives stacked values.
   """
 
   __slots__ = ()
 
-  def __new__(cls, initialize, next, is_weighted: bool = True, *, value_spec: Any = None):
+  def __new__(
+    cls,
+    initialize,
+    next=None,
+    is_weighted: bool = True,
+    *,
+    client_part: Callable | None = None,
+    server_part: Callable | None = None,
+    value_spec: Any = None,
+  ):
     _check_initialize(initialize)
+    if (client_part is None) != (server_part is None):
+      raise ValueError('a streaming aggregation needs both client_part and server_part')
+    if client_part is not None:
+      for name, fn in [('client_part', client_part), ('server_part', server_part)]:
+        if not callable(fn):
+          raise TypeError(f'{name} must be callable; got {type(fn).__name__}')
+      if next is None:
+        next = _stacked_next(client_part, server_part, is_weighted)
     num_args = 3 if is_weighted else 2
     doc = '(state, value, weight)' if is_weighted else '(state, value)'
     _check_next_arity(next, num_args, doc)
@@ -265,7 +349,12 @@ class AggregationProcess(_AggregationProcessFields):
       mismatch = tree_lib.tree_spec_mismatch(value_spec, specs[2].result)
       if mismatch is not None:
         raise TypeError(f'the aggregate must match value_spec: {mismatch}')
-    return super().__new__(cls, initialize, next, is_weighted)
+    return super().__new__(cls, initialize, next, is_weighted, client_part, server_part)
+
+  @property
+  def streams(self) -> bool:
+    """Whether the aggregation has a per-client part that can run inside the cohort loop."""
+    return self.client_part is not None
 
 
 class _FinalizerProcessFields(NamedTuple):

@@ -325,7 +325,9 @@ def test_bad_input_errors():
     fl.reconstruction.build_fed_recon(all_local)
   with pytest.raises(TypeError, match=r'dataset_split_fn must return \(reconstruction'):
     fl.reconstruction.build_fed_recon(recon, dataset_split_fn=lambda cb: [cb])
-  with pytest.raises(TypeError, match='returned a dict as its reconstruction part'):
+  with pytest.raises(TypeError, match='returned one ClientBatches; expected a'):
     fl.reconstruction.build_fed_recon(recon, dataset_split_fn=lambda cb: cb)
+  with pytest.raises(TypeError, match='returned a dict as its reconstruction part'):
+    fl.reconstruction.build_fed_recon(recon, dataset_split_fn=lambda cb: (cb.batch, cb))
   with pytest.raises(TypeError, match='reconstruction_optimizer must be an optax'):
     fl.reconstruction.build_fed_recon_eval(recon, reconstruction_optimizer=0.1)

@@ -79,15 +79,16 @@ def test_outputs_come_back_in_client_order(steps, chunk):
   for c, n in enumerate(steps):
     mask[c, :n] = 1.0
   batches = fl.ClientBatches({'v': np.ones((len(steps), max_steps, 2), np.float32)}, mask)
-  out = _cohort.run_clients(
-    init_fn=lambda index: (jnp.int32(0), index),
+  summed, out = _cohort.run_clients(
+    init_fn=lambda client_input, client_id: (jnp.int32(0), client_id),
     step_fn=lambda carry, batch, mask, step: (carry[0] + 1, carry[1]),
-    finalize_fn=lambda carry: carry,
+    finalize_fn=lambda carry, client_input, client_id: (carry[0], carry),
     client_batches=batches,
     client_chunk_size=chunk,
   )
   np.testing.assert_array_equal(out[0], steps)
   np.testing.assert_array_equal(out[1], np.arange(len(steps)))
+  assert int(summed) == sum(steps)
 
 
 def test_steps_per_client_counts_to_the_last_real_step():
@@ -109,9 +110,9 @@ def test_chunks_are_even(monkeypatch):
   monkeypatch.setattr(_cohort.lax, 'scan', spy_scan)
   mask = np.ones((100, 1, 1), np.float32)
   _cohort.run_clients(
-    lambda i: jnp.int32(0),
+    lambda client_input, client_id: jnp.int32(0),
     lambda c, b, m, s: c + 1,
-    lambda c: c,
+    lambda c, client_input, client_id: (c, ()),
     fl.ClientBatches({'v': mask}, mask),
     client_chunk_size=32,
   )
