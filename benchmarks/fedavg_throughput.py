@@ -1,4 +1,4 @@
-"""FedAvg round throughput on the reference workload (shared/WORKLOAD.md).
+"""FedAvg round throughput on the reference workload (benchmarks/WORKLOAD.md).
 
 Times one FedAvg round five ways on the same cohorts and the same examples, and reports
 client-examples per second (median over the timed rounds):
@@ -47,7 +47,7 @@ from jax import lax
 
 import fedjax_lite as fl
 
-# The workload (shared/WORKLOAD.md); change nothing here without changing WORKLOAD.md.
+# The workload (benchmarks/WORKLOAD.md); change nothing here without changing WORKLOAD.md.
 NUM_CLASSES = 62
 IMAGE_SHAPE = (28, 28, 1)
 NUM_FEATURES = 28 * 28
@@ -584,7 +584,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       'load_before': machine_load(),
     },
     'workload': {
-      'source': 'shared/WORKLOAD.md',
+      'source': 'benchmarks/WORKLOAD.md',
       'classes': NUM_CLASSES,
       'image_shape': IMAGE_SHAPE,
       'noise_scale': NOISE_SCALE,

@@ -19,7 +19,7 @@ def cnn_classifier(
   """conv 3×3×32, conv 3×3×64 (VALID, ReLU), max-pool 2×2, dense 128 (ReLU), dense classes.
 
   With `image_shape=(28, 28, 1)` and 62 classes this is the EMNIST CNN of Reddi et al. (2021)
-  and shared/WORKLOAD.md (1,206,590 parameters). Inputs `x` `[batch_size, *image_shape]` (or
+  and benchmarks/WORKLOAD.md (1,206,590 parameters). Inputs `x` `[batch_size, *image_shape]` (or
   `[batch_size, prod(image_shape)]`, reshaped) float32, labels `y` `[batch_size]` int32;
   Glorot-uniform weights, zero biases; metrics: accuracy.
   """
