@@ -1,6 +1,7 @@
 """Models: `ModelWeights`, `BatchOutput`, `FunctionalModel`, `from_flax`, masked losses."""
 
 from fedjax_lite.models._cnn import cnn_classifier
+from fedjax_lite.models._conv import conv_general_dilated
 from fedjax_lite.models._flax import from_flax
 from fedjax_lite.models._losses import mean_squared_error, softmax_cross_entropy, weighted_mean
 from fedjax_lite.models._matrix_factorization import matrix_factorization, rating_metrics
@@ -12,6 +13,7 @@ __all__ = [
   'FunctionalModel',
   'ModelWeights',
   'cnn_classifier',
+  'conv_general_dilated',
   'from_flax',
   'matrix_factorization',
   'mean_squared_error',

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from fedjax_lite.models import _classifier, _model
+from fedjax_lite.models import _classifier, _conv, _model
 
 _DIMENSIONS = ('NHWC', 'HWIO', 'NHWC')
 
@@ -48,7 +48,9 @@ def cnn_classifier(
     p = weights.trainable
     h = jnp.reshape(x, (x.shape[0], height, width, channels))
     for name in ('conv1', 'conv2'):
-      h = lax.conv_general_dilated(h, p[name]['w'], (1, 1), 'VALID', dimension_numbers=_DIMENSIONS)
+      h = _conv.conv_general_dilated(
+        h, p[name]['w'], (1, 1), 'VALID', dimension_numbers=_DIMENSIONS
+      )
       h = jax.nn.relu(h + p[name]['b'])
     h = lax.reduce_window(h, -jnp.inf, lax.max, (1, 2, 2, 1), (1, 2, 2, 1), 'VALID')
     h = jnp.reshape(h, (h.shape[0], -1))

@@ -9,6 +9,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax.extend import core as jex_core
 from jax.sharding import Mesh
 
 from fedjax_lite import metrics as metrics_lib
@@ -172,6 +173,24 @@ def check_optimizer(optimizer: Any, name: str) -> None:
     )
 
 
+def _has_convolution(model: models.FunctionalModel) -> bool:
+  """Whether the model's forward pass convolves (read from its jaxpr; nothing is computed)."""
+  spec = jax.tree.map(lambda s: jax.ShapeDtypeStruct((1, *s.shape[1:]), s.dtype), model.input_spec)
+  x, _ = models.split_batch(spec)
+  jaxpr = jax.make_jaxpr(lambda w, x: model.predict_on_batch(w, x, False))(model.initial_weights, x)
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == 'conv_general_dilated':
+        return True
+      for sub in jex_core.jaxprs_in_params(eqn.params):
+        if walk(sub):
+          return True
+    return False
+
+  return walk(jaxpr.jaxpr)
+
+
 def _check_client_inputs(client_inputs: Any, num_clients: int) -> None:
   for path, leaf in jax.tree_util.tree_flatten_with_path(client_inputs)[0]:
     if not jnp.shape(leaf)[:1] == (num_clients,):
@@ -225,7 +244,8 @@ def build_client_work(
       default `fl.metrics.sum_then_finalize`, which streams (states summed in the loop).
     evaluation: report `{'eval': {'current_round_metrics', 'total_rounds_metrics'}}` (the
       state sums metric states over rounds) instead of training measurements; no update.
-    client_chunk_size: clients vmapped together; default a few on CPU, many on accelerators.
+    client_chunk_size: clients vmapped together; default a few on CPU (one for a model that
+      convolves), many on accelerators.
     mesh: a `jax.sharding.Mesh` with a `'clients'` axis: every device runs its own clients.
     seed: seeds the per-round keys.
 
@@ -244,6 +264,8 @@ def build_client_work(
   metric_init, metric_update, metric_finalize = training_metric_fns(model)
   aggregate_metrics = (metrics_aggregator or metrics_lib.sum_then_finalize)(metric_finalize)
   initial_hparams = {} if hparams is None else hparams
+  if client_chunk_size is None and jax.default_backend() == 'cpu' and _has_convolution(model):
+    client_chunk_size = _cohort.default_chunk_size(2**31, convolutional=True)
 
   def initialize():
     totals = metric_init() if evaluation else ()
