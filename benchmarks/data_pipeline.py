@@ -4,7 +4,8 @@ without step buckets.
 
 The population: 100,000 clients with power-law sizes (`fl.data.power_law_partition`, exponent
 1.5, at least 2 examples), WORKLOAD.md's 62-class 28x28 images stored as uint8 pixels in an
-SQLite file (`fl.data.SQLiteFederatedData`), turned into float32 in [0, 1] by a per-batch hook.
+SQLite file (`fl.data.SQLiteFederatedData`), turned into float32 in [0, 1] by a per-batch hook
+(`SyntheticEmnist.power_law` and `to_float` of benchmarks/workload.py; JSON via harness.py).
 The model and local training are WORKLOAD.md's (MLP 784-200-200-62, batch 16, 1 epoch, SGD
 0.1, server SGD 1.0); clients are capped at `--max-steps` steps (32: 512 examples) and the step
 axis is padded to the buckets `fl.data.step_buckets(max_steps, 4)`.
@@ -27,57 +28,22 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
-import platform
 import statistics
 import sys
 import time
 from collections.abc import Sequence
 
+import harness
 import jax
 import numpy as np
-from fedavg_throughput import NOISE_SCALE, NUM_CLASSES, NUM_FEATURES, build_mlp
+from workload import BATCH_SIZE, CLIENT_LR, SyntheticEmnist, build_mlp, to_float
 
 import fedjax_lite as fl
 
 MEAN_SIZE = 12  # examples per client on average
 MIN_SIZE = 2
 EXPONENT = 1.5
-BATCH_SIZE = 16
-
-
-class SyntheticPopulation(fl.data.FederatedData):
-  """WORKLOAD.md's images, uint8 `x [n, 784]` and int32 `y [n]`, client c from `rng([0, c])`."""
-
-  def __init__(self, num_clients: int):
-    super().__init__()
-    parts = fl.data.power_law_partition(
-      MEAN_SIZE * num_clients, num_clients, EXPONENT, min_size=MIN_SIZE, seed=0
-    )
-    self._sizes = np.array([len(p) for p in parts], np.int64)
-    prototypes = np.random.default_rng(0).random((NUM_CLASSES, NUM_FEATURES))
-    self._prototypes = prototypes.astype(np.float32)
-
-  @property
-  def client_ids(self) -> range:
-    return range(len(self._sizes))
-
-  @property
-  def client_sizes(self) -> np.ndarray:
-    return self._sizes
-
-  def _read(self, client_id):
-    rng = np.random.default_rng([0, client_id])
-    n = int(self._sizes[client_id])
-    y = rng.integers(0, NUM_CLASSES, n).astype(np.int32)
-    noise = rng.standard_normal((n, NUM_FEATURES), dtype=np.float32)
-    x = np.clip(self._prototypes[y] + np.float32(NOISE_SCALE) * noise, 0.0, 1.0)
-    return {'x': np.round(x * 255).astype(np.uint8), 'y': y}
-
-
-def to_float(batch):
-  return {'x': batch['x'].astype(np.float32) / np.float32(255), 'y': batch['y']}
 
 
 def open_population(path: str, num_clients: int) -> tuple[fl.data.FederatedData, float]:
@@ -90,7 +56,8 @@ def open_population(path: str, num_clients: int) -> tuple[fl.data.FederatedData,
     data.close()
   os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
   start = time.perf_counter()
-  data = fl.data.SQLiteFederatedData.build(SyntheticPopulation(num_clients), path, overwrite=True)
+  population = SyntheticEmnist.power_law(num_clients, MEAN_SIZE, EXPONENT, MIN_SIZE)
+  data = fl.data.SQLiteFederatedData.build(population, path, overwrite=True)
   build_seconds = time.perf_counter() - start
   return data.preprocess_batch(to_float), build_seconds
 
@@ -176,6 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument('--quick', action='store_true', help='10k clients, cohort 100, 4 rounds')
   parser.add_argument('--out', default='benchmarks/results/data_pipeline.json')
   args = parser.parse_args(argv)
+  meta = harness.environment(argv)
   if args.quick:
     args.population, args.cohorts, args.rounds = 10_000, [100], 4
   db = args.db or f'benchmarks/results/population_{args.population}.sqlite'
@@ -188,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     + (f', built in {build_seconds:.1f}s' if build_seconds else ' (reused)')
   )
   model = build_mlp()
-  process = fl.algorithms.build_weighted_fed_avg(model, fl.optimizers.build_sgdm(0.1))
+  process = fl.algorithms.build_weighted_fed_avg(model, fl.optimizers.build_sgdm(CLIENT_LR))
   results = []
   header = (
     f'{"cohort":>6} {"host ms":>8} {"device ms":>9} {"serial ms":>9} {"prefetch ms":>11} '
@@ -207,15 +175,16 @@ def main(argv: Sequence[str] | None = None) -> int:
       f'{shapes["bucketed"]:>4}/{shapes["longest"]:<4}'
     )
   out = {
+    'meta': meta,
     'benchmark': 'data_pipeline',
     'date': datetime.date.today().isoformat(),
     'environment': {
-      'platform': platform.platform(),
-      'python': platform.python_version(),
-      'jax': jax.__version__,
-      'backend': jax.default_backend(),
+      'platform': meta['platform'],
+      'python': meta['python'],
+      'jax': meta['jax_version'],
+      'backend': meta['backend'],
       'devices': [str(d) for d in jax.devices()],
-      'cpu_count': os.cpu_count(),
+      'cpu_count': meta['cpu_count'],
     },
     'population': {
       'num_clients': data.num_clients,
@@ -226,10 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     'config': vars(args),
     'results': results,
   }
-  os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
-  with open(args.out, 'w') as f:
-    json.dump(out, f, indent=1)
-  print(f'wrote {args.out}')
+  harness.write_json(args.out, out)
   return 0
 
 

@@ -13,6 +13,10 @@ client-examples per second (median over the timed rounds):
   (e) a Python loop over the clients and their batches calling one jitted SGD step (one
       dispatch per batch: what a researcher writes first, and FedJAX's `fed_avg` loop).
 
+The workload (population, models, the baselines (b)-(e)) is `benchmarks/workload.py`; the run's
+environment and the JSON output are `benchmarks/harness.py`. Here: a runner per federated
+method ((a) per chunk size, (b), (e)), all timed by one loop.
+
 A round of (a), (b) and (e) is timed from "here are the sampled client ids" to "new global weights
 ready" (`block_until_ready`), host batching (`fl.data.build_client_batches`) included. The
 clients' datasets are made before the clock starts: they stand for data already in memory.
@@ -30,246 +34,93 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import platform
 import statistics
 import sys
 import time
 from collections.abc import Sequence
 
+import harness
 import jax
-import jax.numpy as jnp
-import jaxlib
-import numpy as np
-from jax import lax
+from workload import (
+  BATCH_SIZE,
+  CHECK_TOL,
+  CLIENT_LR,
+  CNN_PARAMS,
+  COHORT,
+  DP_BATCH_SIZE,
+  HETERO_RANGE,
+  HOMO_SIZE,
+  IMAGE_SHAPE,
+  MLP_PARAMS,
+  NOISE_SCALE,
+  NUM_CLASSES,
+  POPULATION,
+  SERVER_LR,
+  Centralized,
+  PythonLoopFedAvg,
+  PythonStepLoopFedAvg,
+  SyntheticEmnist,
+  as_model_input,
+  build_cnn,
+  build_mlp,
+  cohort_ids,
+  max_abs_diff,
+)
 
 import fedjax_lite as fl
 
-# The workload (benchmarks/WORKLOAD.md); change nothing here without changing WORKLOAD.md.
-NUM_CLASSES = 62
-IMAGE_SHAPE = (28, 28, 1)
-NUM_FEATURES = 28 * 28
-NOISE_SCALE = 0.35
-POPULATION = 1000
-COHORT = 100
-HOMO_SIZE = 64
-HETERO_RANGE = (10, 200)  # inclusive
-BATCH_SIZE = 16
-DP_BATCH_SIZE = 1600  # data-parallel ceiling: 100 x 16
-CLIENT_LR = 0.1
-SERVER_LR = 1.0
-MLP_PARAMS = 209_662
-CNN_PARAMS = 1_206_590
-CHECK_TOL = 1e-4
-
-
 # ------------------------------------------------------------------------------------------------
-# Data
+# The federated methods (a), (b), (e): one interface, timed by one loop
+#
+# `initial`: the carry before round 0; `round(carry, host_batches) -> (carry, phases)`, the new
+# global weights ready on return, `phases` the method's own timed parts (`put_s`, `next_s`);
+# `weights(carry)`: the global trainable weights (the round-0 check); `compiled`: the jitted
+# function whose compilations are counted during the timed rounds, or None.
 
 
-class SyntheticEmnist:
-  """The WORKLOAD.md population, each client's examples made on demand from its own seed.
+class LoopRunner:
+  """(b) or (e): a Python loop over the cohort; the carry is the global trainable weights."""
 
-  Prototypes: `default_rng(0)`, U(0, 1) of shape 28x28x1 for each of 62 classes. Sizes: 64 each
-  (`homo`) or `default_rng(0).integers(10, 200, inclusive)` (`hetero`). Client c's labels and
-  noise come from `default_rng([0, c])`, so a client's data is the same whenever it is made and
-  the population (~330 MB as float32 for `hetero`) never has to be held at once.
-  """
+  def __init__(self, loop: PythonLoopFedAvg | PythonStepLoopFedAvg, initial, compiled=None):
+    self.loop = loop
+    self.initial = initial
+    self.compiled = compiled
 
-  def __init__(self, variant: str):
-    if variant not in ('homo', 'hetero'):
-      raise ValueError(f"variant must be 'homo' or 'hetero'; got {variant!r}")
-    self.variant = variant
-    prototypes = np.random.default_rng(0).random((NUM_CLASSES, *IMAGE_SHAPE))
-    self.prototypes = prototypes.astype(np.float32).reshape(NUM_CLASSES, NUM_FEATURES)
-    if variant == 'homo':
-      self.sizes = np.full(POPULATION, HOMO_SIZE, np.int64)
-    else:
-      low, high = HETERO_RANGE
-      self.sizes = np.random.default_rng(0).integers(low, high, size=POPULATION, endpoint=True)
+  def round(self, trainable, batches: fl.ClientBatches):
+    return jax.block_until_ready(self.loop.round(trainable, batches)), {}
 
-  def client(self, c: int) -> dict[str, np.ndarray]:
-    """Client c's examples: x `[n, 784]` float32 in [0, 1], y `[n]` int32."""
-    rng = np.random.default_rng([0, int(c)])
-    n = int(self.sizes[c])
-    y = rng.integers(0, NUM_CLASSES, size=n).astype(np.int32)
-    noise = rng.standard_normal((n, NUM_FEATURES), dtype=np.float32)
-    x = np.clip(self.prototypes[y] + np.float32(NOISE_SCALE) * noise, 0.0, 1.0)
-    return {'x': x, 'y': y}
+  def weights(self, trainable):
+    return trainable
 
 
-def cohort_ids(round_num: int) -> np.ndarray:
-  return np.random.default_rng(1000 + round_num).choice(POPULATION, COHORT, replace=False)
+class FedAvgRunner:
+  """(a): `build_weighted_fed_avg` at one chunk size; the carry is its server state."""
 
-
-# ------------------------------------------------------------------------------------------------
-# Models
-
-
-def num_params(model: fl.FunctionalModel) -> int:
-  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(model.initial_weights.trainable))
-
-
-def build_mlp() -> fl.FunctionalModel:
-  model = fl.models.mlp_classifier(NUM_FEATURES, NUM_CLASSES, hidden=(200, 200))
-  assert num_params(model) == MLP_PARAMS, num_params(model)
-  return model
-
-
-def build_cnn(seed: int = 0) -> fl.FunctionalModel:
-  """The EMNIST CNN: conv3x3x32, conv3x3x64 (VALID, ReLU), maxpool 2x2, dense 128 (ReLU), 62."""
-  model = fl.models.cnn_classifier(IMAGE_SHAPE, NUM_CLASSES, seed=seed)
-  assert num_params(model) == CNN_PARAMS, num_params(model)
-  return model
-
-
-def as_model_input(model_name: str, client: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  if model_name == 'cnn':
-    return {'x': client['x'].reshape(-1, *IMAGE_SHAPE), 'y': client['y']}
-  return client
-
-
-# ------------------------------------------------------------------------------------------------
-# The simple baselines: plain SGD over `[steps, batch, ...]` batches with a mask
-
-
-def make_local_sgd(model: fl.FunctionalModel, learning_rate: float):
-  """`(trainable, x [steps, b, ...], y [steps, b], mask [steps, b]) -> trainable` via lax.scan."""
-  non_trainable = model.initial_weights.non_trainable
-
-  def loss_fn(trainable, x, y, mask):
-    logits = model.predict_on_batch(fl.ModelWeights(trainable, non_trainable), x, True)
-    return model.loss(logits, y, mask)
-
-  def step(trainable, batch):
-    grads = jax.grad(loss_fn)(trainable, *batch)
-    return jax.tree.map(lambda w, g: w - learning_rate * g, trainable, grads), None
-
-  def local_sgd(trainable, x, y, mask):
-    return lax.scan(step, trainable, (x, y, mask))[0]
-
-  return local_sgd
-
-
-class PythonLoopFedAvg:
-  """(b): a loop over clients; each a jitted scan over its own steps; weighted sum on device."""
-
-  def __init__(self, model: fl.FunctionalModel):
-    local_sgd = make_local_sgd(model, CLIENT_LR)
-
-    def client_update(global_trainable, acc, x, y, mask):
-      trainable = local_sgd(global_trainable, x, y, mask)
-      n = jnp.sum(mask)
-      return jax.tree.map(lambda a, w: a + n * w, acc, trainable)
-
-    self.client_update = jax.jit(client_update)
-    self.finish = jax.jit(
-      lambda acc, total, global_trainable: jax.tree.map(
-        lambda a, g: g + SERVER_LR * (a / total - g), acc, global_trainable
-      )
+  def __init__(self, model: fl.FunctionalModel, chunk_size: int):
+    self.process = fl.algorithms.build_weighted_fed_avg(
+      model,
+      fl.optimizers.build_sgdm(CLIENT_LR),
+      fl.optimizers.build_sgdm(SERVER_LR),
+      client_chunk_size=chunk_size,
     )
-    self.zeros = jax.jit(lambda t: jax.tree.map(jnp.zeros_like, t))
+    self.initial = self.process.initialize()
+    self.compiled = self.process.next
 
-  def round(self, trainable, client_batches: fl.ClientBatches):
-    mask = client_batches.mask
-    steps = np.count_nonzero(mask.any(axis=2), axis=1)
-    acc = self.zeros(trainable)
-    for i, s in enumerate(steps):
-      acc = self.client_update(
-        trainable,
-        acc,
-        client_batches.batch['x'][i, :s],
-        client_batches.batch['y'][i, :s],
-        mask[i, :s],
-      )
-    return self.finish(acc, float(mask.sum()), trainable)
+  def round(self, state, batches: fl.ClientBatches):
+    t0 = time.perf_counter()
+    batches = jax.block_until_ready(jax.device_put(batches))
+    t1 = time.perf_counter()
+    state, _ = self.process.next(state, batches)
+    jax.block_until_ready(self.process.get_model_weights(state))
+    t2 = time.perf_counter()
+    return state, {'put_s': t1 - t0, 'next_s': t2 - t1}
 
-
-class PythonStepLoopFedAvg:
-  """(e): a loop over clients and over each client's batches calling one jitted SGD step.
-
-  What a researcher writes first (and FedJAX's `fed_avg` does): one dispatch per batch.
-  """
-
-  def __init__(self, model: fl.FunctionalModel):
-    non_trainable = model.initial_weights.non_trainable
-
-    def step(trainable, x, y):
-      def loss_fn(trainable):
-        logits = model.predict_on_batch(fl.ModelWeights(trainable, non_trainable), x, True)
-        return model.loss(logits, y)
-
-      grads = jax.grad(loss_fn)(trainable)
-      return jax.tree.map(lambda w, g: w - CLIENT_LR * g, trainable, grads)
-
-    self.step = jax.jit(step)
-    self.accumulate = jax.jit(lambda acc, n, w: jax.tree.map(lambda a, b: a + n * b, acc, w))
-    self.finish = jax.jit(
-      lambda acc, total, global_trainable: jax.tree.map(
-        lambda a, g: g + SERVER_LR * (a / total - g), acc, global_trainable
-      )
-    )
-
-  def round(self, trainable, client_batches: fl.ClientBatches):
-    mask = client_batches.mask
-    acc = jax.tree.map(jnp.zeros_like, trainable)
-    for i in range(mask.shape[0]):
-      local = trainable
-      for s in range(mask.shape[1]):
-        real = mask[i, s] > 0
-        if not real.any():
-          break
-        local = self.step(
-          local, client_batches.batch['x'][i, s][real], client_batches.batch['y'][i, s][real]
-        )
-      acc = self.accumulate(acc, float(mask[i].sum()), local)
-    return self.finish(acc, float(mask.sum()), trainable)
-
-
-def pooled_batches(clients, batch_size: int, seed: Sequence[int]):
-  """The cohort's examples pooled, shuffled, cut into `[steps, batch_size, ...]` with a mask."""
-  x = np.concatenate([c['x'] for c in clients])
-  y = np.concatenate([c['y'] for c in clients])
-  n = len(y)
-  order = np.random.default_rng(list(seed)).permutation(n)
-  steps = -(-n // batch_size)
-  pad = steps * batch_size - n
-  x = np.concatenate([x[order], np.zeros((pad, *x.shape[1:]), x.dtype)])
-  y = np.concatenate([y[order], np.zeros((pad,), y.dtype)])
-  mask = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
-  shape = (steps, batch_size)
-  return x.reshape(*shape, *x.shape[1:]), y.reshape(shape), mask.reshape(shape)
-
-
-class Centralized:
-  """(c) and (d): one model, one jitted scan over the pooled examples, compiled ahead of time."""
-
-  def __init__(self, model: fl.FunctionalModel, batch_size: int):
-    self.batch_size = batch_size
-    self.jitted = jax.jit(make_local_sgd(model, CLIENT_LR))
-    self.compiled = {}
-
-  def prepare(self, trainable, clients, round_num: int):
-    """Untimed: pool, shuffle, pad, put on the device, compile for this shape."""
-    x, y, mask = jax.device_put(pooled_batches(clients, self.batch_size, (1, round_num)))
-    key = x.shape
-    if key not in self.compiled:
-      self.compiled[key] = self.jitted.lower(trainable, x, y, mask).compile()
-    jax.block_until_ready((x, y, mask))
-    return self.compiled[key], (x, y, mask)
+  def weights(self, state):
+    return self.process.get_model_weights(state).trainable
 
 
 # ------------------------------------------------------------------------------------------------
 # Timing
-
-
-def max_abs_diff(a, b) -> float:
-  return max(
-    float(jnp.max(jnp.abs(x - y)))
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
-  )
 
 
 def run_variant(
@@ -283,25 +134,22 @@ def run_variant(
   log=print,
 ):
   """Runs the interleaved rounds of one variant and model; returns per-method round records."""
-  data = SyntheticEmnist(variant)
+  data = SyntheticEmnist.variant(variant)
   model = build_mlp() if model_name == 'mlp' else build_cnn()
-  num_steps = -(-int(data.sizes.max()) // BATCH_SIZE)  # every round the same shape
+  num_steps = -(-int(data.client_sizes.max()) // BATCH_SIZE)  # every round the same shape
   initial = model.initial_weights.trainable
 
-  processes, fl_states = {}, {}
+  # Run in this order each round: (b) first, as the round-0 reference of the others.
+  runners = {}
+  if 'b' in methods:
+    loop = PythonLoopFedAvg(model)
+    runners['b'] = LoopRunner(loop, initial, compiled=loop.client_update)
+  if 'e' in methods:
+    runners['e'] = LoopRunner(PythonStepLoopFedAvg(model), initial)
   if 'a' in methods:
     for k in chunk_sizes:
-      processes[k] = fl.algorithms.build_weighted_fed_avg(
-        model,
-        fl.optimizers.build_sgdm(CLIENT_LR),
-        fl.optimizers.build_sgdm(SERVER_LR),
-        client_chunk_size=k,
-      )
-      fl_states[k] = processes[k].initialize()
-  loop = PythonLoopFedAvg(model) if 'b' in methods else None
-  loop_weights = initial
-  step_loop = PythonStepLoopFedAvg(model) if 'e' in methods else None
-  step_loop_weights = initial
+      runners[f'a{k}'] = FedAvgRunner(model, k)
+  carries = {name: runner.initial for name, runner in runners.items()}
   central = {}
   if 'c' in methods:
     central['c'] = Centralized(model, BATCH_SIZE)
@@ -309,90 +157,44 @@ def run_variant(
     central['d'] = Centralized(model, DP_BATCH_SIZE)
   central_weights = {name: initial for name in central}
 
-  records = {f'a{k}': [] for k in processes}
+  records = {f'a{k}': [] for k in chunk_sizes if 'a' in methods}
   records.update({name: [] for name in ('b', 'e', *central) if name in methods})
+  counted = {name: runners[name].compiled for name in records if name in runners}
+  counted = {name: fn for name, fn in counted.items() if fn is not None}
   checks = {}
   compiles_after_warmup = {}
   for r in range(warmup + timed):
     is_timed = r >= warmup
     ids = cohort_ids(r)[:cohort_size]
-    datasets = {int(c): as_model_input(model_name, data.client(c)) for c in ids}
+    datasets = {int(c): as_model_input(model_name, data.get_client(int(c))) for c in ids}
     examples = int(sum(len(d['y']) for d in datasets.values()))
     seed = (0, r)
     if r == warmup:
-      compiles_after_warmup = {k: p.next._cache_size() for k, p in processes.items()}
-      if loop is not None:
-        compiles_after_warmup['b'] = loop.client_update._cache_size()
+      compiles_after_warmup = {name: fn._cache_size() for name, fn in counted.items()}
 
-    if loop is not None:
+    for name, runner in runners.items():
       t0 = time.perf_counter()
       clients = [datasets[int(c)] for c in ids]
       batches = fl.data.build_client_batches(
         clients, batch_size=BATCH_SIZE, num_steps=num_steps, seed=seed
       )
       t1 = time.perf_counter()
-      new_weights = loop.round(loop_weights, batches)
-      jax.block_until_ready(new_weights)
+      carries[name], phases = runner.round(carries[name], batches)
       t2 = time.perf_counter()
-      if r == 0:
-        round0_loop = new_weights
-      loop_weights = new_weights
+      if r == 0 and 'b' in runners:
+        if name == 'b':
+          round0_loop = runner.weights(carries[name])
+        else:
+          diff = max_abs_diff(runner.weights(carries[name]), round0_loop)
+          checks[f'{name}_vs_b_round0_max_abs_diff'] = diff
+          if not diff <= CHECK_TOL:
+            raise AssertionError(
+              f'{variant}/{model_name}: after round 0, {label(name)} and the Python loop (b) '
+              f'differ by {diff:.3g} > {CHECK_TOL}'
+            )
       if is_timed:
-        records['b'].append(
-          {'round': r, 'examples': examples, 'batch_s': t1 - t0, 'total_s': t2 - t0}
-        )
-
-    if step_loop is not None:
-      t0 = time.perf_counter()
-      clients = [datasets[int(c)] for c in ids]
-      batches = fl.data.build_client_batches(
-        clients, batch_size=BATCH_SIZE, num_steps=num_steps, seed=seed
-      )
-      t1 = time.perf_counter()
-      new_weights = jax.block_until_ready(step_loop.round(step_loop_weights, batches))
-      t2 = time.perf_counter()
-      if r == 0 and loop is not None:
-        diff = max_abs_diff(new_weights, round0_loop)
-        checks['e_vs_b_round0_max_abs_diff'] = diff
-        if not diff <= CHECK_TOL:
-          raise AssertionError(f'{variant}/{model_name}: (e) and (b) differ by {diff:.3g}')
-      step_loop_weights = new_weights
-      if is_timed:
-        records['e'].append(
-          {'round': r, 'examples': examples, 'batch_s': t1 - t0, 'total_s': t2 - t0}
-        )
-
-    for k, process in processes.items():
-      t0 = time.perf_counter()
-      clients = [datasets[int(c)] for c in ids]
-      batches = fl.data.build_client_batches(
-        clients, batch_size=BATCH_SIZE, num_steps=num_steps, seed=seed
-      )
-      t1 = time.perf_counter()
-      batches = jax.block_until_ready(jax.device_put(batches))
-      t2 = time.perf_counter()
-      state, _ = process.next(fl_states[k], batches)
-      jax.block_until_ready(process.get_model_weights(state))
-      t3 = time.perf_counter()
-      fl_states[k] = state
-      if r == 0 and loop is not None:
-        diff = max_abs_diff(process.get_model_weights(state).trainable, round0_loop)
-        checks[f'a{k}_vs_b_round0_max_abs_diff'] = diff
-        if not diff <= CHECK_TOL:
-          raise AssertionError(
-            f'{variant}/{model_name}: after round 0, fedjax_lite (chunk {k}) and the Python loop '
-            f'differ by {diff:.3g} > {CHECK_TOL}'
-          )
-      if is_timed:
-        records[f'a{k}'].append(
-          {
-            'round': r,
-            'examples': examples,
-            'batch_s': t1 - t0,
-            'put_s': t2 - t1,
-            'next_s': t3 - t2,
-            'total_s': t3 - t0,
-          }
+        records[name].append(
+          {'round': r, 'examples': examples, 'batch_s': t1 - t0, **phases, 'total_s': t2 - t0}
         )
 
     for name, runner in central.items():
@@ -417,11 +219,9 @@ def run_variant(
       f'({examples} ex) {line}'
     )
 
-  recompiles = {}
-  for k, p in processes.items():
-    recompiles[f'a{k}'] = p.next._cache_size() - compiles_after_warmup.get(k, 0)
-  if loop is not None:
-    recompiles['b'] = loop.client_update._cache_size() - compiles_after_warmup.get('b', 0)
+  recompiles = {
+    name: fn._cache_size() - compiles_after_warmup.get(name, 0) for name, fn in counted.items()
+  }
   return records, checks, recompiles, num_steps
 
 
@@ -511,17 +311,6 @@ def print_table(title: str, summary: dict, log=print) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def machine_load() -> dict:
-  """Load average and (Linux) CPU pressure: how busy the machine was; figures vary with it."""
-  load = {'loadavg': list(os.getloadavg()) if hasattr(os, 'getloadavg') else None}
-  try:
-    with open('/proc/pressure/cpu') as f:
-      load['cpu_pressure'] = f.readline().strip()
-  except OSError:
-    pass
-  return load
-
-
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--quick', action='store_true', help='1 warm-up and 3 timed rounds')
@@ -560,29 +349,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
   warmup, timed = (1, 3) if args.quick else (2, 10)
   start = time.perf_counter()
-  device = jax.devices()[0]
+  meta = harness.environment(argv)
   print(
-    f'jax {jax.__version__}, backend {jax.default_backend()}, device {device.device_kind}, '
-    f'{os.cpu_count()} CPUs; MLP: {warmup} warm-up + {timed} timed rounds'
+    f'jax {meta["jax_version"]}, backend {meta["backend"]}, device {meta["device_kind"]}, '
+    f'{meta["cpu_count"]} CPUs; MLP: {warmup} warm-up + {timed} timed rounds'
     + (f' x {args.repeats} runs' if args.repeats > 1 else '')
     + ('; CNN: 1 warm-up + 2 timed rounds' if args.cnn else '')
   )
   results = {
-    'meta': {
-      'date': datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds'),
-      'jax_version': jax.__version__,
-      'jaxlib_version': jaxlib.__version__,
-      'numpy_version': np.__version__,
-      'fedjax_lite_version': fl.__version__,
-      'backend': jax.default_backend(),
-      'device_kind': device.device_kind,
-      'device_count': jax.device_count(),
-      'cpu_count': os.cpu_count(),
-      'platform': platform.platform(),
-      'python': platform.python_version(),
-      'argv': sys.argv[1:] if argv is None else list(argv),
-      'load_before': machine_load(),
-    },
+    'meta': meta,
     'workload': {
       'source': 'benchmarks/WORKLOAD.md',
       'classes': NUM_CLASSES,
@@ -660,14 +435,11 @@ def main(argv: Sequence[str] | None = None) -> int:
       )
 
   elapsed = time.perf_counter() - start
+  elapsed = time.perf_counter() - start
   results['meta']['total_run_s'] = elapsed
-  results['meta']['load_after'] = machine_load()
   print(f'\ntotal run time {elapsed:.1f} s')
   if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, 'w') as f:
-      json.dump(results, f, indent=1, default=lambda o: list(o) if isinstance(o, tuple) else str(o))
-    print(f'wrote {args.out}')
+    harness.write_json(args.out, results)
   return 0
 
 

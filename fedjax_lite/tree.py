@@ -37,22 +37,22 @@ def tree_all_finite(tree: PyTree) -> jax.Array:
   return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]).all()
 
 
-def tree_weighted_sum(tree: PyTree, weights: jax.Array) -> PyTree:
-  """Sums leaves over their leading (client) axis, row c scaled by `weights[c]`.
+def tree_sum_over_clients(tree: PyTree, keep: jax.Array | None = None) -> PyTree:
+  """Sums leaves `[clients, ...]` over their leading axis, only the rows where `keep` is True.
 
-  Args:
-    tree: leaves shaped `[clients, ...]`.
-    weights: `[clients]`.
+  Floating leaves are summed as a matrix-vector product: XLA:CPU runs that several times faster
+  than a reduction over the leading axis (a FedAvg round's accumulation was a third of it).
   """
 
-  def reduce(x):
-    return jnp.tensordot(weights.astype(x.dtype), x, axes=(0, 0))
+  def total(x):
+    if keep is not None:
+      k = jnp.reshape(keep, keep.shape + (1,) * (x.ndim - 1))
+      x = jnp.where(k, x, jnp.zeros((), x.dtype))
+    if jnp.issubdtype(x.dtype, jnp.floating):
+      return jnp.tensordot(jnp.ones(x.shape[:1], x.dtype), x, axes=(0, 0))
+    return jnp.sum(x, axis=0)
 
-  return jax.tree.map(reduce, tree)
-
-
-def tree_sum_over_clients(tree: PyTree) -> PyTree:
-  return jax.tree.map(lambda x: jnp.sum(x, axis=0), tree)
+  return jax.tree.map(total, tree)
 
 
 def tree_strong_types(tree: PyTree) -> PyTree:

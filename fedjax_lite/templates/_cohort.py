@@ -81,16 +81,6 @@ def client_ids(client_batches: _client_batches.ClientBatches) -> jax.Array:
   return jnp.asarray(client_batches.client_ids, jnp.uint32)
 
 
-def _masked_sum(tree: Any, keep: jax.Array) -> Any:
-  """Sums leaves `[lanes, ...]` over the lanes where `keep` `[lanes]` is True."""
-
-  def total(x):
-    k = jnp.reshape(keep, keep.shape + (1,) * (x.ndim - 1))
-    return jnp.sum(jnp.where(k, x, jnp.zeros((), x.dtype)), axis=0)
-
-  return jax.tree.map(total, tree)
-
-
 def _local_loop(init_fn, step_fn, finalize_fn, chunk_size, batch, mask, ids, inputs, present):
   """The chunked loop over the clients this device holds; returns `(summed, stacked)`."""
   num_clients = mask.shape[0]
@@ -133,7 +123,9 @@ def _local_loop(init_fn, step_fn, finalize_fn, chunk_size, batch, mask, ids, inp
     carry = jax.vmap(init_fn)(chunk_inputs, chunk_ids)
     _, carry = lax.while_loop(lambda loop: loop[0] < last_step, body, (jnp.int32(0), carry))
     chunk_summed, chunk_stacked = jax.vmap(finalize_fn)(carry, chunk_inputs, chunk_ids)
-    summed = tree_lib.tree_add(summed, _masked_sum(chunk_summed, real & present[rows]))
+    summed = tree_lib.tree_add(
+      summed, tree_lib.tree_sum_over_clients(chunk_summed, real & present[rows])
+    )
     stacked = jax.tree.map(
       lambda buf, out: buf.at[clients].set(out, mode='drop'), stacked, chunk_stacked
     )
