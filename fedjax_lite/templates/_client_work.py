@@ -1,4 +1,6 @@
-"""`build_model_delta_client_work`: FedAvg's local training for a whole cohort in one call."""
+"""Client work written per client: `ClientLoop(init, step, finalize)` and `build_client_work`,
+which runs it for a whole cohort in one compiled call; `build_model_delta_client_work`
+(FedAvg's local training) is one such description."""
 
 from __future__ import annotations
 
