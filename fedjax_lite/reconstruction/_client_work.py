@@ -48,6 +48,10 @@ class _PhaseModel:
     self._model = model
     self._assemble = assemble
 
+  @property
+  def uses_rng(self) -> bool:
+    return self._model.uses_rng
+
   def predict_on_batch(self, weights, x, training=True, rng=None):
     full = self._assemble(weights.trainable, weights.non_trainable)
     return self._model.predict_on_batch(full, x, training, rng=rng)
@@ -201,12 +205,8 @@ def build_reconstruction_pass(
     def step(carry, batch, mask, key):
       if not has_local_trainables:
         return carry, None
-      local, opt_state = carry
-      rng = key if fm.uses_rng else None
-      grads, _ = _client_work.masked_grad(phase, local, batch, mask, rng)
-      updates, opt_state = optimizer.update(grads, opt_state, local.trainable)
-      trainable = optax.apply_updates(local.trainable, updates)
-      return (local._replace(trainable=trainable), opt_state), None
+      local, opt_state, _ = _client_work.optimizer_step(phase, optimizer, *carry, batch, mask, key)
+      return (local, opt_state), None
 
     def finalize(carry):
       return _client_work.ClientOutput(client_output=carry[0])
@@ -222,35 +222,36 @@ def build_reconstruction_pass(
   )
 
 
-def post_reconstruction_key(round_key: jax.Array) -> jax.Array:
-  """The key of the pass after reconstruction (training or evaluation)."""
-  return jax.random.fold_in(round_key, _POST_STREAM)
-
-
-def split_and_reconstruct(
+def reconstruct_round(
+  model: _model.ReconstructionModel,
   reconstruction_pass: _processes.ClientWorkProcess,
-  hparams: dict,
-  round_key: jax.Array,
+  dataset_split_fn: _dataset_split.DatasetSplitFn,
+  state: _client_work.ClientWorkState,
   global_weights: models.ModelWeights,
   client_batches: _client_batches.ClientBatches,
-  dataset_split_fn: _dataset_split.DatasetSplitFn,
-) -> tuple[Any, _client_batches.ClientBatches]:
-  """Splits `client_batches` with `dataset_split_fn` and reconstructs on the first part.
+  client_inputs: Any,
+) -> tuple[Any, _client_batches.ClientBatches, jax.Array, jax.Array]:
+  """The start of a FedRecon round: checks the inputs, splits `client_batches` with
+  `dataset_split_fn` and reconstructs on the first part (`state.hparams[
+  'reconstruction_optimizer']`).
 
-  Returns every client's local weights after reconstruction (leaves `[clients, ...]`) and the
-  second part of the split (post-reconstruction training, or evaluation).
+  Returns every client's local weights after reconstruction (leaves `[clients, ...]`), the
+  second part of the split (post-reconstruction training, or evaluation), the key of the pass
+  after reconstruction and the client work's next key.
   """
+  if jax.tree.leaves(client_inputs):
+    raise ValueError('Federated Reconstruction client work takes no client_inputs')
+  _client_batches.check_client_batches(client_batches, model.input_spec)
+  round_key, next_key = jax.random.split(state.rng)
   split = dataset_split_fn(client_batches)
   check_split_output(split, client_batches)
   recon_batches, other_batches = split
-  state = _client_work.ClientWorkState(hparams, jax.random.fold_in(round_key, _RECON_STREAM))
-  out = reconstruction_pass.next(state, global_weights, recon_batches)
-  return out.result.client_outputs, other_batches
-
-
-def check_no_client_inputs(client_inputs: Any) -> None:
-  if jax.tree.leaves(client_inputs):
-    raise ValueError('Federated Reconstruction client work takes no client_inputs')
+  recon_state = _client_work.ClientWorkState(
+    state.hparams['reconstruction_optimizer'], jax.random.fold_in(round_key, _RECON_STREAM)
+  )
+  out = reconstruction_pass.next(recon_state, global_weights, recon_batches)
+  post_key = jax.random.fold_in(round_key, _POST_STREAM)
+  return out.result.client_outputs, other_batches, post_key, next_key
 
 
 def build_reconstruction_client_work(
@@ -323,12 +324,10 @@ def build_reconstruction_client_work(
       return models.ModelWeights(initial, local), opt_state
 
     def step(carry, batch, mask, key):
-      weights, opt_state = carry
-      rng = key if fm.uses_rng else None
-      grads, step_metrics = _client_work.masked_grad(phase, weights, batch, mask, rng)
-      updates, opt_state = client_optimizer.update(grads, opt_state, weights.trainable)
-      trainable = optax.apply_updates(weights.trainable, updates)
-      return (weights._replace(trainable=trainable), opt_state), step_metrics
+      weights, opt_state, step_metrics = _client_work.optimizer_step(
+        phase, client_optimizer, *carry, batch, mask, key
+      )
+      return (weights, opt_state), step_metrics
 
     def finalize(carry):
       trainable = carry[0].trainable
@@ -358,20 +357,10 @@ def build_reconstruction_client_work(
     return _client_work.ClientWorkState(hparams, jax.random.PRNGKey(seed))
 
   def next_fn(state, global_weights, client_batches, client_inputs=(), *, client_part=None):
-    check_no_client_inputs(client_inputs)
-    _client_batches.check_client_batches(client_batches, model.input_spec)
-    round_key, next_key = jax.random.split(state.rng)
-    locals_, post_batches = split_and_reconstruct(
-      recon_pass,
-      state.hparams['reconstruction_optimizer'],
-      round_key,
-      global_weights,
-      client_batches,
-      dataset_split_fn,
+    locals_, post_batches, post_key, next_key = reconstruct_round(
+      model, recon_pass, dataset_split_fn, state, global_weights, client_batches, client_inputs
     )
-    post_state = _client_work.ClientWorkState(
-      state.hparams['client_optimizer'], post_reconstruction_key(round_key)
-    )
+    post_state = _client_work.ClientWorkState(state.hparams['client_optimizer'], post_key)
     out = post_pass.next(post_state, global_weights, post_batches, locals_, client_part=client_part)
     return _processes.MeasuredProcessOutput(
       state._replace(rng=next_key), out.result, out.measurements

@@ -11,7 +11,6 @@ from jax.sharding import Mesh
 
 from fedjax_lite import aggregators, optimizers
 from fedjax_lite.algorithms import _common
-from fedjax_lite.data import _client_batches
 from fedjax_lite.reconstruction import _client_work, _dataset_split, _model
 from fedjax_lite.templates import _client_work as _templates_client_work
 from fedjax_lite.templates import _finalizers, _processes
@@ -100,18 +99,10 @@ def build_fed_recon_eval(
     )
 
   def next_fn(state, global_weights, client_batches, client_inputs=(), *, client_part=None):
-    _client_work.check_no_client_inputs(client_inputs)
-    _client_batches.check_client_batches(client_batches, model.input_spec)
-    round_key, next_key = jax.random.split(state.rng)
-    locals_, eval_batches = _client_work.split_and_reconstruct(
-      recon_pass,
-      state.hparams['reconstruction_optimizer'],
-      round_key,
-      global_weights,
-      client_batches,
-      dataset_split_fn,
+    locals_, eval_batches, eval_key, next_key = _client_work.reconstruct_round(
+      model, recon_pass, dataset_split_fn, state, global_weights, client_batches, client_inputs
     )
-    eval_state = state._replace(hparams={}, rng=_client_work.post_reconstruction_key(round_key))
+    eval_state = state._replace(hparams={}, rng=eval_key)
     out = eval_pass.next(eval_state, global_weights, eval_batches, locals_, client_part=client_part)
     new_state = out.state._replace(hparams=state.hparams, rng=next_key)
     return _processes.MeasuredProcessOutput(new_state, out.result, out.measurements)

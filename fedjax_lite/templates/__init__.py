@@ -9,6 +9,7 @@ from fedjax_lite.templates._client_work import (
   build_model_delta_client_work,
   masked_forward,
   masked_grad,
+  optimizer_step,
 )
 from fedjax_lite.templates._composers import LearningAlgorithmState, compose_learning_process
 from fedjax_lite.templates._distributors import build_broadcast_process
@@ -71,4 +72,5 @@ __all__ = [
   'compose_learning_process',
   'masked_forward',
   'masked_grad',
+  'optimizer_step',
 ]

@@ -119,6 +119,19 @@ def masked_grad(model, weights, batch, mask, rng=None):
   return grads, step_metrics
 
 
+def optimizer_step(model, optimizer, weights, opt_state, batch, mask, key):
+  """One local optimizer step on a padded batch: the step of most `ClientLoop`s.
+
+  Returns `(weights with new trainables, opt_state, step_metrics)`; `key` reaches the model
+  only when it takes an `rng`.
+  """
+  rng = key if model.uses_rng else None
+  grads, step_metrics = masked_grad(model, weights, batch, mask, rng)
+  updates, opt_state = optimizer.update(grads, opt_state, weights.trainable)
+  weights = weights._replace(trainable=optax.apply_updates(weights.trainable, updates))
+  return weights, opt_state, step_metrics
+
+
 def training_metric_fns(model) -> tuple[Callable, Callable, Callable]:
   """`loss` and `num_examples`, always reported, plus the model's own metrics (which win)."""
   builtin = metrics_lib.create_functional_metric_fns(
@@ -405,18 +418,14 @@ def build_model_delta_client_work(
 
     def init(client_input, key):
       del client_input, key
-      return initial, opt_state
+      return model_weights, opt_state
 
     def step(carry, batch, mask, key):
-      trainable, opt_state = carry
-      rng = key if model.uses_rng else None
-      weights = model_weights._replace(trainable=trainable)
-      grads, step_metrics = masked_grad(model, weights, batch, mask, rng)
-      updates, opt_state = optimizer.update(grads, opt_state, trainable)
-      return (optax.apply_updates(trainable, updates), opt_state), step_metrics
+      weights, opt_state, step_metrics = optimizer_step(model, optimizer, *carry, batch, mask, key)
+      return (weights, opt_state), step_metrics
 
     def finalize(carry):
-      return ClientOutput(update=tree_lib.tree_sub(initial, carry[0]))
+      return ClientOutput(update=tree_lib.tree_sub(initial, carry[0].trainable))
 
     return ClientLoop(init, step, finalize)
 
