@@ -330,7 +330,10 @@ def build_parser() -> argparse.ArgumentParser:
   )
   parser.add_argument('--skip-mlp', action='store_true', help='only the CNN (with --cnn)')
   parser.add_argument(
-    '--cnn-chunk-size', type=int, default=None, help='chunk for the CNN; default the best MLP one'
+    '--cnn-chunk-size',
+    type=int,
+    default=None,
+    help='chunk for the CNN; default 1 on CPU, else the best MLP one',
   )
   parser.add_argument('--out', default='benchmarks/results/fedavg_throughput.json')
   return parser
@@ -410,6 +413,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cnn:
       if args.cnn_chunk_size is not None:
         best = args.cnn_chunk_size
+      elif jax.default_backend() == 'cpu':
+        best = 1  # the builders' CPU default for convolutional models (docs/ARCHITECTURE.md)
       elif 'mlp' in entry:
         best = max(
           args.chunk_sizes, key=lambda k: entry['mlp']['methods'][f'a{k}']['median_ex_per_s']
