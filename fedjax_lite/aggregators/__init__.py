@@ -1,5 +1,38 @@
-"""Aggregation factories: `create(value_spec) -> AggregationProcess`."""
+"""Aggregation factories: `create(value_spec) -> AggregationProcess`.
 
+Every decomposable factory streams through the cohort loop (a per-client part, a sum, a server
+part); the robust reductions that need every client at once work on stacked values.
+"""
+
+from fedjax_lite.aggregators._differential_privacy import DifferentiallyPrivateFactory, DPState
 from fedjax_lite.aggregators._factories import MeanFactory, SumFactory, UnweightedMeanFactory
+from fedjax_lite.aggregators._quantile import (
+  PrivateQuantileEstimationProcess,
+  QuantileEstimatorState,
+  build_quantile_estimator,
+)
+from fedjax_lite.aggregators._robust import (
+  clipping_factory,
+  global_norm,
+  krum_factory,
+  median_factory,
+  trimmed_mean_factory,
+  zeroing_factory,
+)
 
-__all__ = ['MeanFactory', 'SumFactory', 'UnweightedMeanFactory']
+__all__ = [
+  'DPState',
+  'DifferentiallyPrivateFactory',
+  'MeanFactory',
+  'PrivateQuantileEstimationProcess',
+  'QuantileEstimatorState',
+  'SumFactory',
+  'UnweightedMeanFactory',
+  'build_quantile_estimator',
+  'clipping_factory',
+  'global_norm',
+  'krum_factory',
+  'median_factory',
+  'trimmed_mean_factory',
+  'zeroing_factory',
+]

@@ -22,10 +22,16 @@ def _empty_state():
   return ()
 
 
-def _spec(value_spec: Any) -> Any:
+def any_spec(value_spec: Any) -> Any:
+  """The `jax.ShapeDtypeStruct`s of `value_spec` (arrays or specs)."""
   if value_spec is None:
     raise ValueError('value_spec must be a pytree of arrays or jax.ShapeDtypeStruct; got None')
-  specs = tree_lib.tree_specs(value_spec)
+  return tree_lib.tree_specs(value_spec)
+
+
+def float_spec(value_spec: Any) -> Any:
+  """The specs of `value_spec`, checked to be floating point (a mean of model updates)."""
+  specs = any_spec(value_spec)
   for path, leaf in jax.tree_util.tree_flatten_with_path(specs)[0]:
     if not jnp.issubdtype(leaf.dtype, jnp.inexact):
       raise TypeError(
@@ -44,7 +50,8 @@ def _inner(factory: Any, spec: Any, name: str) -> _processes.AggregationProcess:
 
 
 class SumFactory:
-  """Sum over clients, unweighted: `next(state, value [clients, ...]) -> sum`."""
+  """Sum over clients, unweighted: `next(state, value [clients, ...]) -> sum` (any dtype: counts
+  are summed as integers)."""
 
   def create(self, value_spec: Any) -> _processes.AggregationProcess:
     def client_part(state, value, client_id):
@@ -59,7 +66,7 @@ class SumFactory:
       is_weighted=False,
       client_part=client_part,
       server_part=server_part,
-      value_spec=_spec(value_spec),
+      value_spec=any_spec(value_spec),
     )
 
 
@@ -74,7 +81,7 @@ class UnweightedMeanFactory:
     self._value_sum_factory = value_sum_factory
 
   def create(self, value_spec: Any) -> _processes.AggregationProcess:
-    spec = _spec(value_spec)
+    spec = float_spec(value_spec)
     inner = _inner(self._value_sum_factory, spec, 'value_sum_factory')
 
     def divide(summed, count):
@@ -133,7 +140,7 @@ class MeanFactory:
     """`weight_spec` is accepted for TFF's `create(value_type, weight_type)`; weights are
     `[]` float32 per client."""
     del weight_spec
-    spec = _spec(value_spec)
+    spec = float_spec(value_spec)
     values = _inner(self._value_sum_factory, spec, 'value_sum_factory')
     weights = _inner(
       self._weight_sum_factory, jax.ShapeDtypeStruct((), jnp.float32), 'weight_sum_factory'

@@ -357,6 +357,47 @@ class AggregationProcess(_AggregationProcessFields):
     return self.client_part is not None
 
 
+class _EstimationProcessFields(NamedTuple):
+  initialize: Callable[[], Any]
+  next: Callable[[Any, Any], Any]
+  report: Callable[[Any], Any]
+  client_part: Callable[[Any, Any], Any] | None = None
+  server_part: Callable[[Any, Any], Any] | None = None
+
+
+class EstimationProcess(_EstimationProcessFields):
+  """Estimates a server value from client values across rounds (TFF's `EstimationProcess`).
+
+  `next(state, value [clients]) -> state` and `report(state) -> estimate`. Given as streaming
+  parts, `client_part(state, value) -> contribution` runs per client inside the cohort loop,
+  the contributions are summed, and `server_part(state, sum) -> state` runs once; `next` is
+  derived from them.
+  """
+
+  __slots__ = ()
+
+  def __new__(cls, initialize, next=None, report=None, *, client_part=None, server_part=None):
+    _check_initialize(initialize)
+    if (client_part is None) != (server_part is None):
+      raise ValueError('a streaming estimation needs both client_part and server_part')
+    if next is None:
+      if client_part is None:
+        raise ValueError('an EstimationProcess needs next, or client_part and server_part')
+
+      def next(state, value):
+        per_client = jax.vmap(lambda v: client_part(state, v))(value)
+        return server_part(state, tree_lib.tree_sum_over_clients(per_client))
+
+    _check_next_arity(next, 2, '(state, value)')
+    if not callable(report):
+      raise TypeError(f'report must be callable; got {type(report).__name__}')
+    return super().__new__(cls, initialize, next, report, client_part, server_part)
+
+  @property
+  def streams(self) -> bool:
+    return self.client_part is not None
+
+
 class _FinalizerProcessFields(NamedTuple):
   initialize: Callable[[], Any]
   next: Callable[[Any, Any, Any], MeasuredProcessOutput]

@@ -1,0 +1,254 @@
+"""Robust aggregation: TFF's `clipping_factory` and `zeroing_factory` (streamed: the per-client
+clip or zeroing runs inside the cohort loop), and the aggregators of poisoning studies that need
+every client at once (coordinate-wise median, trimmed mean, Krum), on stacked values."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from fedjax_lite import tree as tree_lib
+from fedjax_lite.aggregators import _factories, _quantile
+from fedjax_lite.templates import _processes
+
+
+def global_norm(value: Any, order: float = 2.0) -> jax.Array:
+  """`[] float32` norm of all leaves of `value` taken together: L1, L2 or L-infinity."""
+  leaves = [jnp.ravel(x).astype(jnp.float32) for x in jax.tree.leaves(value)]
+  if not leaves:
+    return jnp.float32(0.0)
+  flat = jnp.concatenate(leaves)
+  if order == 1.0:
+    return jnp.sum(jnp.abs(flat))
+  if order == 2.0:
+    return jnp.sqrt(jnp.sum(flat * flat))
+  return jnp.max(jnp.abs(flat))
+
+
+def clip_by_global_norm(value: Any, clip: jax.Array) -> tuple[Any, jax.Array]:
+  """`value` scaled onto the L2 ball of radius `clip` when outside it; and its norm."""
+  norm = global_norm(value, 2.0)
+  scale = clip / jnp.maximum(norm, clip)
+  return jax.tree.map(lambda x: (x * scale).astype(x.dtype), value), norm
+
+
+def _norm_process(norm: Any, name: str) -> _processes.EstimationProcess:
+  if isinstance(norm, _processes.EstimationProcess):
+    return norm
+  if isinstance(norm, bool) or not isinstance(norm, int | float) or not norm > 0:
+    raise ValueError(f'{name} must be a number > 0 or an EstimationProcess; got {norm!r}')
+  if not math.isfinite(norm):
+    raise ValueError(f'{name} must be finite; got {norm!r}')
+  return _quantile.constant_estimate(float(norm))
+
+
+class _NormBoundFactory:
+  """Applies a per-client bound (clip or zero) by a norm, then aggregates with the inner factory.
+
+  State `{'<kind>ing_norm', 'inner_agg', '<kind>ed_count_agg'}`, measurements `{'<kind>ing':
+  inner measurements, '<kind>ing_norm', '<kind>ed_count'}`, as TFF names them.
+  """
+
+  def __init__(self, kind, norm, inner_agg_factory, count_sum_factory, bound_fn):
+    if not hasattr(inner_agg_factory, 'create'):
+      raise TypeError(
+        f'inner_agg_factory must be an aggregation factory; got {type(inner_agg_factory).__name__}'
+      )
+    self._kind = kind
+    self._norm = _norm_process(norm, f'{kind}ing_norm')
+    self._inner = inner_agg_factory
+    self._count = count_sum_factory or _factories.SumFactory()
+    self._bound = bound_fn
+
+  def create(self, value_spec: Any, weight_spec: Any = None) -> _processes.AggregationProcess:
+    del weight_spec
+    kind, norm_process, bound = self._kind, self._norm, self._bound
+    inner = self._inner.create(value_spec)
+    expected = f'{kind}ed_count_sum_factory must create an unweighted process over [] int32 counts'
+    try:
+      count = self._count.create(jax.ShapeDtypeStruct((), jnp.int32))
+    except TypeError as e:
+      raise TypeError(f'{expected}: {e}') from e
+    if count.is_weighted:
+      raise TypeError(f'{expected}; it created a weighted one')
+    keys = (f'{kind}ing_norm', 'inner_agg', f'{kind}ed_count_agg')
+
+    def initialize():
+      return dict(
+        zip(keys, (norm_process.initialize(), inner.initialize(), count.initialize()), strict=True)
+      )
+
+    def measured(state, limit, norm_state, agg, counted):
+      new_state = dict(zip(keys, (norm_state, agg.state, counted.state), strict=True))
+      measurements = {
+        f'{kind}ing': agg.measurements,
+        f'{kind}ing_norm': limit,
+        f'{kind}ed_count': counted.result,
+      }
+      return _processes.MeasuredProcessOutput(new_state, agg.result, measurements)
+
+    if inner.streams and count.streams and norm_process.streams:
+
+      def client_part(state, value, *weight_and_id):
+        *weight, client_id = weight_and_id
+        limit = norm_process.report(state[keys[0]])
+        value, norm, hit = bound(value, limit)
+        return (
+          norm_process.client_part(state[keys[0]], norm),
+          inner.client_part(state[keys[1]], value, *weight, client_id),
+          count.client_part(state[keys[2]], hit, client_id),
+        )
+
+      def server_part(state, total):
+        norm_sum, value_sum, count_sum = total
+        return measured(
+          state,
+          norm_process.report(state[keys[0]]),
+          norm_process.server_part(state[keys[0]], norm_sum),
+          inner.server_part(state[keys[1]], value_sum),
+          count.server_part(state[keys[2]], count_sum),
+        )
+
+      return _processes.AggregationProcess(
+        initialize, None, inner.is_weighted, client_part=client_part, server_part=server_part
+      )
+
+    def next_fn(state, value, *weight):
+      limit = norm_process.report(state[keys[0]])
+      value, norms, hits = jax.vmap(lambda v: bound(v, limit))(value)
+      return measured(
+        state,
+        limit,
+        norm_process.next(state[keys[0]], norms),
+        inner.next(state[keys[1]], value, *weight),
+        count.next(state[keys[2]], hits),
+      )
+
+    if inner.is_weighted:
+      return _processes.AggregationProcess(initialize, lambda s, v, w: next_fn(s, v, w))
+    return _processes.AggregationProcess(initialize, lambda s, v: next_fn(s, v), False)
+
+
+def clipping_factory(
+  clipping_norm: float | _processes.EstimationProcess,
+  inner_agg_factory: Any,
+  clipped_count_sum_factory: Any = None,
+) -> _NormBoundFactory:
+  """Projects each client's value onto the L2 ball of `clipping_norm` (the global norm over all
+  leaves), then aggregates with `inner_agg_factory` (whose weightedness it takes).
+
+  `clipping_norm` is a number or an `EstimationProcess` fed every client's norm (e.g.
+  `PrivateQuantileEstimationProcess.no_noise(...)` for an adaptive clip). Measurements:
+  `clipping` (the inner ones), `clipping_norm` (used this round), `clipped_count`.
+
+  Example:
+    >>> agg = fl.aggregators.clipping_factory(1.0, fl.aggregators.MeanFactory())
+    >>> fl.algorithms.build_weighted_fed_avg(model, opt, model_aggregator=agg)
+  """
+
+  def clip(value, limit):
+    clipped, norm = clip_by_global_norm(value, limit)
+    return clipped, norm, (norm > limit).astype(jnp.int32)
+
+  return _NormBoundFactory(
+    'clipp', clipping_norm, inner_agg_factory, clipped_count_sum_factory, clip
+  )
+
+
+def zeroing_factory(
+  zeroing_norm: float | _processes.EstimationProcess,
+  inner_agg_factory: Any,
+  norm_order: float = math.inf,
+  zeroed_count_sum_factory: Any = None,
+) -> _NormBoundFactory:
+  """Replaces by zeros each client's value whose norm exceeds `zeroing_norm`, then aggregates with
+  `inner_agg_factory`. The weight of a zeroed value is kept (TFF's choice), so heavy zeroing
+  pulls a weighted mean toward zero.
+
+  `norm_order` is 1.0, 2.0 or `math.inf` (TFF's default: the largest absolute value).
+  Measurements: `zeroing`, `zeroing_norm`, `zeroed_count`.
+  """
+  if norm_order not in (1.0, 2.0) and norm_order != math.inf:
+    raise ValueError(f'norm_order must be 1.0, 2.0 or math.inf; got {norm_order!r}')
+
+  def zero(value, limit):
+    norm = global_norm(value, norm_order)
+    hit = norm > limit
+    return (
+      tree_lib.tree_where(hit, tree_lib.tree_zeros_like(value), value),
+      norm,
+      hit.astype(jnp.int32),
+    )
+
+  return _NormBoundFactory('zero', zeroing_norm, inner_agg_factory, zeroed_count_sum_factory, zero)
+
+
+def _stacked_factory(reduce_fn):
+  """An unweighted factory of a reduction that needs every client's value at once.
+
+  `reduce_fn(value [clients, ...]) -> (result, measurements)`.
+  """
+
+  class StackedFactory:
+    def create(self, value_spec: Any) -> _processes.AggregationProcess:
+      spec = _factories.float_spec(value_spec)
+
+      def next_fn(state, value):
+        result, measurements = reduce_fn(value)
+        return _processes.MeasuredProcessOutput(state, result, measurements)
+
+      return _processes.AggregationProcess(lambda: (), next_fn, False, value_spec=spec)
+
+  return StackedFactory()
+
+
+def median_factory():
+  """Coordinate-wise median over clients (Yin et al., 2018). Unweighted, on stacked values."""
+  return _stacked_factory(lambda value: (jax.tree.map(lambda x: jnp.median(x, axis=0), value), {}))
+
+
+def trimmed_mean_factory(trim_fraction: float):
+  """Coordinate-wise mean after dropping the `floor(trim_fraction * clients)` largest and
+  smallest values of each coordinate (Yin et al., 2018). Unweighted, on stacked values."""
+  if not (isinstance(trim_fraction, int | float) and 0 <= trim_fraction < 0.5):
+    raise ValueError(f'trim_fraction must be in [0, 0.5); got {trim_fraction!r}')
+
+  def reduce(value):
+    def trimmed(x):
+      n = x.shape[0]
+      k = math.floor(trim_fraction * n)
+      return jnp.mean(jnp.sort(x, axis=0)[k : n - k], axis=0)
+
+    return jax.tree.map(trimmed, value), {}
+
+  return _stacked_factory(reduce)
+
+
+def krum_factory(num_byzantine: int, num_selected: int = 1):
+  """Krum (`num_selected=1`) and Multi-Krum (Blanchard et al., 2017): score each client by the
+  sum of squared distances to its `clients - num_byzantine - 2` nearest others, average the
+  `num_selected` lowest-scoring values.
+
+  The guarantee needs `clients > 2 * num_byzantine + 2`; a smaller cohort is scored on its
+  nearest other client and reported as `{'byzantine_tolerance_met': 0}` (1 otherwise).
+  """
+  for name, value, low in [('num_byzantine', num_byzantine, 0), ('num_selected', num_selected, 1)]:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+      raise ValueError(f'{name} must be an int >= {low}; got {value!r}')
+
+  def reduce(value):
+    leaves = jax.tree.leaves(value)
+    n = leaves[0].shape[0]
+    flat = jnp.concatenate([jnp.reshape(x, (n, -1)).astype(jnp.float32) for x in leaves], axis=1)
+    sq = jnp.sum(flat * flat, axis=1)
+    distances = sq[:, None] + sq[None, :] - 2.0 * flat @ flat.T
+    distances = jnp.where(jnp.eye(n, dtype=bool), jnp.inf, jnp.maximum(distances, 0.0))
+    nearest = jnp.sort(distances, axis=1)[:, : max(n - num_byzantine - 2, 1)]
+    chosen = jnp.argsort(jnp.sum(nearest, axis=1), stable=True)[: min(num_selected, n)]
+    result = jax.tree.map(lambda x: jnp.mean(x[chosen], axis=0), value)
+    return result, {'byzantine_tolerance_met': jnp.int32(n > 2 * num_byzantine + 2)}
+
+  return _stacked_factory(reduce)
