@@ -4,8 +4,10 @@ Every decomposable factory streams through the cohort loop (a per-client part, a
 part); the robust reductions that need every client at once work on stacked values.
 """
 
+from fedjax_lite.aggregators._accounting import PrivacyAccountant
 from fedjax_lite.aggregators._differential_privacy import DifferentiallyPrivateFactory, DPState
 from fedjax_lite.aggregators._factories import MeanFactory, SumFactory, UnweightedMeanFactory
+from fedjax_lite.aggregators._presets import dp_aggregator, robust_aggregator
 from fedjax_lite.aggregators._quantile import (
   PrivateQuantileEstimationProcess,
   QuantileEstimatorState,
@@ -24,15 +26,18 @@ __all__ = [
   'DPState',
   'DifferentiallyPrivateFactory',
   'MeanFactory',
+  'PrivacyAccountant',
   'PrivateQuantileEstimationProcess',
   'QuantileEstimatorState',
   'SumFactory',
   'UnweightedMeanFactory',
   'build_quantile_estimator',
   'clipping_factory',
+  'dp_aggregator',
   'global_norm',
   'krum_factory',
   'median_factory',
+  'robust_aggregator',
   'trimmed_mean_factory',
   'zeroing_factory',
 ]

@@ -17,6 +17,7 @@ from fedjax_lite.simulation import _checkpoint, _metrics_managers, _progress
 
 EVALUATION_KEY = 'evaluation'
 TIMING_KEY = 'timing'
+PRIVACY_KEY = 'privacy'
 
 
 def build_evaluation_fn(
@@ -91,6 +92,8 @@ def run_training_process(
   rounds_per_checkpoint: int = 1,
   metrics_managers: Iterable[_metrics_managers.MetricsManager] = (),
   progress: bool = False,
+  privacy_accountant: Any = None,
+  epsilon_budget: float | None = None,
 ) -> Any:
   """Runs `process` for rounds 1..`total_rounds`, resuming from the latest checkpoint.
 
@@ -129,9 +132,13 @@ def run_training_process(
     rounds_per_checkpoint: save every this many rounds (and at the last round).
     metrics_managers: where each round's flat metrics are released.
     progress: show a progress bar over rounds (only on a terminal; needs rich).
+    privacy_accountant: e.g. `fl.aggregators.PrivacyAccountant`: its `epsilon(round_num)` is
+      released every round as `privacy/epsilon`.
+    epsilon_budget: stop before the first round whose ε would exceed it (the state of the last
+      round run is checkpointed and returned); needs `privacy_accountant`.
 
   Returns:
-    The state after round `total_rounds`.
+    The state after round `total_rounds` (or after the last round the ε budget allowed).
   """
   for method in ('initialize', 'next'):
     if not callable(getattr(process, method, None)):
@@ -148,6 +155,17 @@ def run_training_process(
       + ('evaluation_fn' if evaluation_fn is not None else 'evaluation_selection_fn')
       + '. Tip: for fixed evaluation data use evaluation_selection_fn=lambda round_num: data.'
     )
+  if privacy_accountant is not None and not callable(getattr(privacy_accountant, 'epsilon', None)):
+    raise TypeError(
+      f'privacy_accountant must have a callable .epsilon(rounds); got {privacy_accountant!r}'
+    )
+  if epsilon_budget is not None:
+    if privacy_accountant is None:
+      raise ValueError('epsilon_budget needs a privacy_accountant to measure ε')
+    if isinstance(epsilon_budget, bool) or not (
+      isinstance(epsilon_budget, int | float) and epsilon_budget > 0
+    ):
+      raise ValueError(f'epsilon_budget must be a number > 0; got {epsilon_budget!r}')
   if evaluation_fn is not None:
     _check_callable('evaluation_fn', evaluation_fn, '(state, evaluation data) -> metrics')
     _check_callable('evaluation_selection_fn', evaluation_selection_fn, 'round_num -> data')
@@ -205,6 +223,10 @@ def run_training_process(
   bar = _progress.RoundProgress(total_rounds, first_round, progress)
   try:
     for round_num in range(first_round, total_rounds + 1):
+      if epsilon_budget is not None and privacy_accountant.epsilon(round_num) > epsilon_budget:
+        if checkpoint_manager is not None and (round_num - 1) % rounds_per_checkpoint:
+          checkpoint_manager.save_checkpoint(state, round_num - 1)
+        break
       start = time.perf_counter()
       data = training_selection_fn(round_num)
       data_seconds = time.perf_counter() - start
@@ -216,7 +238,7 @@ def run_training_process(
           f'process.next must return (state, metrics mapping); metrics is '
           f'{type(process_metrics).__name__}'
         )
-      for key in (EVALUATION_KEY, TIMING_KEY):
+      for key in (EVALUATION_KEY, TIMING_KEY, PRIVACY_KEY):
         if key in process_metrics:
           raise ValueError(f'process metrics have a top-level {key!r} key, which the driver adds')
       flat = _metrics_managers.flatten_metrics(process_metrics)
@@ -234,6 +256,8 @@ def run_training_process(
         round_seconds += seconds
       timing['round_seconds'] = round_seconds
       flat.update(flat_with(TIMING_KEY, timing))
+      if privacy_accountant is not None:
+        flat.update(flat_with(PRIVACY_KEY, {'epsilon': privacy_accountant.epsilon(round_num)}))
       release(flat, round_num)
       if checkpoint_manager is not None and (
         round_num % rounds_per_checkpoint == 0 or round_num == total_rounds

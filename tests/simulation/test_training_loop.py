@@ -297,3 +297,44 @@ def test_progress_bar_only_on_a_terminal(problem, capsys):
   assert 'round 3/3' in text
   assert 'loss 0.5000' in text and 'eval acc 0.8750' in text and 'rounds/s' in text
   assert not _progress.RoundProgress(3, 1, enabled=False, console=console).enabled
+
+
+class _Accountant:
+  """ε grows by 0.5 a round (a stand-in with a readable schedule)."""
+
+  def epsilon(self, rounds):
+    return 0.5 * rounds
+
+
+def test_epsilon_is_released_every_round_and_the_budget_stops_the_run(problem, tmp_path):
+  process, selection_fn, _, _ = problem
+  manager = fl.simulation.InMemoryMetricsManager()
+  checkpoints = fl.simulation.FileCheckpointManager(tmp_path, keep=10)
+  state = fl.simulation.run_training_process(
+    process,
+    selection_fn,
+    10,
+    metrics_managers=[manager],
+    checkpoint_manager=checkpoints,
+    rounds_per_checkpoint=4,
+    privacy_accountant=_Accountant(),
+    epsilon_budget=2.6,
+  )
+  rounds = sorted(manager.metrics)
+  assert rounds == [1, 2, 3, 4, 5]  # round 6 would reach ε = 3.0 > 2.6
+  assert [manager.metrics[r]['privacy/epsilon'] for r in rounds] == [0.5, 1.0, 1.5, 2.0, 2.5]
+  restored, round_num = checkpoints.load_latest_checkpoint(jax.eval_shape(process.initialize))
+  assert round_num == 5  # the last round run is checkpointed although 5 % 4 != 0
+  _assert_bitwise(_weights(process, restored), _weights(process, state))
+
+
+def test_privacy_arguments_are_checked(problem):
+  process, selection_fn, _, _ = problem
+  with pytest.raises(ValueError, match='epsilon_budget needs a privacy_accountant'):
+    fl.simulation.run_training_process(process, selection_fn, 1, epsilon_budget=1.0)
+  with pytest.raises(TypeError, match=r'privacy_accountant must have a callable \.epsilon'):
+    fl.simulation.run_training_process(process, selection_fn, 1, privacy_accountant=object())
+  with pytest.raises(ValueError, match='epsilon_budget must be a number > 0'):
+    fl.simulation.run_training_process(
+      process, selection_fn, 1, privacy_accountant=_Accountant(), epsilon_budget=-1
+    )
