@@ -15,6 +15,7 @@ MODELS = ('logreg', 'mlp', 'cnn', 'mf')
 ALGORITHMS = ('fedavg', 'fedavg_unweighted', 'fedsgd', 'fedrecon')
 OPTIMIZERS = ('sgd', 'sgdm', 'adam', 'adagrad', 'rmsprop', 'yogi')
 PARTITIONS = ('dirichlet', 'iid', 'shards', 'power_law')
+AGGREGATORS = ('mean', 'robust', 'clip', 'zero', 'dp', 'median', 'trimmed_mean', 'krum')
 
 
 class ConfigError(ValueError):
@@ -43,6 +44,33 @@ def _positive_float(value: Any) -> float:
     raise ValueError(f'expected a number > 0; got {value!r}') from None
   if isinstance(value, bool) or not number > 0:
     raise ValueError(f'expected a number > 0; got {value!r}')
+  return number
+
+
+def _number_in(low: float, high: float, low_inclusive: bool) -> Callable[[Any], float]:
+  """A number in `[low, high)` or `(low, high)`."""
+  interval = f'{"[" if low_inclusive else "("}{low}, {high})'
+
+  def parse(value: Any) -> float:
+    try:
+      number = float(value)
+    except (TypeError, ValueError):
+      raise ValueError(f'expected a number in {interval}; got {value!r}') from None
+    above_low = number >= low if low_inclusive else number > low
+    if isinstance(value, bool) or not (above_low and number < high):
+      raise ValueError(f'expected a number in {interval}; got {value!r}')
+    return number
+
+  return parse
+
+
+def _non_negative_float(value: Any) -> float:
+  try:
+    number = float(value)
+  except (TypeError, ValueError):
+    raise ValueError(f'expected a number >= 0; got {value!r}') from None
+  if isinstance(value, bool) or not number >= 0 or number == float('inf'):
+    raise ValueError(f'expected a finite number >= 0; got {value!r}')
   return number
 
 
@@ -88,6 +116,13 @@ OPTIONS = (
   Option('recon_lr', _positive_float, 0.1, 'reconstruction learning rate (fedrecon)'),
   Option('server_optimizer', _choice(OPTIMIZERS), 'sgd', ' | '.join(OPTIMIZERS)),
   Option('server_lr', _positive_float, 1.0, 'server learning rate'),
+  Option('aggregator', _choice(AGGREGATORS), 'mean', ' | '.join(AGGREGATORS)),
+  Option('clip', _optional(_positive_float), None, 'L2 clip (clip, dp); none: adaptive'),
+  Option('noise_multiplier', _optional(_non_negative_float), None, 'DP noise / clip (dp)'),
+  Option('target_delta', _optional(_number_in(0, 1, False)), None, 'DP delta; none: clients^-1.1'),
+  Option('epsilon_budget', _optional(_positive_float), None, 'stop before epsilon exceeds it'),
+  Option('trim_fraction', _number_in(0, 0.5, True), 0.1, 'trimmed per side (trimmed_mean)'),
+  Option('byzantine', _int(0), 1, 'Byzantine clients tolerated (krum)'),
   Option('batch_size', _int(1), 16, 'examples per local step'),
   Option('epochs', _int(1), 2, 'local epochs'),
   Option('max_steps', _optional(_int(1)), None, 'cap on local steps per client'),

@@ -12,7 +12,15 @@ import jax
 import numpy as np
 import optax
 
-from fedjax_lite import algorithms, data, models, optimizers, reconstruction, simulation
+from fedjax_lite import (
+  aggregators,
+  algorithms,
+  data,
+  models,
+  optimizers,
+  reconstruction,
+  simulation,
+)
 from fedjax_lite._config import ConfigError, flag
 from fedjax_lite.templates import LearningProcess
 
@@ -32,6 +40,7 @@ class Experiment:
     training_data_fn: `round_num -> ClientBatches` (host arrays) of that round's cohort.
     evaluation_fn: `(state, ClientBatches) -> metrics`.
     evaluation_data: the held-out `ClientBatches`.
+    privacy_accountant: a `PrivacyAccountant` when the aggregation is differentially private.
   """
 
   process: LearningProcess
@@ -39,6 +48,7 @@ class Experiment:
   training_data_fn: Callable[[int], data.ClientBatches]
   evaluation_fn: Callable[[Any, data.ClientBatches], Mapping[str, Any]]
   evaluation_data: data.ClientBatches
+  privacy_accountant: aggregators.PrivacyAccountant | None = None
 
 
 def _optimizer(name: str, learning_rate: float) -> optax.GradientTransformation:
@@ -122,14 +132,82 @@ def _model(config: Mapping[str, Any], example_x: np.ndarray, num_classes: int):
   return models.mlp_classifier(example_x.shape[1], num_classes, hidden=hidden, seed=seed)
 
 
+def check_aggregator_settings(config: Mapping[str, Any]) -> None:
+  """Raises ConfigError for aggregator settings that do not go together."""
+  name = config['aggregator']
+  dp_only = [k for k in ('noise_multiplier', 'target_delta', 'epsilon_budget') if config[k]]
+  if name == 'dp' and config['noise_multiplier'] is None:
+    raise ConfigError(
+      f'{flag("aggregator")} dp needs {flag("noise_multiplier")} (the noise standard deviation '
+      'over the clip; 0 for clipping without noise)'
+    )
+  if name != 'dp' and dp_only:
+    verb = 'goes' if len(dp_only) == 1 else 'go'
+    raise ConfigError(
+      f'{", ".join(flag(k) for k in dp_only)} {verb} with {flag("aggregator")} dp; got '
+      f'{flag("aggregator")} {name}'
+    )
+  if config['clip'] is not None and name not in ('clip', 'dp'):
+    raise ConfigError(
+      f'{flag("clip")} goes with {flag("aggregator")} clip or dp; got {flag("aggregator")} {name}'
+    )
+  if name == 'dp' and config['epsilon_budget'] and not config['noise_multiplier']:
+    raise ConfigError(f'{flag("epsilon_budget")} needs a {flag("noise_multiplier")} > 0')
+
+
+def _aggregator(config: Mapping[str, Any]) -> Any:
+  """The model-update aggregation factory of `--aggregator` and its settings."""
+  name, clip = config['aggregator'], config['clip']
+  unweighted = config['algorithm'] == 'fedavg_unweighted'
+  mean = aggregators.UnweightedMeanFactory() if unweighted else aggregators.MeanFactory()
+  try:
+    if name == 'robust':
+      return aggregators.robust_aggregator(weighted=not unweighted)
+    if name == 'clip':
+      if clip is None:
+        return aggregators.default_clipping(mean)
+      return aggregators.clipping_factory(clip, mean)
+    if name == 'zero':
+      return aggregators.default_zeroing(mean)
+    if name == 'dp':
+      noise, cohort = config['noise_multiplier'], config['clients_per_round']
+      if clip is None:
+        return aggregators.dp_aggregator(noise, cohort)
+      return aggregators.DifferentiallyPrivateFactory.gaussian_fixed(noise, cohort, clip)
+    if name == 'median':
+      return aggregators.median_factory()
+    if name == 'trimmed_mean':
+      return aggregators.trimmed_mean_factory(config['trim_fraction'])
+    if name == 'krum':
+      return aggregators.krum_factory(config['byzantine'])
+  except ValueError as error:
+    raise ConfigError(f'{flag("aggregator")} {name}: {error}') from None
+  return mean
+
+
+def _accountant(config: Mapping[str, Any], population: int):
+  """The privacy accountant of a DP run with noise; None otherwise."""
+  if config['aggregator'] != 'dp' or not config['noise_multiplier']:
+    return None
+  delta = config['target_delta'] or population**-1.1
+  return aggregators.PrivacyAccountant(
+    config['noise_multiplier'],
+    config['clients_per_round'],
+    population,
+    delta,
+    sampling='fixed_size',  # fl.data.sample_cohort draws a fixed-size cohort without replacement
+  )
+
+
 def _process(config: Mapping[str, Any], model: models.FunctionalModel) -> LearningProcess:
   server = _optimizer(config['server_optimizer'], config['server_lr'])
+  aggregator = _aggregator(config)
   if config['algorithm'] == 'fedsgd':
-    return algorithms.build_fed_sgd(model, server_optimizer=server)
+    return algorithms.build_fed_sgd(model, server_optimizer=server, model_aggregator=aggregator)
   client = _optimizer(config['client_optimizer'], config['client_lr'])
   if config['algorithm'] == 'fedavg_unweighted':
-    return algorithms.build_unweighted_fed_avg(model, client, server)
-  return algorithms.build_weighted_fed_avg(model, client, server)
+    return algorithms.build_unweighted_fed_avg(model, client, server, model_aggregator=aggregator)
+  return algorithms.build_weighted_fed_avg(model, client, server, model_aggregator=aggregator)
 
 
 def _fed_recon(config: Mapping[str, Any]):
@@ -161,6 +239,7 @@ def _fed_recon(config: Mapping[str, Any]):
     client_optimizer=_optimizer(config['client_optimizer'], config['client_lr']),
     reconstruction_optimizer=recon_optimizer,
     dataset_split_fn=reconstruction.build_dataset_split_fn(split_dataset=True),
+    model_aggregator=_aggregator(config),
     seed=config['seed'],
   )
   evaluation = reconstruction.build_fed_recon_eval(
@@ -176,6 +255,7 @@ def _fed_recon(config: Mapping[str, Any]):
 
 def build_experiment(config: Mapping[str, Any]) -> Experiment:
   """The experiment of a resolved configuration (`fedjax_lite._config.resolve`)."""
+  check_aggregator_settings(config)
   if (config['model'] == 'mf') != (config['algorithm'] == 'fedrecon'):
     raise ConfigError(
       f'{flag("model")} mf and {flag("algorithm")} fedrecon go together (matrix factorization '
@@ -221,5 +301,10 @@ def build_experiment(config: Mapping[str, Any]) -> Experiment:
 
   evaluation_fn = simulation.build_evaluation_fn(process, evaluation)
   return Experiment(
-    process, train, training_data_fn, evaluation_fn, jax.device_put(evaluation_data)
+    process,
+    train,
+    training_data_fn,
+    evaluation_fn,
+    jax.device_put(evaluation_data),
+    _accountant(config, train.num_clients),
   )

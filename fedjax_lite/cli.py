@@ -35,6 +35,7 @@ class _PrintMetrics(simulation.MetricsManager):
       ('client_work/train/rmse', 'rmse'),
       ('evaluation/accuracy', 'test accuracy'),
       ('evaluation/rmse', 'test rmse'),
+      ('privacy/epsilon', 'epsilon'),
       ('timing/examples_per_second', 'examples/s'),
     ]:
       if key in metrics:
@@ -97,6 +98,16 @@ def _train(args: argparse.Namespace) -> int:
       f'{config["clients_per_round"]} per round; {config["model"]} with {config["algorithm"]}; '
       f'writing to {out}' + (f' (resuming after round {resumed[-1]})' if resumed else '')
     )
+  accountant = experiment.privacy_accountant
+  if accountant is not None and not args.quiet:
+    print(
+      f'privacy: epsilon at delta={accountant.target_delta:.3g} under {accountant.assumption}'
+      + (
+        f'; stopping before epsilon exceeds {config["epsilon_budget"]}'
+        if config['epsilon_budget']
+        else ''
+      )
+    )
   start = time.perf_counter()
   try:
     with data.Prefetcher(experiment.training_data_fn, stop=config['rounds'] + 1) as prefetch:
@@ -111,12 +122,17 @@ def _train(args: argparse.Namespace) -> int:
         rounds_per_checkpoint=config['checkpoint_every'],
         metrics_managers=managers,
         progress=progress,
+        privacy_accountant=accountant,
+        epsilon_budget=config['epsilon_budget'],
       )
   finally:
     for manager in managers:
       manager.close()
   final = simulation.flatten_metrics(experiment.evaluation_fn(state, experiment.evaluation_data))
   scores = '  '.join(f'test {k} {v:.4f}' for k, v in final.items() if k != 'num_examples')
+  if accountant is not None:  # the driver checkpoints the last round it ran
+    rounds_run = checkpoints.checkpoint_rounds()[-1]
+    scores += f'  epsilon {accountant.epsilon(rounds_run):.3f} after {rounds_run} rounds'
   print(f'final: {scores}  ({time.perf_counter() - start:.1f}s; metrics and checkpoints in {out})')
   return 0
 

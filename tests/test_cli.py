@@ -94,6 +94,15 @@ def test_resumed_run_equals_an_uninterrupted_one(capsys):
     (['train', '--resume', '--out', 'nowhere'], 'nowhere holds no run to resume'),
     (['train', '--config', 'missing.toml'], "--config: no file 'missing.toml'"),
     (['eval', 'nowhere'], 'nowhere is not a run folder'),
+    (['train', '--aggregator', 'dp'], '--aggregator dp needs --noise-multiplier'),
+    (['train', '--noise-multiplier', '1'], '--noise-multiplier goes with --aggregator dp'),
+    (['train', '--clip', '1', '--aggregator', 'median'], '--clip goes with --aggregator clip'),
+    (['train', '--trim-fraction', '0.7'], '--trim-fraction: expected a number in [0, 0.5)'),
+    (['train', '--target-delta', '2'], '--target-delta: expected a number in (0, 1)'),
+    (
+      ['train', '--aggregator', 'dp', '--noise-multiplier', '1', '--clients-per-round', '5'],
+      '--aggregator dp: clipped_count_stddev (0.25) must be more than half the noise_multiplier',
+    ),
     (['fly'], 'invalid choice'),
   ],
 )
@@ -162,3 +171,30 @@ def test_fedrecon_matrix_factorization_on_a_movielens_file(tmp_path, capsys):
   assert _last_metrics(tmp_path / 'mf')['evaluation/rmse'] == pytest.approx(rmse, abs=1e-4)
   assert cli.main(['train', '--model', 'mf', '--algorithm', 'fedrecon']) == 2
   assert 'mf needs --dataset movielens_100k; got digits' in capsys.readouterr().err
+
+
+def test_aggregators_train_and_dp_stops_at_the_epsilon_budget(capsys):
+  for i, extra in enumerate(
+    [
+      ['--aggregator', 'robust'],
+      ['--aggregator', 'clip', '--clip', '0.5'],
+      ['--aggregator', 'zero', '--algorithm', 'fedavg_unweighted'],
+      ['--aggregator', 'trimmed_mean', '--trim-fraction', '0.2'],
+      ['--aggregator', 'krum', '--byzantine', '1'],
+    ]
+  ):
+    argv = ['train', *SMALL, '--rounds', '1', '--epochs', '1', '--out', f'agg{i}', '--quiet']
+    assert cli.main([*argv, *extra]) == 0
+    assert re.search(r'final: test accuracy 0\.\d+', capsys.readouterr().out)
+  dp = ['--aggregator', 'dp', '--clip', '0.5', '--noise-multiplier', '1.0']
+  argv = ['train', '--rounds', '30', '--eval-every', '10', '--out', 'dp', *dp]
+  assert cli.main([*argv, '--epsilon-budget', '5']) == 0
+  out = capsys.readouterr().out
+  assert 'fixed-size sampling without replacement (10 of 30)' in out
+  accountant = fl.aggregators.PrivacyAccountant(1.0, 10, 30, 30**-1.1, sampling='fixed_size')
+  last_round = max(r for r in range(31) if accountant.epsilon(r) <= 5)
+  assert 0 < last_round < 30
+  last = _last_metrics('dp')
+  assert last['round_num'] == last_round
+  assert last['privacy/epsilon'] == pytest.approx(accountant.epsilon(last_round))
+  assert f'after {last_round} rounds' in out

@@ -7,7 +7,12 @@ part); the robust reductions that need every client at once work on stacked valu
 from fedjax_lite.aggregators._accounting import PrivacyAccountant
 from fedjax_lite.aggregators._differential_privacy import DifferentiallyPrivateFactory, DPState
 from fedjax_lite.aggregators._factories import MeanFactory, SumFactory, UnweightedMeanFactory
-from fedjax_lite.aggregators._presets import dp_aggregator, robust_aggregator
+from fedjax_lite.aggregators._presets import (
+  default_clipping,
+  default_zeroing,
+  dp_aggregator,
+  robust_aggregator,
+)
 from fedjax_lite.aggregators._quantile import (
   PrivateQuantileEstimationProcess,
   QuantileEstimatorState,
@@ -33,6 +38,8 @@ __all__ = [
   'UnweightedMeanFactory',
   'build_quantile_estimator',
   'clipping_factory',
+  'default_clipping',
+  'default_zeroing',
   'dp_aggregator',
   'global_norm',
   'krum_factory',
