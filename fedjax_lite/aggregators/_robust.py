@@ -4,6 +4,7 @@ every client at once (coordinate-wise median, trimmed mean, Krum), on stacked va
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -16,16 +17,18 @@ from fedjax_lite.templates import _processes
 
 
 def global_norm(value: Any, order: float = 2.0) -> jax.Array:
-  """`[] float32` norm of all leaves of `value` taken together: L1, L2 or L-infinity."""
-  leaves = [jnp.ravel(x).astype(jnp.float32) for x in jax.tree.leaves(value)]
+  """`[] float32` norm of all leaves of `value` taken together: L1, L2 or L-infinity.
+
+  Reduced leaf by leaf: the leaves are never concatenated (no copy of the update).
+  """
+  leaves = [x.astype(jnp.float32) for x in jax.tree.leaves(value)]
   if not leaves:
     return jnp.float32(0.0)
-  flat = jnp.concatenate(leaves)
   if order == 1.0:
-    return jnp.sum(jnp.abs(flat))
+    return sum(jnp.sum(jnp.abs(x)) for x in leaves)
   if order == 2.0:
-    return jnp.sqrt(jnp.sum(flat * flat))
-  return jnp.max(jnp.abs(flat))
+    return jnp.sqrt(sum(jnp.sum(x * x) for x in leaves))
+  return functools.reduce(jnp.maximum, [jnp.max(jnp.abs(x)) for x in leaves])
 
 
 def clip_by_global_norm(value: Any, clip: jax.Array) -> tuple[Any, jax.Array]:
