@@ -5,9 +5,11 @@ part); the robust reductions that need every client at once work on stacked valu
 """
 
 from fedjax_lite.aggregators._accounting import PrivacyAccountant
+from fedjax_lite.aggregators._compression import QuantizationFactory, QuantizationState
 from fedjax_lite.aggregators._differential_privacy import DifferentiallyPrivateFactory, DPState
 from fedjax_lite.aggregators._factories import MeanFactory, SumFactory, UnweightedMeanFactory
 from fedjax_lite.aggregators._presets import (
+  compression_aggregator,
   default_clipping,
   default_zeroing,
   dp_aggregator,
@@ -34,10 +36,13 @@ __all__ = [
   'PrivacyAccountant',
   'PrivateQuantileEstimationProcess',
   'QuantileEstimatorState',
+  'QuantizationFactory',
+  'QuantizationState',
   'SumFactory',
   'UnweightedMeanFactory',
   'build_quantile_estimator',
   'clipping_factory',
+  'compression_aggregator',
   'default_clipping',
   'default_zeroing',
   'dp_aggregator',

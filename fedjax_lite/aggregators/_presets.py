@@ -6,7 +6,13 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from fedjax_lite.aggregators import _differential_privacy, _factories, _quantile, _robust
+from fedjax_lite.aggregators import (
+  _compression,
+  _differential_privacy,
+  _factories,
+  _quantile,
+  _robust,
+)
 
 
 def default_zeroing(inner_factory: Any) -> Any:
@@ -54,3 +60,21 @@ def dp_aggregator(noise_multiplier: float, clients_per_round: float, zeroing: bo
     learning_rate=0.2,
   )
   return default_zeroing(factory) if zeroing else factory
+
+
+def compression_aggregator(
+  zeroing: bool = True, clipping: bool = True, weighted: bool = True
+) -> Any:
+  """A mean whose value sum is quantized to 8 bits per coordinate for leaves of at least 20,000
+  elements (TFF's `compression_aggregator` and its `quantize_above_threshold` defaults), with
+  adaptive clipping and zeroing around it."""
+  quantized = _compression.QuantizationFactory(bits=8, threshold=20000)
+  if weighted:
+    factory = _factories.MeanFactory(value_sum_factory=quantized)
+  else:
+    factory = _factories.UnweightedMeanFactory(value_sum_factory=quantized)
+  if clipping:
+    factory = default_clipping(factory)
+  if zeroing:
+    factory = default_zeroing(factory)
+  return factory
