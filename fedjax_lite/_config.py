@@ -15,7 +15,17 @@ MODELS = ('logreg', 'mlp', 'cnn', 'mf')
 ALGORITHMS = ('fedavg', 'fedavg_unweighted', 'fedsgd', 'fedrecon')
 OPTIMIZERS = ('sgd', 'sgdm', 'adam', 'adagrad', 'rmsprop', 'yogi')
 PARTITIONS = ('dirichlet', 'iid', 'shards', 'power_law')
-AGGREGATORS = ('mean', 'robust', 'clip', 'zero', 'dp', 'median', 'trimmed_mean', 'krum')
+AGGREGATORS = (
+  'mean',
+  'robust',
+  'clip',
+  'zero',
+  'compression',
+  'dp',
+  'median',
+  'trimmed_mean',
+  'krum',
+)
 
 
 class ConfigError(ValueError):
@@ -123,6 +133,7 @@ OPTIONS = (
   Option('epsilon_budget', _optional(_positive_float), None, 'stop before epsilon exceeds it'),
   Option('trim_fraction', _number_in(0, 0.5, True), 0.1, 'trimmed per side (trimmed_mean)'),
   Option('byzantine', _int(0), 1, 'Byzantine clients tolerated (krum)'),
+  Option('bits', _int(1), 8, 'bits per coordinate, 1..16 (compression)'),
   Option('batch_size', _int(1), 16, 'examples per local step'),
   Option('epochs', _int(1), 2, 'local epochs'),
   Option('max_steps', _optional(_int(1)), None, 'cap on local steps per client'),

@@ -147,6 +147,10 @@ def check_aggregator_settings(config: Mapping[str, Any]) -> None:
       f'{", ".join(flag(k) for k in dp_only)} {verb} with {flag("aggregator")} dp; got '
       f'{flag("aggregator")} {name}'
     )
+  if config['bits'] != 8 and name != 'compression':
+    raise ConfigError(
+      f'{flag("bits")} goes with {flag("aggregator")} compression; got {flag("aggregator")} {name}'
+    )
   if config['clip'] is not None and name not in ('clip', 'dp'):
     raise ConfigError(
       f'{flag("clip")} goes with {flag("aggregator")} clip or dp; got {flag("aggregator")} {name}'
@@ -169,6 +173,12 @@ def _aggregator(config: Mapping[str, Any]) -> Any:
       return aggregators.clipping_factory(clip, mean)
     if name == 'zero':
       return aggregators.default_zeroing(mean)
+    if name == 'compression':  # TFF's compression_aggregator, at --bits
+      quantized = aggregators.QuantizationFactory(bits=config['bits'])
+      inner = (aggregators.UnweightedMeanFactory if unweighted else aggregators.MeanFactory)(
+        value_sum_factory=quantized
+      )
+      return aggregators.default_zeroing(aggregators.default_clipping(inner))
     if name == 'dp':
       noise, cohort = config['noise_multiplier'], config['clients_per_round']
       if clip is None:

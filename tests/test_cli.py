@@ -98,6 +98,8 @@ def test_resumed_run_equals_an_uninterrupted_one(capsys):
     (['train', '--noise-multiplier', '1'], '--noise-multiplier goes with --aggregator dp'),
     (['train', '--clip', '1', '--aggregator', 'median'], '--clip goes with --aggregator clip'),
     (['train', '--trim-fraction', '0.7'], '--trim-fraction: expected a number in [0, 0.5)'),
+    (['train', '--aggregator', 'compression', '--bits', '20'], 'bits must be an int in 1..16'),
+    (['train', '--bits', '4'], '--bits goes with --aggregator compression'),
     (['train', '--target-delta', '2'], '--target-delta: expected a number in (0, 1)'),
     (
       ['train', '--aggregator', 'dp', '--noise-multiplier', '1', '--clients-per-round', '5'],
@@ -181,6 +183,7 @@ def test_aggregators_train_and_dp_stops_at_the_epsilon_budget(capsys):
       ['--aggregator', 'zero', '--algorithm', 'fedavg_unweighted'],
       ['--aggregator', 'trimmed_mean', '--trim-fraction', '0.2'],
       ['--aggregator', 'krum', '--byzantine', '1'],
+      ['--aggregator', 'compression', '--bits', '4'],
     ]
   ):
     argv = ['train', *SMALL, '--rounds', '1', '--epochs', '1', '--out', f'agg{i}', '--quiet']
