@@ -277,3 +277,22 @@ def test_streamed_rounds_equal_the_stacked_numpy_reference(name, layout):
     for k in weights:
       np.testing.assert_allclose(got[k], weights[k], rtol=2e-5, atol=2e-6)
     estimate = estimate_next
+
+
+def test_weighted_and_unweighted_factories_interoperate_as_tffs():
+  # An unweighted factory where FedAvg weights its clients: the weights are not used (TFF's rule).
+  model = ref.linear_model(5, 3)
+  batches = fl.data.build_client_batches(ref.random_clients([9, 2, 14]), batch_size=4)
+  weighted = fl.algorithms.build_weighted_fed_avg(
+    model, fl.optimizers.build_sgdm(0.1), model_aggregator=AGG.UnweightedMeanFactory()
+  )
+  uniform = fl.algorithms.build_unweighted_fed_avg(
+    model, fl.optimizers.build_sgdm(0.1), model_aggregator=AGG.UnweightedMeanFactory()
+  )
+  s1, _ = weighted.next(weighted.initialize(), batches)
+  s2, _ = uniform.next(uniform.initialize(), batches)
+  for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s2), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+  # A weighted factory where only an unweighted sum can go: a clear error.
+  with pytest.raises(TypeError, match='value_sum_factory must create an unweighted'):
+    AGG.MeanFactory(value_sum_factory=AGG.MeanFactory()).create(SPEC)
