@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -47,41 +48,27 @@ def _int(low: int) -> Callable[[Any], int]:
   return parse
 
 
-def _positive_float(value: Any) -> float:
-  try:
-    number = float(value)
-  except (TypeError, ValueError):
-    raise ValueError(f'expected a number > 0; got {value!r}') from None
-  if isinstance(value, bool) or not number > 0:
-    raise ValueError(f'expected a number > 0; got {value!r}')
-  return number
-
-
-def _number_in(low: float, high: float, low_inclusive: bool) -> Callable[[Any], float]:
-  """A number in `[low, high)` or `(low, high)`."""
-  interval = f'{"[" if low_inclusive else "("}{low}, {high})'
+def _number(low: float, high: float = math.inf, low_inclusive: bool = False) -> Callable:
+  """A finite number above `low` (or at it, when `low_inclusive`) and below `high`."""
+  if high == math.inf:
+    expected = f'a number {">=" if low_inclusive else ">"} {low:g}'
+  else:
+    expected = f'a number in {"[" if low_inclusive else "("}{low:g}, {high:g})'
 
   def parse(value: Any) -> float:
     try:
       number = float(value)
     except (TypeError, ValueError):
-      raise ValueError(f'expected a number in {interval}; got {value!r}') from None
+      raise ValueError(f'expected {expected}; got {value!r}') from None
     above_low = number >= low if low_inclusive else number > low
     if isinstance(value, bool) or not (above_low and number < high):
-      raise ValueError(f'expected a number in {interval}; got {value!r}')
+      raise ValueError(f'expected {expected}; got {value!r}')
     return number
 
   return parse
 
 
-def _non_negative_float(value: Any) -> float:
-  try:
-    number = float(value)
-  except (TypeError, ValueError):
-    raise ValueError(f'expected a number >= 0; got {value!r}') from None
-  if isinstance(value, bool) or not number >= 0 or number == float('inf'):
-    raise ValueError(f'expected a finite number >= 0; got {value!r}')
-  return number
+_positive_float = _number(0)
 
 
 def _optional(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
@@ -128,10 +115,14 @@ OPTIONS = (
   Option('server_lr', _positive_float, 1.0, 'server learning rate'),
   Option('aggregator', _choice(AGGREGATORS), 'mean', ' | '.join(AGGREGATORS)),
   Option('clip', _optional(_positive_float), None, 'L2 clip (clip, dp); none: adaptive'),
-  Option('noise_multiplier', _optional(_non_negative_float), None, 'DP noise / clip (dp)'),
-  Option('target_delta', _optional(_number_in(0, 1, False)), None, 'DP delta; none: clients^-1.1'),
+  Option(
+    'noise_multiplier', _optional(_number(0, low_inclusive=True)), None, 'DP noise / clip (dp)'
+  ),
+  Option('target_delta', _optional(_number(0, 1)), None, 'DP delta; none: clients^-1.1'),
   Option('epsilon_budget', _optional(_positive_float), None, 'stop before epsilon exceeds it'),
-  Option('trim_fraction', _number_in(0, 0.5, True), 0.1, 'trimmed per side (trimmed_mean)'),
+  Option(
+    'trim_fraction', _number(0, 0.5, low_inclusive=True), 0.1, 'trimmed per side (trimmed_mean)'
+  ),
   Option('byzantine', _int(0), 1, 'Byzantine clients tolerated (krum)'),
   Option('bits', _int(1), 8, 'bits per coordinate, 1..16 (compression)'),
   Option('batch_size', _int(1), 16, 'examples per local step'),
