@@ -22,6 +22,7 @@ AGGREGATORS = (
   'clip',
   'zero',
   'compression',
+  'secure',
   'dp',
   'median',
   'trimmed_mean',

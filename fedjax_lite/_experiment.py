@@ -173,6 +173,8 @@ def _aggregator(config: Mapping[str, Any]) -> Any:
       return aggregators.clipping_factory(clip, mean)
     if name == 'zero':
       return aggregators.default_zeroing(mean)
+    if name == 'secure':
+      return aggregators.secure_aggregator(weighted=not unweighted)
     if name == 'compression':  # TFF's compression_aggregator, at --bits
       quantized = aggregators.QuantizationFactory(bits=config['bits'])
       inner = (aggregators.UnweightedMeanFactory if unweighted else aggregators.MeanFactory)(

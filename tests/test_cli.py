@@ -184,6 +184,7 @@ def test_aggregators_train_and_dp_stops_at_the_epsilon_budget(capsys):
       ['--aggregator', 'trimmed_mean', '--trim-fraction', '0.2'],
       ['--aggregator', 'krum', '--byzantine', '1'],
       ['--aggregator', 'compression', '--bits', '4'],
+      ['--aggregator', 'secure'],
     ]
   ):
     argv = ['train', *SMALL, '--rounds', '1', '--epochs', '1', '--out', f'agg{i}', '--quiet']

@@ -14,6 +14,7 @@ from fedjax_lite.aggregators._presets import (
   default_zeroing,
   dp_aggregator,
   robust_aggregator,
+  secure_aggregator,
 )
 from fedjax_lite.aggregators._quantile import (
   PrivateQuantileEstimationProcess,
@@ -28,6 +29,7 @@ from fedjax_lite.aggregators._robust import (
   trimmed_mean_factory,
   zeroing_factory,
 )
+from fedjax_lite.aggregators._secure import SecureSumFactory
 
 __all__ = [
   'DPState',
@@ -38,6 +40,7 @@ __all__ = [
   'QuantileEstimatorState',
   'QuantizationFactory',
   'QuantizationState',
+  'SecureSumFactory',
   'SumFactory',
   'UnweightedMeanFactory',
   'build_quantile_estimator',
@@ -50,6 +53,7 @@ __all__ = [
   'krum_factory',
   'median_factory',
   'robust_aggregator',
+  'secure_aggregator',
   'trimmed_mean_factory',
   'zeroing_factory',
 ]
