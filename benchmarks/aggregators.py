@@ -3,9 +3,10 @@ the plain weighted mean, at 100 and 1,000 clients per round.
 
 The workload is benchmarks/WORKLOAD.md's MLP round (`homo`: 64 examples, batch 16, one epoch,
 client SGD 0.1) on batches already built and on the device, so the table isolates the
-aggregation. Streamed aggregators (mean, clipping, zeroing, the presets, DP) run inside the
-cohort loop; the robust reductions (median, trimmed mean, Krum) need every client's update at
-once and are given the stacked `[clients, ...]` updates, so their memory grows with the cohort.
+aggregation. Streamed aggregators (mean, clipping, zeroing, compression, secure sum, the
+presets, DP) run inside the cohort loop; the robust reductions (median, trimmed mean, Krum) need
+every client's update at once and are given the stacked `[clients, ...]` updates, so their
+memory grows with the cohort.
 
 Usage:
   python benchmarks/aggregators.py [--quick] [--clients 100 1000] [--rounds 5]
@@ -39,6 +40,11 @@ AGGREGATORS = {
     lambda n: AGG.default_zeroing(AGG.MeanFactory()),
   ),
   'robust_aggregator': (fl.algorithms.build_weighted_fed_avg, lambda n: AGG.robust_aggregator()),
+  'compression_aggregator': (
+    fl.algorithms.build_weighted_fed_avg,
+    lambda n: AGG.compression_aggregator(),
+  ),
+  'secure_aggregator': (fl.algorithms.build_weighted_fed_avg, lambda n: AGG.secure_aggregator()),
   'DP gaussian_fixed': (
     fl.algorithms.build_unweighted_fed_avg,
     lambda n: AGG.DifferentiallyPrivateFactory.gaussian_fixed(1.0, n, 0.5),
