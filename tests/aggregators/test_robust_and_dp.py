@@ -296,3 +296,46 @@ def test_weighted_and_unweighted_factories_interoperate_as_tffs():
   # A weighted factory where only an unweighted sum can go: a clear error.
   with pytest.raises(TypeError, match='value_sum_factory must create an unweighted'):
     AGG.MeanFactory(value_sum_factory=AGG.MeanFactory()).create(SPEC)
+
+
+@pytest.mark.parametrize(
+  'factory',
+  [
+    lambda: AGG.MeanFactory(value_sum_factory=AGG.QuantizationFactory(2, 1, 'hadamard')),
+    lambda: AGG.MeanFactory(value_sum_factory=AGG.SecureSumFactory(0.05, bits=24)),
+  ],
+  ids=['compression', 'secure'],
+)
+@pytest.mark.parametrize('layout', ['chunk1', 'chunk3', 'mesh8'])
+def test_randomized_and_integer_sums_stream_like_their_stacked_form(factory, layout):
+  """Quantization keyed by client id and uint32 sums wrapping modulo 2^32 give the same round
+  through the cohort loop (chunks, devices) as through the stacked `next`."""
+  if layout == 'mesh8' and jax.device_count() < 8:
+    pytest.skip('needs 8 devices')
+  model = ref.linear_model(5, 3)
+  batches = fl.data.build_client_batches(
+    ref.random_clients([9, 2, 14, 5, 0, 7, 4]), batch_size=4, client_keys=range(7)
+  )
+  mesh = Mesh(np.array(jax.devices()[:8]), ('clients',)) if layout == 'mesh8' else None
+  chunk = {'chunk1': 1, 'chunk3': 3, 'mesh8': None}[layout]
+  work = fl.templates.build_model_delta_client_work(
+    model, fl.optimizers.build_sgdm(0.1), client_chunk_size=chunk, mesh=mesh
+  )
+  spec = fl.tree.tree_specs(model.initial_weights)
+
+  def compose(client_work):
+    return fl.templates.compose_learning_process(
+      lambda: model.initial_weights,
+      fl.templates.build_broadcast_process(spec),
+      client_work,
+      factory().create(spec.trainable),
+      fl.templates.build_apply_optimizer_finalizer(fl.optimizers.build_sgdm(1.0), spec),
+    )
+
+  streamed, stacked = compose(work), compose(work._replace(streams=False))
+  s1, s2 = streamed.initialize(), stacked.initialize()
+  for _ in range(2):
+    s1, m1 = streamed.next(s1, batches)
+    s2, m2 = stacked.next(s2, batches)
+  for a, b in zip(jax.tree.leaves((s1, m1)), jax.tree.leaves((s2, m2)), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
