@@ -175,12 +175,8 @@ def _aggregator(config: Mapping[str, Any]) -> Any:
       return aggregators.default_zeroing(mean)
     if name == 'secure':
       return aggregators.secure_aggregator(weighted=not unweighted)
-    if name == 'compression':  # TFF's compression_aggregator, at --bits
-      quantized = aggregators.QuantizationFactory(bits=config['bits'])
-      inner = (aggregators.UnweightedMeanFactory if unweighted else aggregators.MeanFactory)(
-        value_sum_factory=quantized
-      )
-      return aggregators.default_zeroing(aggregators.default_clipping(inner))
+    if name == 'compression':
+      return aggregators.compression_aggregator(weighted=not unweighted, bits=config['bits'])
     if name == 'dp':
       noise, cohort = config['noise_multiplier'], config['clients_per_round']
       if clip is None:

@@ -37,15 +37,24 @@ def default_clipping(inner_factory: Any) -> Any:
   return _robust.clipping_factory(clipping_norm, inner_factory)
 
 
-def robust_aggregator(zeroing: bool = True, clipping: bool = True, weighted: bool = True) -> Any:
-  """A mean with adaptive zeroing (robust to corrupted updates) around adaptive clipping (robust
-  to outliers): TFF's `robust_aggregator` and the default it recommends for FedAvg."""
-  factory = _factories.MeanFactory() if weighted else _factories.UnweightedMeanFactory()
+def _guarded_mean(value_sum_factory: Any, zeroing: bool, clipping: bool, weighted: bool) -> Any:
+  """A (weighted or unweighted) mean over `value_sum_factory`, inside the default adaptive
+  clipping, inside the default adaptive zeroing: the shape of TFF's presets."""
+  if weighted:
+    factory = _factories.MeanFactory(value_sum_factory=value_sum_factory)
+  else:
+    factory = _factories.UnweightedMeanFactory(value_sum_factory=value_sum_factory)
   if clipping:
     factory = default_clipping(factory)
   if zeroing:
     factory = default_zeroing(factory)
   return factory
+
+
+def robust_aggregator(zeroing: bool = True, clipping: bool = True, weighted: bool = True) -> Any:
+  """A mean with adaptive zeroing (robust to corrupted updates) around adaptive clipping (robust
+  to outliers): TFF's `robust_aggregator` and the default it recommends for FedAvg."""
+  return _guarded_mean(None, zeroing, clipping, weighted)
 
 
 def dp_aggregator(noise_multiplier: float, clients_per_round: float, zeroing: bool = True) -> Any:
@@ -64,21 +73,13 @@ def dp_aggregator(noise_multiplier: float, clients_per_round: float, zeroing: bo
 
 
 def compression_aggregator(
-  zeroing: bool = True, clipping: bool = True, weighted: bool = True
+  zeroing: bool = True, clipping: bool = True, weighted: bool = True, *, bits: int = 8
 ) -> Any:
-  """A mean whose value sum is quantized to 8 bits per coordinate for leaves of at least 20,000
-  elements (TFF's `compression_aggregator` and its `quantize_above_threshold` defaults), with
-  adaptive clipping and zeroing around it."""
-  quantized = _compression.QuantizationFactory(bits=8, threshold=20000)
-  if weighted:
-    factory = _factories.MeanFactory(value_sum_factory=quantized)
-  else:
-    factory = _factories.UnweightedMeanFactory(value_sum_factory=quantized)
-  if clipping:
-    factory = default_clipping(factory)
-  if zeroing:
-    factory = default_zeroing(factory)
-  return factory
+  """A mean whose value sum is quantized to `bits` (TFF: 8) bits per coordinate for leaves of at
+  least 20,000 elements (TFF's `compression_aggregator` and its `quantize_above_threshold`
+  defaults), with adaptive clipping and zeroing around it."""
+  quantized = _compression.QuantizationFactory(bits=bits, threshold=20000)
+  return _guarded_mean(quantized, zeroing, clipping, weighted)
 
 
 def secure_aggregator(zeroing: bool = True, clipping: bool = True, weighted: bool = True) -> Any:
@@ -89,13 +90,4 @@ def secure_aggregator(zeroing: bool = True, clipping: bool = True, weighted: boo
   bound = _quantile.PrivateQuantileEstimationProcess.no_noise(
     initial_estimate=50.0, target_quantile=0.95, learning_rate=1.0, multiplier=2.0
   )
-  secure = _secure.SecureSumFactory(bound)
-  if weighted:
-    factory = _factories.MeanFactory(value_sum_factory=secure)
-  else:
-    factory = _factories.UnweightedMeanFactory(value_sum_factory=secure)
-  if clipping:
-    factory = default_clipping(factory)
-  if zeroing:
-    factory = default_zeroing(factory)
-  return factory
+  return _guarded_mean(_secure.SecureSumFactory(bound), zeroing, clipping, weighted)
