@@ -211,11 +211,17 @@ def _process(config: Mapping[str, Any], model: models.FunctionalModel) -> Learni
   server = _optimizer(config['server_optimizer'], config['server_lr'])
   aggregator = _aggregator(config)
   if config['algorithm'] == 'fedsgd':
-    return algorithms.build_fed_sgd(model, server_optimizer=server, model_aggregator=aggregator)
+    return algorithms.build_fed_sgd(
+      model, server_optimizer=server, model_aggregator=aggregator, seed=config['seed']
+    )
   client = _optimizer(config['client_optimizer'], config['client_lr'])
   if config['algorithm'] == 'fedavg_unweighted':
-    return algorithms.build_unweighted_fed_avg(model, client, server, model_aggregator=aggregator)
-  return algorithms.build_weighted_fed_avg(model, client, server, model_aggregator=aggregator)
+    return algorithms.build_unweighted_fed_avg(
+      model, client, server, model_aggregator=aggregator, seed=config['seed']
+    )
+  return algorithms.build_weighted_fed_avg(
+    model, client, server, model_aggregator=aggregator, seed=config['seed']
+  )
 
 
 def _fed_recon(config: Mapping[str, Any]):

@@ -27,6 +27,7 @@ def build_weighted_fed_avg(
   metrics_aggregator: Callable | None = None,
   client_chunk_size: int | None = None,
   mesh: Mesh | None = None,
+  seed: int = 0,
 ) -> _processes.LearningProcess:
   """FedAvg with client updates weighted (by default) by their number of examples.
 
@@ -54,6 +55,7 @@ def build_weighted_fed_avg(
     client_chunk_size: clients vmapped together (see `build_model_delta_client_work`).
     mesh: a `jax.sharding.Mesh` with a `'clients'` axis: each device trains its own clients
       and the sums are combined once per round.
+    seed: seeds the per-round keys of models that take an `rng` (dropout).
 
   Returns:
     A `LearningProcess`; `next(state, client_batches)` is one compiled call.
@@ -66,6 +68,7 @@ def build_weighted_fed_avg(
     metrics_aggregator,
     client_chunk_size=client_chunk_size,
     mesh=mesh,
+    seed=seed,
   )
   finalizer = _finalizers.build_apply_optimizer_finalizer(server_optimizer, model.initial_weights)
   return _common.compose(model, client_work, finalizer, model_distributor, model_aggregator)
@@ -81,6 +84,7 @@ def build_unweighted_fed_avg(
   metrics_aggregator: Callable | None = None,
   client_chunk_size: int | None = None,
   mesh: Mesh | None = None,
+  seed: int = 0,
 ) -> _processes.LearningProcess:
   """FedAvg where every client that trained counts once.
 
@@ -98,4 +102,5 @@ def build_unweighted_fed_avg(
     metrics_aggregator=metrics_aggregator,
     client_chunk_size=client_chunk_size,
     mesh=mesh,
+    seed=seed,
   )

@@ -52,6 +52,7 @@ def build_fed_sgd(
   metrics_aggregator: Callable | None = None,
   client_chunk_size: int | None = None,
   mesh: Mesh | None = None,
+  seed: int = 0,
 ) -> _processes.LearningProcess:
   """FedSGD: each client computes the gradient of its mean loss at the global weights, the
   server averages the gradients weighted by examples and takes one `server_optimizer` step
@@ -59,6 +60,8 @@ def build_fed_sgd(
 
   Example:
     >>> process = fl.algorithms.build_fed_sgd(model, fl.optimizers.build_sgdm(0.5))
+
+  `seed` seeds the per-round keys of models that take an `rng` (dropout).
 
   Returns:
     A `LearningProcess`; metrics as `build_weighted_fed_avg`'s.
@@ -71,6 +74,7 @@ def build_fed_sgd(
     metrics_aggregator=metrics_aggregator,
     client_chunk_size=client_chunk_size,
     mesh=mesh,
+    seed=seed,
   )
   finalizer = _finalizers.build_apply_optimizer_finalizer(server_optimizer, model.initial_weights)
   return _common.compose(model, client_work, finalizer, model_distributor, model_aggregator)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -82,11 +83,34 @@ def build_yogi(
   return optax.inject_hyperparams(optax.yogi)(learning_rate=learning_rate, b1=b1, b2=b2, eps=eps)
 
 
+_INJECTED = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
+# Hyperparameters that are decay rates: in [0, 1). Every hyperparameter is finite and >= 0.
+_DECAYS = ('b1', 'b2', 'decay', 'momentum')
+
+
+def _is_injected(node: Any) -> bool:
+  return isinstance(node, _INJECTED)
+
+
 def get_hparams(opt_state: Any) -> dict[str, Any]:
-  """The hyperparameters held in an optimizer state; `{}` for a plain optax transformation."""
-  if isinstance(opt_state, optax.InjectHyperparamsState | optax.InjectStatefulHyperparamsState):
-    return dict(opt_state.hyperparams)
-  return {}
+  """The hyperparameters held in an optimizer state, wherever `inject_hyperparams` put them
+  (e.g. inside `optax.chain(..., build_sgdm(0.1))`); `{}` for a plain optax transformation.
+
+  Raises:
+    ValueError: two injected states in the chain hold hyperparameters of the same name.
+  """
+  found: dict[str, Any] = {}
+  for node in jax.tree.leaves(opt_state, is_leaf=_is_injected):
+    if not _is_injected(node):
+      continue
+    clash = sorted(set(found) & set(node.hyperparams))
+    if clash:
+      raise ValueError(
+        f'the optimizer holds hyperparameters {clash} twice (two injected transformations in '
+        'one chain); give them distinct names to set them'
+      )
+    found.update(node.hyperparams)
+  return found
 
 
 def replace_hparams(current: Mapping[str, Any], hparams: Mapping[str, Any]) -> dict[str, Any]:
@@ -116,8 +140,21 @@ def replace_hparams(current: Mapping[str, Any], hparams: Mapping[str, Any]) -> d
       raise TypeError(f"hparams['{name}'] must be a number like {old.dtype}; got {value!r}") from e
     if value.shape != old.shape:
       raise ValueError(f"hparams['{name}'] has shape {value.shape}; expected {old.shape}")
+    _check_hparam_value(name, value)
     new[name] = value
   return new
+
+
+def _check_hparam_value(name: str, value: jax.Array) -> None:
+  """Raises for a value the builders would reject: non-finite, negative, a decay of 1 or more.
+  Values being traced (inside a compiled round) were checked when they were set."""
+  if isinstance(value, jax.core.Tracer) or not jnp.issubdtype(value.dtype, jnp.floating):
+    return
+  number = np.asarray(value)
+  if not (np.all(np.isfinite(number)) and np.all(number >= 0)):
+    raise ValueError(f"hparams['{name}'] must be a finite number >= 0; got {number}")
+  if name in _DECAYS and not np.all(number < 1):
+    raise ValueError(f"hparams['{name}'] is a decay rate and must be in [0, 1); got {number}")
 
 
 def set_hparams(opt_state: Any, hparams: Mapping[str, Any]) -> Any:
@@ -130,4 +167,12 @@ def set_hparams(opt_state: Any, hparams: Mapping[str, Any]) -> Any:
     ValueError: a key is not a hyperparameter of this optimizer, or a value has the wrong shape.
   """
   new = replace_hparams(get_hparams(opt_state), hparams)
-  return opt_state._replace(hyperparams=new) if new else opt_state
+  if not new:
+    return opt_state
+
+  def replace(node):
+    if not _is_injected(node):
+      return node
+    return node._replace(hyperparams={k: new[k] for k in node.hyperparams})
+
+  return jax.tree.map(replace, opt_state, is_leaf=_is_injected)

@@ -7,6 +7,7 @@ from typing import Any, NamedTuple
 
 import jax
 
+from fedjax_lite import tree as tree_lib
 from fedjax_lite.templates import _processes
 
 
@@ -80,8 +81,18 @@ def compose_learning_process(
     )
 
   streaming = client_work.streams and model_update_aggregator.streams
+  state_spec = jax.eval_shape(initialize)
+
+  def check_state(state):
+    mismatch = tree_lib.tree_spec_mismatch(state_spec, state)
+    if mismatch is not None:
+      raise ValueError(
+        f"state does not match this process's state: {mismatch}. Tip: a state from another "
+        'process or model; start from process.initialize() or its checkpoint.'
+      )
 
   def next_fn(state, client_batches):
+    check_state(state)  # at trace time: shapes and dtypes only
     distributed = model_weights_distributor.next(state.distributor, state.global_model_weights)
     agg_state = state.aggregator
     if streaming:
@@ -123,6 +134,12 @@ def compose_learning_process(
     return state.global_model_weights
 
   def set_model_weights(state, model_weights):
+    mismatch = tree_lib.tree_spec_mismatch(state_spec.global_model_weights, model_weights)
+    if mismatch is not None:
+      raise ValueError(
+        f"model_weights do not match this process's model: {mismatch}. Tip: build the process "
+        'from the model these weights belong to.'
+      )
     return state._replace(global_model_weights=model_weights)
 
   def get_hparams(state):
