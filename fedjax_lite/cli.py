@@ -76,13 +76,19 @@ def _train(args: argparse.Namespace) -> int:
 
   out, config = _run_config(args)
   experiment = _experiment.build_experiment(config)
-  os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, CONFIG_FILE), 'w') as f:
-    json.dump(config, f, indent=1)
   checkpoints = simulation.FileCheckpointManager(
     os.path.join(out, CHECKPOINT_DIR), keep=config['keep'], metadata=config
   )
   resumed = checkpoints.checkpoint_rounds()
+  if resumed and resumed[-1] > config['rounds']:
+    raise ConfigError(
+      f'{_config.flag("rounds")}: {out} already holds round {resumed[-1]}, past '
+      f'{config["rounds"]}; nothing was changed. Tip: pass --rounds {resumed[-1]} or more.'
+    )
+  # Written only once the settings are accepted, so a refused resume leaves the run as it was.
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, CONFIG_FILE), 'w') as f:
+    json.dump(config, f, indent=1)
   managers = [
     simulation.CSVMetricsManager(os.path.join(out, 'metrics.csv')),
     simulation.JSONLMetricsManager(os.path.join(out, 'metrics.jsonl')),

@@ -202,3 +202,15 @@ def test_aggregators_train_and_dp_stops_at_the_epsilon_budget(capsys):
   assert last['round_num'] == last_round
   assert last['privacy/epsilon'] == pytest.approx(accountant.epsilon(last_round))
   assert f'after {last_round} rounds' in out
+
+
+def test_a_refused_resume_changes_nothing(tmp_path, capsys):
+  argv = ['train', *SMALL, '--epochs', '1', '--out', 'run', '--quiet']
+  assert cli.main(argv) == 0
+  saved = (tmp_path / 'run' / 'config.json').read_text()
+  assert cli.main(['train', '--resume', '--out', 'run', '--rounds', '2', '--quiet']) == 2
+  err = capsys.readouterr().err
+  assert 'already holds round 4, past 2; nothing was changed' in err
+  assert 'Traceback' not in err
+  assert (tmp_path / 'run' / 'config.json').read_text() == saved
+  assert cli.main(['train', '--resume', '--out', 'run', '--quiet']) == 0  # still resumable
