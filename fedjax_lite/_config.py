@@ -167,8 +167,10 @@ def read_toml(path: str) -> dict[str, Any]:
       table = tomllib.load(f)
   except FileNotFoundError:
     raise ConfigError(f'--config: no file {path!r}') from None
-  except tomllib.TOMLDecodeError as error:
+  except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
     raise ConfigError(f'--config: {path} is not valid TOML: {error}') from None
+  except OSError as error:
+    raise ConfigError(f'--config: cannot read {path!r}: {error.strerror}') from None
   settings = {}
   for key, value in table.items():
     name = key.replace('-', '_')

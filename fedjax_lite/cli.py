@@ -44,6 +44,18 @@ class _PrintMetrics(simulation.MetricsManager):
     print('  '.join(parts), flush=True)
 
 
+def _read_run_config(path: str) -> dict[str, Any]:
+  """A run folder's saved settings; a damaged file is a one-line error naming it."""
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    raise ConfigError(f"{path} is damaged ({error}); it holds the run's settings") from None
+  if not isinstance(saved, dict):
+    raise ConfigError(f'{path} is damaged: expected a table of settings')
+  return saved
+
+
 def _run_config(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
   """The run folder and its settings: flags over `--config` over defaults, or the saved run's."""
   flags = {k: v for k, v in vars(args).items() if k in _config.OPTION_NAMES}
@@ -57,8 +69,7 @@ def _run_config(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     if args.resume:
       raise ConfigError(f'--resume: {out} holds no run to resume ({saved_path} is missing)')
     return out, config
-  with open(saved_path) as f:
-    saved = json.load(f)
+  saved = _read_run_config(saved_path)
   if args.resume:  # the saved settings, except those given now
     config = {**saved, **{k: config[k] for k in (*file_settings, *flags)}}
   changed = _config.differences(saved, config)
@@ -149,8 +160,7 @@ def _eval(args: argparse.Namespace) -> int:
   saved_path = os.path.join(args.run_dir, CONFIG_FILE)
   if not os.path.exists(saved_path):
     raise ConfigError(f'RUN_DIR: {args.run_dir} is not a run folder ({saved_path} is missing)')
-  with open(saved_path) as f:
-    config = _config.resolve({}, json.load(f))
+  config = _config.resolve({}, _read_run_config(saved_path))
   experiment = _experiment.build_experiment(config)
   checkpoints = simulation.FileCheckpointManager(os.path.join(args.run_dir, CHECKPOINT_DIR))
   structure = jax.eval_shape(experiment.process.initialize)
@@ -224,12 +234,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  """Runs a command; user errors are one line on stderr and exit status 2 (130 for Ctrl-C)."""
   args = build_parser().parse_args(argv)
   try:
     return args.run(args)
   except ConfigError as error:
     print(f'fedjax-lite {args.command}: error: {error}', file=sys.stderr)
     return 2
+  except OSError as error:
+    if isinstance(error, BrokenPipeError):  # `fedjax-lite datasets | head`: the reader left
+      sys.stdout = open(os.devnull, 'w')  # noqa: SIM115 (no more output may reach the pipe)
+      return 0
+    where = f' {error.filename}' if error.filename else ''
+    print(f'fedjax-lite {args.command}: error:{where}: {error.strerror or error}', file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    # Checkpoints are written atomically: the latest one on disk is whole; --resume continues.
+    print(f'fedjax-lite {args.command}: interrupted', file=sys.stderr)
+    return 130
 
 
 if __name__ == '__main__':

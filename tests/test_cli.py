@@ -2,6 +2,7 @@
 
 import json
 import re
+import sys
 
 import jax
 import numpy as np
@@ -214,3 +215,46 @@ def test_a_refused_resume_changes_nothing(tmp_path, capsys):
   assert 'Traceback' not in err
   assert (tmp_path / 'run' / 'config.json').read_text() == saved
   assert cli.main(['train', '--resume', '--out', 'run', '--quiet']) == 0  # still resumable
+
+
+@pytest.mark.parametrize(
+  'case', ['out_is_a_file', 'config_is_a_dir', 'config_is_binary', 'damaged']
+)
+def test_file_errors_are_one_line_without_traceback(case, tmp_path, capsys):
+  (tmp_path / 'a_file').write_text('x')
+  (tmp_path / 'a_dir').mkdir()
+  (tmp_path / 'binary.toml').write_bytes(bytes(range(256)))
+  (tmp_path / 'run').mkdir()
+  (tmp_path / 'run' / 'config.json').write_text('{"rounds": 3')
+  argv = {
+    'out_is_a_file': ['train', '--out', 'a_file/run', '--quiet'],
+    'config_is_a_dir': ['train', '--config', 'a_dir'],
+    'config_is_binary': ['train', '--config', 'binary.toml'],
+    'damaged': ['train', '--resume', '--out', 'run'],
+  }[case]
+  assert cli.main(argv) == 2
+  err = capsys.readouterr().err
+  assert err.startswith('fedjax-lite train: error:') and err.count('\n') == 1
+  assert 'Traceback' not in err
+  assert {
+    'out_is_a_file': 'a_file',
+    'config_is_a_dir': 'a_dir',
+    'config_is_binary': 'binary.toml',
+    'damaged': 'config.json',
+  }[case] in err
+
+
+def test_ctrl_c_exits_130_and_a_closed_pipe_exits_quietly(monkeypatch, capsys):
+  def interrupt(config):
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(_experiment, 'build_experiment', interrupt)
+  assert cli.main(['train', '--quiet']) == 130
+  assert capsys.readouterr().err == 'fedjax-lite train: interrupted\n'
+
+  def closed_pipe(*args, **kwargs):
+    raise BrokenPipeError
+
+  monkeypatch.setattr('builtins.print', closed_pipe)
+  monkeypatch.setattr(sys, 'stdout', sys.stdout)  # main swaps it for /dev/null; restored after
+  assert cli.main(['datasets']) == 0
