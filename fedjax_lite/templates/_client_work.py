@@ -280,7 +280,7 @@ def build_client_work(
   aggregate_metrics = (metrics_aggregator or metrics_lib.sum_then_finalize)(metric_finalize)
   initial_hparams = {} if hparams is None else hparams
   if client_chunk_size is None and jax.default_backend() == 'cpu' and _has_convolution(model):
-    client_chunk_size = _cohort.default_chunk_size(2**31, convolutional=True)
+    client_chunk_size = _cohort.CPU_CONV_CHUNK
 
   def initialize():
     totals = metric_init() if evaluation else ()

@@ -31,19 +31,16 @@ from fedjax_lite.data import _client_batches
 # runs ~3x slower than the clients' convolutions one by one: convolutional models run one
 # client per lane there.
 _CPU_CHUNK = 8
-_CPU_CONV_CHUNK = 1
+CPU_CONV_CHUNK = 1
 _ACCELERATOR_CHUNK = 256
 
 CLIENTS_AXIS = 'clients'
 
 
-def default_chunk_size(num_clients: int, convolutional: bool = False) -> int:
-  """Clients vmapped together: a few on a CPU (one for convolutional models), up to 256 on an
-  accelerator."""
-  if jax.default_backend() == 'cpu':
-    chunk = _CPU_CONV_CHUNK if convolutional else _CPU_CHUNK
-  else:
-    chunk = _ACCELERATOR_CHUNK
+def default_chunk_size(num_clients: int) -> int:
+  """Clients vmapped together: a few on a CPU, up to 256 on an accelerator (convolutional
+  models on a CPU: `CPU_CONV_CHUNK`, chosen by `build_client_work`)."""
+  chunk = _CPU_CHUNK if jax.default_backend() == 'cpu' else _ACCELERATOR_CHUNK
   return max(1, min(chunk, num_clients))
 
 
