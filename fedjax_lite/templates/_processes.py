@@ -277,6 +277,15 @@ class _AggregationProcessFields(NamedTuple):
   server_part: Callable[[Any, Any], MeasuredProcessOutput] | None = None
 
 
+def _check_parts(client_part: Any, server_part: Any, what: str) -> None:
+  """A streaming process gives both parts, each callable, or neither."""
+  if (client_part is None) != (server_part is None):
+    raise ValueError(f'a streaming {what} needs both client_part and server_part')
+  for name, fn in [('client_part', client_part), ('server_part', server_part)]:
+    if fn is not None and not callable(fn):
+      raise TypeError(f'{name} must be callable; got {type(fn).__name__}')
+
+
 def _stacked_next(client_part, server_part, is_weighted):
   """`next` on stacked values from the streaming parts; client ids are the positions."""
 
@@ -326,14 +335,9 @@ class AggregationProcess(_AggregationProcessFields):
     value_spec: Any = None,
   ):
     _check_initialize(initialize)
-    if (client_part is None) != (server_part is None):
-      raise ValueError('a streaming aggregation needs both client_part and server_part')
-    if client_part is not None:
-      for name, fn in [('client_part', client_part), ('server_part', server_part)]:
-        if not callable(fn):
-          raise TypeError(f'{name} must be callable; got {type(fn).__name__}')
-      if next is None:
-        next = _stacked_next(client_part, server_part, is_weighted)
+    _check_parts(client_part, server_part, 'aggregation')
+    if client_part is not None and next is None:
+      next = _stacked_next(client_part, server_part, is_weighted)
     num_args = 3 if is_weighted else 2
     doc = '(state, value, weight)' if is_weighted else '(state, value)'
     _check_next_arity(next, num_args, doc)
@@ -378,8 +382,7 @@ class EstimationProcess(_EstimationProcessFields):
 
   def __new__(cls, initialize, next=None, report=None, *, client_part=None, server_part=None):
     _check_initialize(initialize)
-    if (client_part is None) != (server_part is None):
-      raise ValueError('a streaming estimation needs both client_part and server_part')
+    _check_parts(client_part, server_part, 'estimation')
     if next is None:
       if client_part is None:
         raise ValueError('an EstimationProcess needs next, or client_part and server_part')
