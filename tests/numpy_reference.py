@@ -38,6 +38,22 @@ def linear_model(num_features: int, num_classes: int, seed: int = 0) -> fl.Funct
   )
 
 
+def dropout_linear_model(num_features: int, num_classes: int) -> fl.FunctionalModel:
+  """`linear_model` with half its inputs dropped while training, by the `rng` it is given."""
+  base = linear_model(num_features, num_classes)
+
+  def predict(weights, x, training=True, rng=None):
+    keep = jax.random.bernoulli(rng, 0.5, x.shape) if training else 1.0
+    return (x * keep) @ weights.trainable['w'] + weights.trainable['b']
+
+  return fl.FunctionalModel(
+    initial_weights=base.initial_weights,
+    predict_on_batch_fn=predict,
+    loss_fn=fl.models.softmax_cross_entropy,
+    input_spec=base.input_spec,
+  )
+
+
 def random_clients(sizes, num_features=5, num_classes=3, seed=0):
   rng = np.random.default_rng(seed)
   return [

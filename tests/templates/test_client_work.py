@@ -195,18 +195,7 @@ def test_a_clients_randomness_follows_its_id_not_its_position():
 
 
 def test_dropout_clients_train_the_same_wherever_they_sit():
-  base = ref.linear_model(5, 3)
-
-  def predict(weights, x, training=True, rng=None):
-    keep = jax.random.bernoulli(rng, 0.5, x.shape) if training else 1.0
-    return (x * keep) @ weights.trainable['w'] + weights.trainable['b']
-
-  model = fl.FunctionalModel(
-    initial_weights=base.initial_weights,
-    predict_on_batch_fn=predict,
-    loss_fn=fl.models.softmax_cross_entropy,
-    input_spec=base.input_spec,
-  )
+  model = ref.dropout_linear_model(5, 3)
   clients = ref.random_clients([6, 3, 9])
   process = fl.algorithms.build_weighted_fed_avg(model, fl.optimizers.build_sgdm(0.5))
   state = process.initialize()

@@ -1,7 +1,6 @@
 """A composed process refuses weights and states of another model, naming the leaf; FedAvg's
 and FedSGD's randomness follows their seed."""
 
-import jax
 import numpy as np
 import numpy_reference as ref
 import pytest
@@ -40,18 +39,7 @@ def test_next_with_a_state_of_another_model_is_refused():
 
 @pytest.mark.parametrize('builder', ['fed_avg', 'fed_sgd'])
 def test_dropout_keys_follow_the_seed(builder):
-  base = ref.linear_model(5, 3)
-
-  def predict(weights, x, training=True, rng=None):
-    keep = jax.random.bernoulli(rng, 0.5, x.shape) if training else 1.0
-    return (x * keep) @ weights.trainable['w'] + weights.trainable['b']
-
-  model = fl.FunctionalModel(
-    initial_weights=base.initial_weights,
-    predict_on_batch_fn=predict,
-    loss_fn=fl.models.softmax_cross_entropy,
-    input_spec=base.input_spec,
-  )
+  model = ref.dropout_linear_model(5, 3)
   build = {
     'fed_avg': lambda seed: fl.algorithms.build_weighted_fed_avg(
       model, fl.optimizers.build_sgdm(0.5), seed=seed
