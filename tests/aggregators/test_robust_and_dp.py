@@ -209,6 +209,18 @@ def test_a_weighted_inner_factory_cannot_count():
 
 # Streaming through FedAvg rounds equals the stacked numpy reference.
 
+LAYOUTS = ['chunk1', 'chunk3', 'mesh8']
+
+
+def _layout(layout):
+  """(client_chunk_size, mesh) of a layout: chunks of 1 or 3 on one device, or 8 devices."""
+  if layout != 'mesh8':
+    return {'chunk1': 1, 'chunk3': 3}[layout], None
+  if jax.device_count() < 8:
+    pytest.skip('needs 8 devices')
+  return None, Mesh(np.array(jax.devices()[:8]), ('clients',))
+
+
 FACTORIES = {
   'clip': lambda: AGG.clipping_factory(0.05, AGG.MeanFactory()),
   'zero': lambda: AGG.zeroing_factory(0.05, AGG.MeanFactory(), norm_order=2.0),
@@ -244,14 +256,11 @@ def _round_reference(name, deltas, weights, estimate):
 
 
 @pytest.mark.parametrize('name', sorted(FACTORIES))
-@pytest.mark.parametrize('layout', ['chunk1', 'chunk3', 'mesh8'])
+@pytest.mark.parametrize('layout', LAYOUTS)
 def test_streamed_rounds_equal_the_stacked_numpy_reference(name, layout):
-  if layout == 'mesh8' and jax.device_count() < 8:
-    pytest.skip('needs 8 devices')
   model = ref.linear_model(5, 3)
   batches = fl.data.build_client_batches(ref.random_clients([9, 2, 14, 5, 0, 7, 4]), batch_size=4)
-  mesh = Mesh(np.array(jax.devices()[:8]), ('clients',)) if layout == 'mesh8' else None
-  chunk = {'chunk1': 1, 'chunk3': 3, 'mesh8': None}[layout]
+  chunk, mesh = _layout(layout)
   builder = fl.algorithms.build_unweighted_fed_avg if name == 'dp' else None
   builder = builder or fl.algorithms.build_weighted_fed_avg
   process = builder(
@@ -306,18 +315,15 @@ def test_weighted_and_unweighted_factories_interoperate_as_tffs():
   ],
   ids=['compression', 'secure'],
 )
-@pytest.mark.parametrize('layout', ['chunk1', 'chunk3', 'mesh8'])
+@pytest.mark.parametrize('layout', LAYOUTS)
 def test_randomized_and_integer_sums_stream_like_their_stacked_form(factory, layout):
   """Quantization keyed by client id and uint32 sums wrapping modulo 2^32 give the same round
   through the cohort loop (chunks, devices) as through the stacked `next`."""
-  if layout == 'mesh8' and jax.device_count() < 8:
-    pytest.skip('needs 8 devices')
   model = ref.linear_model(5, 3)
   batches = fl.data.build_client_batches(
     ref.random_clients([9, 2, 14, 5, 0, 7, 4]), batch_size=4, client_keys=range(7)
   )
-  mesh = Mesh(np.array(jax.devices()[:8]), ('clients',)) if layout == 'mesh8' else None
-  chunk = {'chunk1': 1, 'chunk3': 3, 'mesh8': None}[layout]
+  chunk, mesh = _layout(layout)
   work = fl.templates.build_model_delta_client_work(
     model, fl.optimizers.build_sgdm(0.1), client_chunk_size=chunk, mesh=mesh
   )
