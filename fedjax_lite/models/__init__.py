@@ -7,14 +7,19 @@ from fedjax_lite.models._losses import mean_squared_error, softmax_cross_entropy
 from fedjax_lite.models._matrix_factorization import matrix_factorization, rating_metrics
 from fedjax_lite.models._mlp import mlp_classifier
 from fedjax_lite.models._model import BatchOutput, FunctionalModel, ModelWeights, split_batch
+from fedjax_lite.models._padding import check_padding_invariance
+from fedjax_lite.models._variable_model import LocalVariable, from_variable_model
 
 __all__ = [
   'BatchOutput',
   'FunctionalModel',
+  'LocalVariable',
   'ModelWeights',
+  'check_padding_invariance',
   'cnn_classifier',
   'conv_general_dilated',
   'from_flax',
+  'from_variable_model',
   'matrix_factorization',
   'mean_squared_error',
   'mlp_classifier',

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from collections.abc import Callable
 from typing import Any
 
@@ -35,7 +37,9 @@ def from_flax(
   other variable non-trainable; weights are the module's current values.
 
   Non-trainable collections (e.g. `batch_stats`) are read, never updated, by training: a
-  FunctionalModel's forward pass returns no new weights (TFF's semantics).
+  FunctionalModel's forward pass returns no new weights (TFF's semantics). Batch normalization
+  (`BatchNorm`, linen's and nnx's) gets the padding mask, so its batch statistics count real
+  examples only; padding changes nothing.
 
   Args:
     module: an unbound `linen.Module`, or an `nnx.Module` instance.
@@ -48,7 +52,8 @@ def from_flax(
       `.train()` / `.eval()`.
 
   Returns:
-    A `FunctionalModel` whose `predict_on_batch(weights, x, training, rng=None)` equals the
+    A `FunctionalModel` whose `predict_on_batch(weights, x, training, rng=None, mask=None)`
+    equals the
     module's own `apply` (linen) or call (nnx). `rng` feeds linen's 'dropout' stream and
     reseeds every rng stream an nnx module holds. (An nnx module that takes `rngs` as a call
     argument is not supported: its dropout needs the stream it is built with.)
@@ -79,17 +84,19 @@ def _from_linen(module, input_spec, seed, training_arg):
   trainable = variables.pop('params', {})
   non_trainable = variables
 
-  def predict(weights, x, training=True, rng=None):
+  def predict(weights, x, training=True, rng=None, mask=None):
     call_kwargs = {} if training_arg is None else {training_arg: training}
     rngs = None if rng is None else {'dropout': rng}
     variables = {'params': weights.trainable, **weights.non_trainable}
-    if training and weights.non_trainable:
-      # Collections such as batch_stats may be written in training mode; the writes are dropped.
-      out, _ = module.apply(
-        variables, x, rngs=rngs, mutable=list(weights.non_trainable), **call_kwargs
-      )
-      return out
-    return module.apply(variables, x, rngs=rngs, **call_kwargs)
+    with _masked_linen_batch_norm(mask):
+      if training and weights.non_trainable:
+        # Collections such as batch_stats may be written in training mode; the writes are
+        # dropped.
+        out, _ = module.apply(
+          variables, x, rngs=rngs, mutable=list(weights.non_trainable), **call_kwargs
+        )
+        return out
+      return module.apply(variables, x, rngs=rngs, **call_kwargs)
 
   return _model.ModelWeights(trainable, non_trainable), predict
 
@@ -104,7 +111,7 @@ def _from_nnx(module):
   trainable = nnx.to_pure_dict(trainable)
   non_trainable = nnx.to_pure_dict(non_trainable)
 
-  def predict(weights, x, training=True, rng=None):
+  def predict(weights, x, training=True, rng=None, mask=None):
     _, abstract_params, abstract_rest = nnx.split(module, nnx.Param, ...)
     nnx.replace_by_pure_dict(abstract_params, weights.trainable)
     nnx.replace_by_pure_dict(abstract_rest, weights.non_trainable)
@@ -115,6 +122,63 @@ def _from_nnx(module):
       model.eval()
     if rng is not None and stream_tags:
       nnx.reseed(model, **{tag: rng for tag in stream_tags})
-    return model(x)
+    if mask is None:
+      return model(x)
+    for _, node in nnx.iter_graph(model):
+      if isinstance(node, nnx.BatchNorm):
+        node.__class__ = _masked_nnx_class(type(node))
+    token = _NNX_MASK.set(mask)
+    try:
+      return model(x)
+    finally:
+      _NNX_MASK.reset(token)
 
   return _model.ModelWeights(trainable, non_trainable), predict
+
+
+def _broadcast_mask(mask: jax.Array, x: jax.Array) -> jax.Array | None:
+  """`mask` `[batch_size]` shaped to broadcast against `x` `[batch_size, ...]`; None when `x`
+  has no such leading axis (the padding check of the client work then reports the model)."""
+  if x.ndim == 0 or x.shape[0] != mask.shape[0]:
+    return None
+  return jnp.reshape(mask > 0, mask.shape + (1,) * (x.ndim - 1))
+
+
+@contextlib.contextmanager
+def _masked_linen_batch_norm(mask: jax.Array | None):
+  """Within: every linen `BatchNorm` call that has no mask of its own gets `mask`."""
+  if mask is None:
+    yield
+    return
+
+  def interceptor(next_fun, args, kwargs, context):
+    if (
+      isinstance(context.module, linen.BatchNorm)
+      and context.method_name == '__call__'
+      and kwargs.get('mask') is None
+      and args
+    ):
+      kwargs = {**kwargs, 'mask': _broadcast_mask(mask, args[0])}
+    return next_fun(*args, **kwargs)
+
+  with linen.intercept_methods(interceptor):
+    yield
+
+
+# The padding mask of the nnx call in progress, read by the masked BatchNorm classes below.
+_NNX_MASK: contextvars.ContextVar[jax.Array | None] = contextvars.ContextVar('mask', default=None)
+_MASKED_NNX_CLASSES: dict[type, type] = {}
+
+
+def _masked_nnx_class(cls: type) -> type:
+  """A subclass of an nnx `BatchNorm` class whose calls take the mask in `_NNX_MASK`."""
+  if cls not in _MASKED_NNX_CLASSES:
+
+    def __call__(self, x, use_running_average=None, *, mask=None):
+      current = _NNX_MASK.get()
+      if mask is None and current is not None:
+        mask = _broadcast_mask(current, x)
+      return cls.__call__(self, x, use_running_average, mask=mask)
+
+    _MASKED_NNX_CLASSES[cls] = type(f'Masked{cls.__name__}', (cls,), {'__call__': __call__})
+  return _MASKED_NNX_CLASSES[cls]

@@ -35,11 +35,14 @@ class BatchOutput(NamedTuple):
     predictions: model outputs, `[batch_size, ...]`.
     loss: `[]` mean loss over the batch's real examples.
     num_examples: `[]` number of real (unmasked) examples in the batch.
+    local_updates: what the batch adds to the model's metric state, for a forward pass that
+      updates its own local variables (`fl.models.from_variable_model`); None otherwise.
   """
 
   predictions: Any = None
   loss: Any = None
   num_examples: Any = None
+  local_updates: Any = None
 
 
 def split_batch(batch: Any) -> tuple[Any, Any]:
@@ -72,12 +75,13 @@ def _noop_finalize(state):
   return {}
 
 
-def _accepts_rng(fn: Callable) -> bool:
+def _accepts(fn: Callable, name: str) -> bool:
+  """Whether `fn` takes the keyword argument `name` (by name or through `**kwargs`)."""
   try:
     params = inspect.signature(fn).parameters
   except (TypeError, ValueError):
     return False
-  return 'rng' in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+  return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 def _check_concrete_weights(weights: ModelWeights) -> ModelWeights:
@@ -128,15 +132,24 @@ class FunctionalModel:
 
   Args:
     initial_weights: `ModelWeights(trainable, non_trainable)` (or a 2-tuple) of concrete arrays.
-    forward_pass_fn: optional `(weights, batch_input, training) -> BatchOutput`; by default
-      `predict_on_batch_fn` then `loss_fn`. Used by `forward_pass` only: training and
-      evaluation go through `predict_on_batch` and `loss` so padding can be masked.
-    predict_on_batch_fn: `(weights, x, training[, rng]) -> predictions [batch_size, ...]`.
+    forward_pass_fn: optional `(weights, batch_input, training[, rng][, mask]) -> BatchOutput`;
+      by default `predict_on_batch_fn` then `loss_fn`. Used by `forward_pass` only, unless it
+      takes `mask` (`[batch_size]`, 0 for padding): such a forward pass keeps padding out of
+      its outputs itself, and training and evaluation run it instead of `predict_on_batch` and
+      `loss` (`uses_forward_pass`).
+    predict_on_batch_fn: `(weights, x, training[, rng][, mask]) -> predictions [batch_size,
+      ...]`. A model whose predictions mix examples (batch normalization) takes `mask`
+      (`[batch_size]`, 1 for real examples, 0 for padding; None when there is no padding) and
+      keeps padding out of the mix.
     loss_fn: `(predictions, labels, sample_weight=None) -> [] loss`, the mean over examples
       weighted by `sample_weight` (a `[batch_size]` 0/1 mask during training).
     metrics_fns: optional `(initialize, update, finalize)` triple as made by
       `fl.metrics.create_functional_metric_fns`; `update(state, labels, batch_output,
       sample_weight)`.
+    report_local_outputs_fn: optional `(weights, metrics_state) -> reported`, run once per
+      client on its final weights and metric state (TFF's `report_local_outputs`, which may
+      read every variable, e.g. the model's L2 norm). `reported` is summed over clients and
+      handed to `finalize`; by default it is the metric state itself.
     input_spec: pytree of `jax.ShapeDtypeStruct` for one batch, `{'x': ..., 'y': ...}` or
       `(x, y)`; the leading (batch) dimension may be None.
   """
@@ -150,6 +163,7 @@ class FunctionalModel:
     input_spec: Any,
     forward_pass_fn: Callable | None = None,
     metrics_fns: tuple[Callable, Callable, Callable] | None = None,
+    report_local_outputs_fn: Callable | None = None,
   ):
     if not isinstance(initial_weights, tuple) or len(initial_weights) != 2:
       raise TypeError(
@@ -162,6 +176,10 @@ class FunctionalModel:
         raise TypeError(f'{name} must be callable; got {type(fn).__name__}')
     if forward_pass_fn is not None and not callable(forward_pass_fn):
       raise TypeError(f'forward_pass_fn must be callable or None; got {forward_pass_fn!r}')
+    if report_local_outputs_fn is not None and not callable(report_local_outputs_fn):
+      raise TypeError(
+        f'report_local_outputs_fn must be callable or None; got {report_local_outputs_fn!r}'
+      )
     if metrics_fns is None:
       metrics_fns = (_empty_metrics_state, _noop_update, _noop_finalize)
     if (
@@ -176,10 +194,12 @@ class FunctionalModel:
     _check_input_spec(input_spec)
     self._predict_on_batch_fn = predict_on_batch_fn
     self._forward_pass_fn = forward_pass_fn
+    self._report_local_outputs_fn = report_local_outputs_fn
     self._loss_fn = loss_fn
     self._metrics_fns = tuple(metrics_fns)
     self._input_spec = input_spec
-    self._uses_rng = _accepts_rng(predict_on_batch_fn)
+    self._uses_rng = _accepts(predict_on_batch_fn, 'rng')
+    self._uses_mask = _accepts(predict_on_batch_fn, 'mask')
 
   @property
   def initial_weights(self) -> ModelWeights:
@@ -194,24 +214,45 @@ class FunctionalModel:
     """Whether `predict_on_batch_fn` takes an `rng` key (e.g. for dropout)."""
     return self._uses_rng
 
-  def predict_on_batch(self, weights: ModelWeights, x: Any, training: bool = True, rng=None):
-    """Predictions `[batch_size, ...]` for inputs `x` `[batch_size, ...]`."""
+  @property
+  def uses_forward_pass(self) -> bool:
+    """Whether training and evaluation run `forward_pass` (its `forward_pass_fn` takes `mask`)
+    instead of `predict_on_batch` then `loss`."""
+    return self._forward_pass_fn is not None and _accepts(self._forward_pass_fn, 'mask')
+
+  @property
+  def predict_on_batch_fn(self) -> Callable:
+    """The function given to the constructor (to rebuild the model with another loss)."""
+    return self._predict_on_batch_fn
+
+  def predict_on_batch(
+    self, weights: ModelWeights, x: Any, training: bool = True, rng=None, mask=None
+  ):
+    """Predictions `[batch_size, ...]` for inputs `x` `[batch_size, ...]`; `rng` and `mask`
+    (`[batch_size]`) reach `predict_on_batch_fn` where it takes them."""
+    kwargs = {}
     if self._uses_rng:
-      return self._predict_on_batch_fn(weights, x, training, rng=rng)
-    return self._predict_on_batch_fn(weights, x, training)
+      kwargs['rng'] = rng
+    if self._uses_mask and mask is not None:
+      kwargs['mask'] = mask
+    return self._predict_on_batch_fn(weights, x, training, **kwargs)
 
   def loss(self, output: Any, label: Any, sample_weight: Any = None) -> jax.Array:
     """`[]` loss: mean over examples, weighted by `sample_weight` `[batch_size]`."""
     return self._loss_fn(output, label, sample_weight)
 
   def forward_pass(
-    self, weights: ModelWeights, batch_input: Any, training: bool = True, rng=None
+    self, weights: ModelWeights, batch_input: Any, training: bool = True, rng=None, mask=None
   ) -> BatchOutput:
-    """`BatchOutput` of one unpadded batch."""
+    """`BatchOutput` of one batch: unpadded, or padded with `mask` `[batch_size]` when
+    `uses_forward_pass`."""
     if self._forward_pass_fn is not None:
-      if _accepts_rng(self._forward_pass_fn):
-        return self._forward_pass_fn(weights, batch_input, training, rng=rng)
-      return self._forward_pass_fn(weights, batch_input, training)
+      kwargs = {}
+      if _accepts(self._forward_pass_fn, 'rng'):
+        kwargs['rng'] = rng
+      if mask is not None and self.uses_forward_pass:
+        kwargs['mask'] = mask
+      return self._forward_pass_fn(weights, batch_input, training, **kwargs)
     x, y = split_batch(batch_input)
     predictions = self.predict_on_batch(weights, x, training, rng=rng)
     num_examples = jnp.asarray(jax.tree.leaves(y)[0].shape[0], jnp.int32)
@@ -224,6 +265,13 @@ class FunctionalModel:
     self, state: Any, labels: Any, batch_output: BatchOutput, sample_weight: Any = None
   ) -> Any:
     return self._metrics_fns[1](state, labels, batch_output, sample_weight)
+
+  def report_local_outputs(self, weights: ModelWeights, state: Any) -> Any:
+    """What a client reports from its final `weights` and metric `state` (summed over clients,
+    then `finalize_metrics`); the state itself unless `report_local_outputs_fn` was given."""
+    if self._report_local_outputs_fn is None:
+      return state
+    return self._report_local_outputs_fn(weights, state)
 
   def finalize_metrics(self, state: Any) -> dict:
     return self._metrics_fns[2](state)

@@ -20,6 +20,7 @@ from fedjax_lite.reconstruction._model import (
   resolve_partition,
   split,
 )
+from fedjax_lite.reconstruction._variable_model import from_variable_model
 
 __all__ = [
   'DatasetSplitFn',
@@ -29,6 +30,7 @@ __all__ = [
   'build_fed_recon_eval',
   'build_reconstruction_client_work',
   'from_flax',
+  'from_variable_model',
   'merge',
   'resolve_partition',
   'simple_dataset_split_fn',

@@ -52,12 +52,20 @@ class _PhaseModel:
   def uses_rng(self) -> bool:
     return self._model.uses_rng
 
-  def predict_on_batch(self, weights, x, training=True, rng=None):
+  def predict_on_batch(self, weights, x, training=True, rng=None, mask=None):
     full = self._assemble(weights.trainable, weights.non_trainable)
-    return self._model.predict_on_batch(full, x, training, rng=rng)
+    return self._model.predict_on_batch(full, x, training, rng=rng, mask=mask)
 
   def loss(self, output, label, sample_weight=None):
     return self._model.loss(output, label, sample_weight)
+
+  @property
+  def uses_forward_pass(self) -> bool:
+    return self._model.uses_forward_pass
+
+  def forward_pass(self, weights, batch, training=True, rng=None, mask=None):
+    full = self._assemble(weights.trainable, weights.non_trainable)
+    return self._model.forward_pass(full, batch, training, rng=rng, mask=mask)
 
 
 def check_reconstruction_model(model: Any) -> None:
@@ -104,19 +112,9 @@ def training_model(
     return inner
   if loss_fn is not None:
     _check_loss_fn(loss_fn)
-  if inner.uses_rng:
-
-    def predict(weights, x, training=True, rng=None):
-      return inner.predict_on_batch(weights, x, training, rng=rng)
-
-  else:
-
-    def predict(weights, x, training=True):
-      return inner.predict_on_batch(weights, x, training)
-
   fm = models.FunctionalModel(
     initial_weights=inner.initial_weights,
-    predict_on_batch_fn=predict,
+    predict_on_batch_fn=inner.predict_on_batch_fn,
     loss_fn=loss_fn or inner.loss,
     metrics_fns=metrics_fns if metrics_fns is not None else _model_metrics(inner),
     input_spec=inner.input_spec,
@@ -209,7 +207,9 @@ def build_reconstruction_pass(
       return (local, opt_state), None
 
     def finalize(carry):
-      return _client_work.ClientOutput(client_output=carry[0])
+      local = carry[0]
+      full = _model.merge(global_weights, local)
+      return _client_work.ClientOutput(client_output=local, model_weights=full)
 
     return _client_work.ClientLoop(init, step, finalize)
 
@@ -332,7 +332,8 @@ def build_reconstruction_client_work(
     def finalize(carry):
       trainable = carry[0].trainable
       final = trainable[0] if joint else trainable
-      return _client_work.ClientOutput(update=tree_lib.tree_sub(initial, final))
+      update = tree_lib.tree_sub(initial, final)
+      return _client_work.ClientOutput(update=update, model_weights=assemble(*carry[0]))
 
     return _client_work.ClientLoop(init, step, finalize)
 

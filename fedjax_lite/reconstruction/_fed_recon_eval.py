@@ -76,9 +76,10 @@ def build_fed_recon_eval(
       _, step_metrics = _templates_client_work.masked_forward(fm, weights, batch, mask, False)
       return local, step_metrics
 
-    return _templates_client_work.ClientLoop(
-      lambda local, key: local, step, lambda local: _templates_client_work.ClientOutput()
-    )
+    def finalize(local):
+      return _templates_client_work.ClientOutput(model_weights=_model.merge(global_weights, local))
+
+    return _templates_client_work.ClientLoop(lambda local, key: local, step, finalize)
 
   recon_pass = _client_work.build_reconstruction_pass(
     fm, model, reconstruction_optimizer, client_chunk_size, mesh

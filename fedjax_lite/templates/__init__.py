@@ -9,6 +9,7 @@ from fedjax_lite.templates._client_work import (
   build_model_delta_client_work,
   masked_forward,
   masked_grad,
+  model_delta_client_loop,
   optimizer_step,
 )
 from fedjax_lite.templates._composers import LearningAlgorithmState, compose_learning_process
@@ -74,5 +75,6 @@ __all__ = [
   'compose_learning_process',
   'masked_forward',
   'masked_grad',
+  'model_delta_client_loop',
   'optimizer_step',
 ]

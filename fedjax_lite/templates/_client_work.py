@@ -5,6 +5,7 @@ which runs it for a whole cohort in one compiled call; `build_model_delta_client
 from __future__ import annotations
 
 import enum
+import weakref
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -55,10 +56,14 @@ class ClientOutput(NamedTuple):
     update: the client's model update, handed to the aggregator (`()` when nothing is sent).
     client_output: optional per-client output (e.g. a new local state), returned stacked
       `[clients, ...]` in cohort order, never aggregated.
+    model_weights: the client's weights after its local work, full `ModelWeights` of the
+      model, which the model's `report_local_outputs` reads (e.g. the L2 norm of the locally
+      trained model); None: the weights the client was sent (right for evaluation).
   """
 
   update: Any = ()
   client_output: Any = ()
+  model_weights: Any = None
 
 
 class ClientLoop(NamedTuple):
@@ -97,8 +102,12 @@ def masked_forward(model, weights, batch, mask, training, rng=None):
   The second element is a `ClientLoop.step`'s `step_metrics`: the labels are the batch's,
   padded rows zeroed, ready for the metric update.
   """
-  x, y = models.split_batch(masked_batch(batch, mask))
-  predictions = model.predict_on_batch(weights, x, training, rng=rng)
+  batch = masked_batch(batch, mask)
+  x, y = models.split_batch(batch)
+  if model.uses_forward_pass:
+    batch_output = model.forward_pass(weights, batch, training, rng=rng, mask=mask)
+    return batch_output.loss, (batch_output, y)
+  predictions = model.predict_on_batch(weights, x, training, rng=rng, mask=mask)
   loss = model.loss(predictions, y, mask)
   num_examples = jnp.sum(mask > 0).astype(jnp.int32)
   return loss, (models.BatchOutput(predictions, loss, num_examples), y)
@@ -153,6 +162,12 @@ def training_metric_fns(model) -> tuple[Callable, Callable, Callable]:
   return initialize, update, finalize
 
 
+def report_client_metrics(model, metric_state: Any, weights: models.ModelWeights) -> Any:
+  """A client's `training_metric_fns` state as it leaves the client: the model's part goes
+  through `model.report_local_outputs` of the client's final `weights`."""
+  return {**metric_state, 'model': model.report_local_outputs(weights, metric_state['model'])}
+
+
 def client_weight(
   client_weighting: ClientWeighting | Callable, num_examples: jax.Array, metrics: Any
 ) -> jax.Array:
@@ -173,11 +188,19 @@ def check_client_weighting(client_weighting: Any) -> None:
 
 
 def check_model(model: Any) -> None:
+  """Raises unless `model` is a `FunctionalModel` on which padding changes nothing (checked once
+  per model, see `fl.models.check_padding_invariance`)."""
   if not isinstance(model, models.FunctionalModel):
     raise TypeError(
       f'model must be a fedjax_lite.FunctionalModel; got {type(model).__name__}. '
       'Tip: wrap a flax module with fl.models.from_flax.'
     )
+  if model not in _PADDING_CHECKED:
+    models.check_padding_invariance(model)
+    _PADDING_CHECKED.add(model)
+
+
+_PADDING_CHECKED: weakref.WeakSet = weakref.WeakSet()
 
 
 def check_optimizer(optimizer: Any, name: str) -> None:
@@ -234,7 +257,8 @@ def build_client_work(
   returns is written for one client. The builder owns the rest: input checks, keys (per round,
   per client id, per step), the chunked and vmapped cohort loop (`_cohort.run_clients`, sharded
   over `mesh`), the metrics (`loss`, `num_examples` and the model's, counted from each step's
-  `step_metrics`), client weighting, and non-finite exclusion (a client whose update or weight
+  `step_metrics`, then reported by `model.report_local_outputs` of `ClientOutput.model_weights`
+  once per client), client weighting, and non-finite exclusion (a client whose update or weight
   is not finite sends a zero update with weight 0 and its metrics are dropped).
 
   Example: FedProx's local step (Li et al., 2020) in a few lines.
@@ -283,7 +307,8 @@ def build_client_work(
     client_chunk_size = _cohort.CPU_CONV_CHUNK
 
   def initialize():
-    totals = metric_init() if evaluation else ()
+    reported = report_client_metrics(model, metric_init(), model.initial_weights)
+    totals = tree_lib.tree_zeros_like(reported) if evaluation else ()
     return tree_lib.tree_strong_types(
       ClientWorkState(initial_hparams, jax.random.PRNGKey(seed), totals)
     )
@@ -315,6 +340,8 @@ def build_client_work(
       out = loop.finalize(inner)
       if not isinstance(out, ClientOutput):
         raise TypeError(f'ClientLoop.finalize must return a ClientOutput; got {type(out).__name__}')
+      final_weights = model_weights if out.model_weights is None else out.model_weights
+      metric_state = report_client_metrics(model, metric_state, final_weights)
       update, ok = out.update, jnp.array(True)
       weight = jnp.zeros((), jnp.float32)
       if not evaluation:
@@ -378,6 +405,39 @@ def set_hparams(state: ClientWorkState, hparams: Any) -> ClientWorkState:
   return state._replace(hparams=optimizers.replace_hparams(state.hparams, hparams))
 
 
+def model_delta_client_loop(
+  model: models.FunctionalModel, optimizer: optax.GradientTransformation
+) -> Callable[[models.ModelWeights, Any], ClientLoop]:
+  """FedAvg's local training as a `client_loop_fn` for `build_client_work`.
+
+  Each client starts from the broadcast weights with a fresh `optimizer` state whose
+  hyperparameters are set from `hparams`, takes one step per batch and returns
+  `update = initial.trainable - final.trainable`. Called inside another `client_loop_fn`, it
+  trains with an optimizer built from the round's weights (FedProx chains a proximal term).
+  """
+
+  def client_loop(model_weights, hparams):
+    initial = model_weights.trainable
+    opt_state = optimizers.set_hparams(optimizer.init(initial), hparams)
+
+    def init(client_input, key):
+      del client_input, key
+      return model_weights, opt_state
+
+    def step(carry, batch, mask, key):
+      weights, opt_state, step_metrics = optimizer_step(model, optimizer, *carry, batch, mask, key)
+      return (weights, opt_state), step_metrics
+
+    def finalize(carry):
+      return ClientOutput(
+        update=tree_lib.tree_sub(initial, carry[0].trainable), model_weights=carry[0]
+      )
+
+    return ClientLoop(init, step, finalize)
+
+  return client_loop
+
+
 def build_model_delta_client_work(
   model: models.FunctionalModel,
   optimizer: optax.GradientTransformation,
@@ -411,27 +471,9 @@ def build_model_delta_client_work(
   """
   check_model(model)
   check_optimizer(optimizer, 'optimizer')
-
-  def client_loop(model_weights, hparams):
-    initial = model_weights.trainable
-    opt_state = optimizers.set_hparams(optimizer.init(initial), hparams)
-
-    def init(client_input, key):
-      del client_input, key
-      return model_weights, opt_state
-
-    def step(carry, batch, mask, key):
-      weights, opt_state, step_metrics = optimizer_step(model, optimizer, *carry, batch, mask, key)
-      return (weights, opt_state), step_metrics
-
-    def finalize(carry):
-      return ClientOutput(update=tree_lib.tree_sub(initial, carry[0].trainable))
-
-    return ClientLoop(init, step, finalize)
-
   return build_client_work(
     model,
-    client_loop,
+    model_delta_client_loop(model, optimizer),
     optimizers.get_hparams(optimizer.init(model.initial_weights.trainable)),
     client_weighting=client_weighting,
     metrics_aggregator=metrics_aggregator,

@@ -154,6 +154,12 @@ class IterativeProcess(_IterativeProcessFields):
         )
     return super().__new__(cls, initialize, next)
 
+  @property
+  def state_type(self) -> Any:
+    """The state's structure: `initialize()`'s tree of `jax.ShapeDtypeStruct` (TFF's
+    `state_type`), by abstract evaluation (nothing is computed)."""
+    return jax.eval_shape(self.initialize)
+
 
 class _MeasuredProcessFields(NamedTuple):
   initialize: Callable[[], Any]
@@ -441,10 +447,13 @@ class _LearningProcessFields(NamedTuple):
   set_hparams: Callable[[Any, Any], Any] = _set_no_hparams
 
 
-class LearningProcess(_LearningProcessFields):
+class LearningProcess(_LearningProcessFields, IterativeProcess):
   """A federated learning algorithm: `initialize() -> state`, `next(state, client_batches) ->
   LearningProcessOutput(state, metrics)`, `get_model_weights(state)`, `set_model_weights(state,
   weights)`; TFF's `(<S@SERVER, {D*}@CLIENTS> -> <S@SERVER, M@SERVER>)`.
+
+  As in TFF it is an `IterativeProcess` (`isinstance` holds; `next` returns a tuple whose first
+  element is the state) with its `state_type`.
 
   With `client_data_spec` (a `ClientBatches` of `jax.ShapeDtypeStruct`), construction checks by
   abstract evaluation that `next` returns a `LearningProcessOutput` whose state is assignable to
