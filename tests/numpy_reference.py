@@ -93,8 +93,13 @@ def real_batches(client_batches, client):
       yield x[step][keep], y[step][keep]
 
 
-def fed_avg_round(w, b, client_batches, lr, momentum=None, weighting='num_examples'):
-  """One round of FedAvg with server SGD 1.0; returns new (w, b) and the train metrics."""
+def fed_avg_round(
+  w, b, client_batches, lr, momentum=None, weighting='num_examples', proximal_strength=0.0
+):
+  """One round of FedAvg with server SGD 1.0; returns new (w, b) and the train metrics.
+
+  With `proximal_strength` μ it is FedProx (Li et al., 2020): each local gradient gets
+  `μ·(w_client − w)`, the gradient of `μ/2·‖w_client − w‖²`."""
   num_clients = np.asarray(client_batches.mask).shape[0]
   deltas, weights = [], []
   loss_sum = correct = examples = 0.0
@@ -104,6 +109,7 @@ def fed_avg_round(w, b, client_batches, lr, momentum=None, weighting='num_exampl
     n_client = 0
     for x, y in real_batches(client_batches, c):
       loss, gw, gb, right = loss_and_grads(cw, cb, x, y)
+      gw, gb = gw + proximal_strength * (cw - w), gb + proximal_strength * (cb - b)
       loss_sum += loss * len(y)
       correct += right
       n_client += len(y)
@@ -123,3 +129,36 @@ def fed_avg_round(w, b, client_batches, lr, momentum=None, weighting='num_exampl
   mean_db = sum(wt * d[1] for wt, d in zip(weights, deltas, strict=True)) / total
   metrics = {'loss': loss_sum / examples, 'accuracy': correct / examples, 'num_examples': examples}
   return w - mean_dw, b - mean_db, metrics
+
+
+def tff_optimizer_update(name, h, g, state=None):
+  """One step of TFF's rule (tensorflow_federated/python/learning/optimizers/<name>.py) on one
+  array, in float64. `h` holds the builder's keyword arguments; `state` is None at the first
+  step. Returns `(update, state)`, the update to add to the weights."""
+  g = np.asarray(g, np.float64)
+  if state is None:
+    v0 = {'adagrad': 0.1, 'yogi': 1e-6}.get(name, 0.0)
+    v0 = h.get('initial_accumulator_value', v0)
+    state = {'t': 0, 'm': np.zeros_like(g), 'v': np.full_like(g, v0)}
+  t, m, v = state['t'] + 1, state['m'], state['v']
+  lr = h['learning_rate']
+  if name in ('sgd', 'sgdm'):
+    m = h.get('momentum', 0.0) * m + g
+    update = -lr * m
+  elif name in ('adam', 'yogi'):
+    m = h['b1'] * m + (1 - h['b1']) * g
+    if name == 'adam':
+      v = h['b2'] * v + (1 - h['b2']) * g**2
+    else:
+      v = v + (1 - h['b2']) * np.sign(g**2 - v) * g**2
+    step = lr * np.sqrt(1 - h['b2'] ** t) / (1 - h['b1'] ** t)
+    update = -step * m / (np.sqrt(v) + h['eps'])
+  elif name == 'adagrad':
+    v = v + g**2
+    update = -lr * g / np.sqrt(v + h['eps'])
+  elif name == 'rmsprop':
+    v = h['decay'] * v + (1 - h['decay']) * g**2
+    update = -lr * g / (np.sqrt(v) + h['eps'])
+  else:
+    raise ValueError(name)
+  return update, {'t': t, 'm': m, 'v': v}

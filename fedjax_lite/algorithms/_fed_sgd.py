@@ -15,7 +15,7 @@ from fedjax_lite.algorithms import _common
 from fedjax_lite.templates import _client_work, _finalizers, _processes
 
 
-def _gradient_client_loop(model: models.FunctionalModel) -> Callable:
+def gradient_client_loop(model: models.FunctionalModel) -> Callable:
   """Per client: the mean gradient over all its real examples, at the broadcast weights."""
 
   def client_loop(model_weights, hparams):
@@ -70,7 +70,7 @@ def build_fed_sgd(
   server_optimizer = server_optimizer or optimizers.build_sgdm(0.1)
   client_work = _client_work.build_client_work(
     model,
-    _gradient_client_loop(model),
+    gradient_client_loop(model),
     metrics_aggregator=metrics_aggregator,
     client_chunk_size=client_chunk_size,
     mesh=mesh,

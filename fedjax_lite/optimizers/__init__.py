@@ -1,4 +1,5 @@
-"""optax glue: builders with hyperparameters in state, `get_hparams` / `set_hparams`."""
+"""`tff.learning.optimizers` as optax transformations, hyperparameters in state; `get_hparams` /
+`set_hparams`."""
 
 from fedjax_lite.optimizers._optimizers import (
   build_adagrad,

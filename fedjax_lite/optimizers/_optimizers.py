@@ -2,7 +2,9 @@
 
 Each builder returns an `optax.GradientTransformation` wrapped by `optax.inject_hyperparams`, so
 its numeric hyperparameters are arrays in the optimizer state: changing a learning rate between
-rounds changes an input of the compiled round, not the program. Names are optax's.
+rounds changes an input of the compiled round, not the program. Builders carry
+`tff.learning.optimizers`' names and follow its math (`_tff_rules`); hyperparameter names are
+optax's. Any plain optax transformation is accepted wherever a builder's is, with optax's math.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from fedjax_lite.optimizers import _tff_rules
 
 
 def _check_non_negative(**values: float | None) -> None:
@@ -42,31 +46,45 @@ def build_sgdm(learning_rate: float = 0.01, momentum: float | None = None):
 
 
 def build_adam(learning_rate: float = 0.001, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-7):
-  """Adam (Kingma & Ba, 2015)."""
+  """Adam (Kingma & Ba, 2015) with TFF's update rule (`tff.learning.optimizers.build_adam`).
+
+  `m ← b1·m + (1−b1)·g`, `v ← b2·v + (1−b2)·g²` (both from 0), then
+  `w ← w − lr·√(1−b2ᵗ)/(1−b1ᵗ) · m/(√v + eps)`: eps is added to the uncorrected `√v`, where
+  `optax.adam` adds it to the corrected one. Hparams: learning_rate, b1, b2, eps.
+  """
   _check_non_negative(learning_rate=learning_rate, eps=eps)
   _check_decay(b1=b1, b2=b2)
-  return optax.inject_hyperparams(optax.adam)(learning_rate=learning_rate, b1=b1, b2=b2, eps=eps)
+  return optax.inject_hyperparams(_tff_rules.adam)(
+    learning_rate=learning_rate, b1=b1, b2=b2, eps=eps
+  )
 
 
 def build_adagrad(
   learning_rate: float = 0.01, initial_accumulator_value: float = 0.1, eps: float = 1e-7
 ):
-  """Adagrad (Duchi et al., 2011)."""
+  """Adagrad (Duchi et al., 2011) with TFF's update rule (`build_adagrad`).
+
+  `s ← s + g²` from `initial_accumulator_value` (TFF's `initial_preconditioner_value`), then
+  `w ← w − lr·g/√(s + eps)`. Hparams: learning_rate, eps; `initial_accumulator_value` only
+  seeds the state, so it is static.
+  """
   _check_non_negative(
     learning_rate=learning_rate, initial_accumulator_value=initial_accumulator_value, eps=eps
   )
-  # initial_accumulator_value only seeds the state at init: static, not a hyperparameter.
-  return optax.inject_hyperparams(optax.adagrad, static_args=('initial_accumulator_value',))(
+  return optax.inject_hyperparams(_tff_rules.adagrad, static_args=('initial_accumulator_value',))(
     learning_rate=learning_rate, initial_accumulator_value=initial_accumulator_value, eps=eps
   )
 
 
 def build_rmsprop(learning_rate: float = 0.01, decay: float = 0.9, eps: float = 1e-7):
-  """RMSProp (Hinton's lecture 6e)."""
+  """RMSprop (Tieleman & Hinton, 2012) with TFF's update rule (`build_rmsprop`).
+
+  `s ← decay·s + (1−decay)·g²` from 0, then `w ← w − lr·g/(√s + eps)` (`optax.rmsprop` divides
+  by `√(s + eps)`). Hparams: learning_rate, decay, eps.
+  """
   _check_non_negative(learning_rate=learning_rate, eps=eps)
   _check_decay(decay=decay)
-  # initial_scale only seeds the state at init: static, so it is not offered as a hyperparameter.
-  return optax.inject_hyperparams(optax.rmsprop, static_args=('initial_scale',))(
+  return optax.inject_hyperparams(_tff_rules.rmsprop)(
     learning_rate=learning_rate, decay=decay, eps=eps
   )
 
@@ -76,11 +94,26 @@ def build_yogi(
   b1: float = 0.9,
   b2: float = 0.999,
   eps: float = 1e-3,
+  initial_accumulator_value: float = 1e-6,
 ):
-  """Yogi (Zaheer et al., 2018), the server optimizer of Reddi et al.'s adaptive FL."""
-  _check_non_negative(learning_rate=learning_rate, eps=eps)
+  """Yogi (Zaheer et al., 2018), the server optimizer of Reddi et al.'s adaptive FL, with TFF's
+  update rule (`build_yogi`).
+
+  `m ← b1·m + (1−b1)·g` from 0, `v ← v + (1−b2)·sign(g² − v)·g²` from
+  `initial_accumulator_value` (TFF's `initial_preconditioner_value`), then Adam's step
+  `w ← w − lr·√(1−b2ᵗ)/(1−b1ᵗ) · m/(√v + eps)`. Hparams: learning_rate, b1, b2, eps.
+  """
+  _check_non_negative(
+    learning_rate=learning_rate, eps=eps, initial_accumulator_value=initial_accumulator_value
+  )
   _check_decay(b1=b1, b2=b2)
-  return optax.inject_hyperparams(optax.yogi)(learning_rate=learning_rate, b1=b1, b2=b2, eps=eps)
+  return optax.inject_hyperparams(_tff_rules.yogi, static_args=('initial_accumulator_value',))(
+    learning_rate=learning_rate,
+    b1=b1,
+    b2=b2,
+    eps=eps,
+    initial_accumulator_value=initial_accumulator_value,
+  )
 
 
 _INJECTED = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
@@ -92,9 +125,17 @@ def _is_injected(node: Any) -> bool:
   return isinstance(node, _INJECTED)
 
 
+def _scheduled(node: Any) -> set[str]:
+  """Names of an injected state's hyperparameters that follow a schedule (given as callables)."""
+  return set(getattr(node, 'hyperparams_states', None) or ())
+
+
 def get_hparams(opt_state: Any) -> dict[str, Any]:
   """The hyperparameters held in an optimizer state, wherever `inject_hyperparams` put them
   (e.g. inside `optax.chain(..., build_sgdm(0.1))`); `{}` for a plain optax transformation.
+
+  A hyperparameter given as a schedule (a callable of the step count) is recomputed at every
+  step, so it is not one that `set_hparams` can set and is left out.
 
   Raises:
     ValueError: two injected states in the chain hold hyperparameters of the same name.
@@ -109,7 +150,8 @@ def get_hparams(opt_state: Any) -> dict[str, Any]:
         f'the optimizer holds hyperparameters {clash} twice (two injected transformations in '
         'one chain); give them distinct names to set them'
       )
-    found.update(node.hyperparams)
+    scheduled = _scheduled(node)
+    found.update({k: v for k, v in node.hyperparams.items() if k not in scheduled})
   return found
 
 
@@ -124,7 +166,9 @@ def replace_hparams(current: Mapping[str, Any], hparams: Mapping[str, Any]) -> d
   unknown = sorted(set(hparams) - set(current))
   if unknown:
     raise ValueError(
-      f'hparams has unknown keys {unknown}; expected some of {sorted(current) or "none"}'
+      f'hparams has unknown keys {unknown}; expected some of {sorted(current) or "none"}. '
+      'Tip: a hyperparameter that follows a schedule (given as a callable) is not held in the '
+      'state, so it cannot be set.'
     )
   new = dict(current)
   for name, value in hparams.items():
@@ -164,8 +208,18 @@ def set_hparams(opt_state: Any, hparams: Mapping[str, Any]) -> Any:
   the state is reused, not retraced.
 
   Raises:
-    ValueError: a key is not a hyperparameter of this optimizer, or a value has the wrong shape.
+    ValueError: a key is not a hyperparameter of this optimizer, follows a schedule, or a value
+      has the wrong shape.
   """
+  injected = [n for n in jax.tree.leaves(opt_state, is_leaf=_is_injected) if _is_injected(n)]
+  scheduled = sorted(set(hparams) & set().union(*map(_scheduled, injected)))
+  if scheduled:
+    raise ValueError(
+      f'hparams {scheduled} follow a schedule given to the optimizer (a callable), which sets '
+      'them at every step; set_hparams cannot change them. Tip: give the optimizer a number to '
+      'set it between rounds, or a schedule over rounds with '
+      'fl.algorithms.build_weighted_fed_avg_with_optimizer_schedule.'
+    )
   new = replace_hparams(get_hparams(opt_state), hparams)
   if not new:
     return opt_state
@@ -173,6 +227,6 @@ def set_hparams(opt_state: Any, hparams: Mapping[str, Any]) -> Any:
   def replace(node):
     if not _is_injected(node):
       return node
-    return node._replace(hyperparams={k: new[k] for k in node.hyperparams})
+    return node._replace(hyperparams={k: new.get(k, v) for k, v in node.hyperparams.items()})
 
   return jax.tree.map(replace, opt_state, is_leaf=_is_injected)

@@ -46,3 +46,19 @@ def test_two_injected_transformations_with_one_name_are_refused():
   twice = optax.chain(fl.optimizers.build_sgdm(0.1), fl.optimizers.build_sgdm(0.2))
   with pytest.raises(ValueError, match=r"hyperparameters \['learning_rate'\] twice"):
     fl.optimizers.get_hparams(twice.init({'w': jnp.zeros(2)}))
+
+
+def test_set_hparams_on_a_scheduled_learning_rate_raises_instead_of_being_ignored():
+  schedule = optax.linear_schedule(0.1, 0.0, 10)
+  process = fl.algorithms.build_weighted_fed_avg(
+    ref.linear_model(5, 3),
+    fl.optimizers.build_sgdm(schedule, momentum=0.5),
+    fl.optimizers.build_sgdm(schedule),
+  )
+  state = process.initialize()
+  with pytest.raises(ValueError, match=r"unknown keys \['learning_rate'\].*follows a schedule"):
+    process.set_hparams(state, {'client_work': {'learning_rate': 0.2}})
+  with pytest.raises(ValueError, match=r"hparams \['learning_rate'\] follow a schedule"):
+    process.set_hparams(state, {'finalizer': {'learning_rate': 0.2}})
+  state = process.set_hparams(state, {'client_work': {'momentum': 0.25}})
+  assert float(process.get_hparams(state)['client_work']['momentum']) == 0.25
