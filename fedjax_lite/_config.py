@@ -34,16 +34,19 @@ class ConfigError(ValueError):
   """A bad setting; the message names the flag or key, the expectation and what came."""
 
 
-def _int(low: int) -> Callable[[Any], int]:
+def _int(low: int, high: int | None = None) -> Callable[[Any], int]:
+  """An int in `[low, high]` (no upper bound when `high` is None)."""
+  expected = f'an int >= {low}' if high is None else f'an int in [{low}, {high}]'
+
   def parse(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int | str):
-      raise ValueError(f'expected an int >= {low}; got {value!r}')
+      raise ValueError(f'expected {expected}; got {value!r}')
     try:
       number = int(value)
     except ValueError:
-      raise ValueError(f'expected an int >= {low}; got {value!r}') from None
-    if number < low:
-      raise ValueError(f'expected an int >= {low}; got {value!r}')
+      raise ValueError(f'expected {expected}; got {value!r}') from None
+    if number < low or (high is not None and number > high):
+      raise ValueError(f'expected {expected}; got {value!r}')
     return number
 
   return parse
@@ -129,7 +132,7 @@ OPTIONS = (
   Option('batch_size', _int(1), 16, 'examples per local step'),
   Option('epochs', _int(1), 2, 'local epochs'),
   Option('max_steps', _optional(_int(1)), None, 'cap on local steps per client'),
-  Option('seed', _int(0), 0, 'seeds the model, partition, cohorts and shuffles'),
+  Option('seed', _int(0, 2**32 - 1), 0, 'seeds the model, partition, cohorts and shuffles'),
   Option('eval_every', _int(1), 5, 'evaluate every N rounds (and after the last)'),
   Option('checkpoint_every', _int(1), 1, 'checkpoint every N rounds (and after the last)'),
   Option('keep', _int(1), 3, 'checkpoints kept'),

@@ -68,13 +68,18 @@ def _partition(config: Mapping[str, Any], labels: np.ndarray) -> list[np.ndarray
   n, seed = config['num_clients'], config['seed']
   if n > len(labels):
     raise ConfigError(f'{flag("num_clients")}: {n} clients exceed the {len(labels)} examples')
-  if config['partition'] == 'dirichlet':
-    return data.dirichlet_label_partition(labels, n, config['alpha'], seed=seed)
-  if config['partition'] == 'iid':
-    return data.iid_partition(len(labels), n, seed=seed)
-  if config['partition'] == 'shards':
-    return data.label_shards_partition(labels, n, shards_per_client=2, seed=seed)
-  return data.power_law_partition(len(labels), n, seed=seed)
+  try:
+    if config['partition'] == 'dirichlet':
+      return data.dirichlet_label_partition(labels, n, config['alpha'], seed=seed)
+    if config['partition'] == 'iid':
+      return data.iid_partition(len(labels), n, seed=seed)
+    if config['partition'] == 'shards':
+      return data.label_shards_partition(labels, n, shards_per_client=2, seed=seed)
+    return data.power_law_partition(len(labels), n, seed=seed)
+  except ValueError as error:  # a split these examples cannot make
+    raise ConfigError(
+      f'{flag("partition")} {config["partition"]} with {flag("num_clients")} {n}: {error}'
+    ) from None
 
 
 def _as_model_input(model: str, x: np.ndarray) -> np.ndarray:
@@ -88,29 +93,54 @@ def _as_model_input(model: str, x: np.ndarray) -> np.ndarray:
   return x.reshape(len(x), side, side, 1)
 
 
+def _check_available(info: data.DatasetInfo, path: str | None) -> None:
+  """Raises ConfigError naming the user's `--data-path` (or the default source) when the
+  dataset's files are not there."""
+  if info.available(path):
+    return
+  if path is not None:
+    raise ConfigError(
+      f'{flag("data_path")}: {path!r} does not hold the {info.name} data (expected {info.source})'
+    )
+  raise ConfigError(
+    f'{flag("dataset")}: {info.name} is not available here ({info.source}); {info.how_to_get}'
+  )
+
+
+def _read(info: data.DatasetInfo, path: str | None) -> Any:
+  """`info.load(path)`; files that are there but cannot be read are a ConfigError naming them."""
+  try:
+    return info.load(path)
+  except (ValueError, KeyError, OSError) as error:
+    where = f'{flag("data_path")} {path!r}' if path is not None else f'{flag("dataset")}'
+    raise ConfigError(f'{where}: cannot read the {info.name} data: {error}') from None
+
+
 def _load(config: Mapping[str, Any]) -> tuple[data.FederatedData, dict[str, np.ndarray], int]:
   """`(train population {'x', 'y'}, test arrays {'x', 'y'}, num_classes)`."""
   info = data.get_dataset(config['dataset'])
-  if not info.available(config['data_path']):
-    raise ConfigError(
-      f'{flag("dataset")}: {info.name} is not available here ({info.source}); {info.how_to_get}'
-    )
+  _check_available(info, config['data_path'])
   model = config['model']
   if info.kind == 'arrays':
-    (x_train, y_train), (x_test, y_test) = info.load(config['data_path'])
+    (x_train, y_train), (x_test, y_test) = _read(info, config['data_path'])
     x_train, x_test = _as_model_input(model, x_train), _as_model_input(model, x_test)
+    num_classes = int(max(y_train.max(), y_test.max())) + 1
+    for name, labels in [('training', y_train), ('test', y_test)]:
+      try:
+        data.check_labels(labels, num_classes, f'the {name} set of {info.name}')
+      except (TypeError, ValueError) as error:
+        raise ConfigError(f'{flag("dataset")}: {error}') from None
     parts = _partition(config, y_train)
     train = data.InMemoryFederatedData(
       {i: {'x': x_train[p], 'y': y_train[p]} for i, p in enumerate(parts)}
     )
-    num_classes = int(max(y_train.max(), y_test.max())) + 1
     return train, {'x': x_test, 'y': y_test}, num_classes
   if info.name not in ('emnist', 'emnist_digits'):
     raise ConfigError(
       f'{flag("dataset")}: the command has no model for {info.name}; train it through the '
       'library API (fl.data.get_dataset), or pick an image dataset'
     )
-  train, test = info.load(config['data_path'])
+  train, test = _read(info, config['data_path'])
 
   def to_model_input(client):
     return {'x': _as_model_input(model, client['pixels']), 'y': client['label'].astype(np.int32)}
@@ -121,7 +151,12 @@ def _load(config: Mapping[str, Any]) -> tuple[data.FederatedData, dict[str, np.n
   ids = rng.choice(test.num_clients, min(EVAL_CLIENTS, test.num_clients), replace=False)
   held_out = test.get_clients([test.client_ids[i] for i in np.sort(ids)])
   test_arrays = {k: np.concatenate([c[k] for c in held_out]) for k in ('x', 'y')}
-  return train, test_arrays, 10 if info.name == 'emnist_digits' else 62
+  num_classes = 10 if info.name == 'emnist_digits' else 62
+  try:
+    data.check_labels(test_arrays['y'], num_classes, f'the held-out test clients of {info.name}')
+  except ValueError as error:
+    raise ConfigError(f'{flag("dataset")}: {error}') from None
+  return train, test_arrays, num_classes
 
 
 def _model(config: Mapping[str, Any], example_x: np.ndarray, num_classes: int):
@@ -235,9 +270,8 @@ def _fed_recon(config: Mapping[str, Any]):
       f'{flag("model")} mf needs {flag("dataset")} movielens_100k; got {config["dataset"]}'
     )
   info = data.get_dataset('movielens_100k')
-  if not info.available(config['data_path']):
-    raise ConfigError(f'{flag("dataset")}: movielens_100k is not here; {info.how_to_get}')
-  train, test = info.load(config['data_path'])
+  _check_available(info, config['data_path'])
+  train, test = _read(info, config['data_path'])
   num_items = 1 + max(int(c['item_id'].max()) for p in (train, test) for _, c in p)
 
   def to_model_input(client):
@@ -276,6 +310,7 @@ def build_experiment(config: Mapping[str, Any]) -> Experiment:
       f'with local user embeddings); got model={config["model"]}, '
       f'algorithm={config["algorithm"]}. Tip: see examples/fedrecon_movielens.py'
     )
+  num_classes = None
   if config['model'] == 'mf':
     train, test, process, evaluation = _fed_recon(config)
     evaluation_data = data.batch_cohort(
@@ -311,6 +346,7 @@ def build_experiment(config: Mapping[str, Any]) -> Experiment:
       round_num=round_num,
       seed=config['seed'],
       buckets=buckets,
+      num_classes=num_classes,
     )
 
   evaluation_fn = simulation.build_evaluation_fn(process, evaluation)

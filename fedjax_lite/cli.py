@@ -8,14 +8,17 @@ Rerunning the same command after a kill resumes from the last checkpoint.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 
 from fedjax_lite import _config, data, simulation
 from fedjax_lite._config import ConfigError
@@ -41,6 +44,9 @@ class _PrintMetrics(simulation.MetricsManager):
       if key in metrics:
         value = metrics[key]
         parts.append(f'{label} {value:.0f}' if label == 'examples/s' else f'{label} {value:.4f}')
+    excluded = metrics.get('client_work/non_finite_clients')
+    if excluded:
+      parts.append(f'excluded {excluded:.0f} non-finite clients')
     print('  '.join(parts), flush=True)
 
 
@@ -70,8 +76,8 @@ def _run_config(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
       raise ConfigError(f'--resume: {out} holds no run to resume ({saved_path} is missing)')
     return out, config
   saved = _read_run_config(saved_path)
-  if args.resume:  # the saved settings, except those given now
-    config = {**saved, **{k: config[k] for k in (*file_settings, *flags)}}
+  # The saved settings, except those given now: a run is only extended by an explicit --rounds.
+  config = {**config, **saved, **{k: config[k] for k in (*file_settings, *flags)}}
   changed = _config.differences(saved, config)
   if changed:
     raise ConfigError(
@@ -87,14 +93,22 @@ def _train(args: argparse.Namespace) -> int:
 
   out, config = _run_config(args)
   experiment = _experiment.build_experiment(config)
+  try:
+    with simulation.RunFolderLock(out):
+      return _train_locked(args, out, config, experiment)
+  except simulation.RunFolderInUseError as error:
+    raise ConfigError(f'--out: {error}') from None
+
+
+def _train_locked(args, out: str, config: dict[str, Any], experiment: Any) -> int:
   checkpoints = simulation.FileCheckpointManager(
     os.path.join(out, CHECKPOINT_DIR), keep=config['keep'], metadata=config
   )
-  resumed = checkpoints.checkpoint_rounds()
-  if resumed and resumed[-1] > config['rounds']:
+  resumed = checkpoints.latest_readable_round()
+  if resumed is not None and resumed > config['rounds']:
     raise ConfigError(
-      f'{_config.flag("rounds")}: {out} already holds round {resumed[-1]}, past '
-      f'{config["rounds"]}; nothing was changed. Tip: pass --rounds {resumed[-1]} or more.'
+      f'{_config.flag("rounds")}: {out} already holds round {resumed}, past '
+      f'{config["rounds"]}; nothing was changed. Tip: pass --rounds {resumed} or more.'
     )
   # Written only once the settings are accepted, so a refused resume leaves the run as it was.
   os.makedirs(out, exist_ok=True)
@@ -110,10 +124,16 @@ def _train(args: argparse.Namespace) -> int:
   if not args.quiet and not progress:
     managers.append(_PrintMetrics())
   if not args.quiet:
+    if resumed == config['rounds']:
+      status = f' (finished at round {resumed}; pass --rounds N to extend it)'
+    elif resumed:
+      status = f' (resuming after round {resumed})'
+    else:
+      status = ''
     print(
       f'{config["dataset"]}: {experiment.train_data.num_clients} clients, '
       f'{config["clients_per_round"]} per round; {config["model"]} with {config["algorithm"]}; '
-      f'writing to {out}' + (f' (resuming after round {resumed[-1]})' if resumed else '')
+      f'writing to {out}{status}'
     )
   accountant = experiment.privacy_accountant
   if accountant is not None and not args.quiet:
@@ -145,13 +165,29 @@ def _train(args: argparse.Namespace) -> int:
   finally:
     for manager in managers:
       manager.close()
+  rounds_run = checkpoints.checkpoint_rounds()[-1]  # the driver checkpoints its last round
   final = simulation.flatten_metrics(experiment.evaluation_fn(state, experiment.evaluation_data))
+  bad = _non_finite_leaves(experiment.process.get_model_weights(state))
+  bad += [f'test {k}' for k, v in final.items() if not np.isfinite(v)]
+  if bad:
+    print(
+      f'fedjax-lite train: error: the model diverged: after round {rounds_run} these are not '
+      f'finite: {", ".join(bad[:4])}. Tip: lower --client-lr or --server-lr, or clip updates '
+      f'with --aggregator clip. The checkpoints are in {out}',
+      file=sys.stderr,
+    )
+    return 1
   scores = '  '.join(f'test {k} {v:.4f}' for k, v in final.items() if k != 'num_examples')
-  if accountant is not None:  # the driver checkpoints the last round it ran
-    rounds_run = checkpoints.checkpoint_rounds()[-1]
+  if accountant is not None:
     scores += f'  epsilon {accountant.epsilon(rounds_run):.3f} after {rounds_run} rounds'
   print(f'final: {scores}  ({time.perf_counter() - start:.1f}s; metrics and checkpoints in {out})')
   return 0
+
+
+def _non_finite_leaves(weights: Any) -> list[str]:
+  """The paths of the leaves of `weights` that hold a NaN or an infinity."""
+  flat = jax.tree_util.tree_flatten_with_path(jax.device_get(weights))[0]
+  return [jax.tree_util.keystr(path) for path, leaf in flat if not np.all(np.isfinite(leaf))]
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -178,7 +214,7 @@ def _eval(args: argparse.Namespace) -> int:
   metrics = simulation.flatten_metrics(experiment.evaluation_fn(state, experiment.evaluation_data))
   print(f'round {round_num} of {args.run_dir}')
   for key, value in metrics.items():
-    print(f'  {key} {value}')
+    print(f'  {key} {value:.6g}')
   return 0
 
 
@@ -194,7 +230,11 @@ def _datasets(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-  for path in simulation.plot_run(args.run_dir, args.out):
+  try:
+    paths = simulation.plot_run(args.run_dir, args.out)
+  except (FileNotFoundError, ValueError) as error:
+    raise ConfigError(f'RUN_DIR: {error}') from None
+  for path in paths:
     print(path)
   return 0
 
@@ -233,11 +273,23 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
+@contextlib.contextmanager
+def _one_line_warnings(command: str):
+  """Within: warnings print as `fedjax-lite COMMAND: warning: ...`, without a source line."""
+  original = warnings.formatwarning
+  warnings.formatwarning = lambda message, *_, **__: f'fedjax-lite {command}: warning: {message}\n'
+  try:
+    yield
+  finally:
+    warnings.formatwarning = original
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   """Runs a command; user errors are one line on stderr and exit status 2 (130 for Ctrl-C)."""
   args = build_parser().parse_args(argv)
   try:
-    return args.run(args)
+    with _one_line_warnings(args.command):
+      return args.run(args)
   except ConfigError as error:
     print(f'fedjax-lite {args.command}: error: {error}', file=sys.stderr)
     return 2
@@ -245,8 +297,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if isinstance(error, BrokenPipeError):  # `fedjax-lite datasets | head`: the reader left
       sys.stdout = open(os.devnull, 'w')  # noqa: SIM115 (no more output may reach the pipe)
       return 0
-    where = f' {error.filename}' if error.filename else ''
-    print(f'fedjax-lite {args.command}: error:{where}: {error.strerror or error}', file=sys.stderr)
+    detail = f'{error.filename}: {error.strerror}' if error.filename and error.strerror else error
+    print(f'fedjax-lite {args.command}: error: {detail}', file=sys.stderr)
+    return 2
+  except ImportError as error:  # an optional extra (plot, tensorboard, hdf5) is not installed
+    print(f'fedjax-lite {args.command}: error: {error}', file=sys.stderr)
     return 2
   except KeyboardInterrupt:
     # Checkpoints are written atomically: the latest one on disk is whole; --resume continues.

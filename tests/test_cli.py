@@ -1,7 +1,11 @@
 """The `fedjax-lite` command: train (defaults, config file, resume), eval, datasets, plot."""
 
+import gzip
 import json
+import pathlib
 import re
+import runpy
+import subprocess
 import sys
 
 import jax
@@ -258,3 +262,148 @@ def test_ctrl_c_exits_130_and_a_closed_pipe_exits_quietly(monkeypatch, capsys):
   monkeypatch.setattr('builtins.print', closed_pipe)
   monkeypatch.setattr(sys, 'stdout', sys.stdout)  # main swaps it for /dev/null; restored after
   assert cli.main(['datasets']) == 0
+
+
+def _digits_file(path, labels):
+  """A digits.csv.gz of 100 random images with the given labels (cycled)."""
+  rng = np.random.default_rng(0)
+  pixels = rng.integers(0, 17, (100, 64))
+  y = np.resize(np.asarray(labels), 100)
+  with gzip.open(path, 'wt') as f:
+    np.savetxt(f, np.column_stack([pixels, y]), fmt='%d', delimiter=',')
+  return str(path)
+
+
+def _plot_inputs(tmp_path):
+  (tmp_path / 'no_metrics').mkdir()
+  (tmp_path / 'damaged').mkdir()
+  (tmp_path / 'damaged' / 'metrics.jsonl').write_text(
+    '{"round_num": 1}\nnot json\n{"round_num": 2}\n'
+  )
+  (tmp_path / 'no_values').mkdir()
+  (tmp_path / 'no_values' / 'metrics.jsonl').write_text(
+    '{"round_num": 1, "client_work/train/loss": "x"}\n'
+  )
+
+
+@pytest.mark.parametrize(
+  ('argv', 'message'),
+  [
+    (['train', '--client-lr', 'inf'], "--client-lr: expected a number > 0; got 'inf'"),
+    (['train', '--server-lr', 'nan'], "--server-lr: expected a number > 0; got 'nan'"),
+    (['train', '--seed', str(2**64)], '--seed: expected an int in [0, 4294967295]'),
+    (['train', '--num-clients', '1797'], '--num-clients: 1797 clients exceed the 1438 examples'),
+    (
+      ['train', '--num-clients', '1000', '--partition', 'dirichlet'],
+      '--partition dirichlet with --num-clients 1000: no Dirichlet(alpha=0.5) draw',
+    ),
+    (['train', '--data-path', 'nowhere.csv.gz'], "--data-path: 'nowhere.csv.gz' does not hold"),
+    (['train', '--data-path', 'neg.csv.gz'], 'the training set of digits has label -1'),
+    (['train', '--dataset', 'emnist', '--data-path', 'no_metrics'], "--data-path: 'no_metrics'"),
+    (['plot', 'no_metrics'], 'RUN_DIR: run_dir_or_metrics_file'),
+    (['plot', 'damaged'], 'metrics.jsonl line 2 is not JSON'),
+    (['plot', 'no_values'], 'has no loss or accuracy values to plot'),
+    (['train', '--tensorboard'], 'needs tensorboardX. Tip: pip install'),
+  ],
+)
+def test_user_errors_are_one_line_and_exit_2(argv, message, tmp_path, capsys, monkeypatch):
+  _digits_file(tmp_path / 'neg.csv.gz', [-1, *range(9)])
+  _plot_inputs(tmp_path)
+  monkeypatch.setitem(sys.modules, 'tensorboardX', None)  # the optional extra is missing
+  assert cli.main([*argv, '--quiet'] if argv[0] == 'train' else argv) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f'fedjax-lite {argv[0]}: error: ') and err.count('\n') == 1, err
+  assert 'Traceback' not in err
+  assert message in err
+  assert not (tmp_path / 'no_metrics' / 'loss.png').exists()
+
+
+def test_labels_outside_the_classes_are_named_per_client():
+  population = fl.data.InMemoryFederatedData(
+    {
+      'ok': {'x': np.zeros((3, 2), np.float32), 'y': np.array([0, 1, 2])},
+      'bad': {'x': np.zeros((2, 2), np.float32), 'y': np.array([1, 15])},
+    }
+  )
+  fl.data.batch_cohort(population, ['ok'], batch_size=2, num_classes=3)
+  with pytest.raises(
+    ValueError,
+    match=r"client 'bad' has label 15 \(1 such labels\); labels must be class indices in \[0, 3\)",
+  ):
+    fl.data.batch_cohort(population, ['ok', 'bad'], batch_size=2, num_classes=3)
+
+
+def test_a_second_process_on_the_same_run_folder_is_refused(tmp_path, capsys):
+  holder = subprocess.Popen(
+    [
+      sys.executable,
+      '-c',
+      'import sys, time\nfrom fedjax_lite import simulation\n'
+      'with simulation.RunFolderLock(sys.argv[1]):\n  print("held", flush=True)\n  time.sleep(60)',
+      str(tmp_path / 'run'),
+    ],
+    stdout=subprocess.PIPE,
+    text=True,
+  )
+  try:
+    assert holder.stdout.readline().strip() == 'held'
+    assert cli.main(['train', *SMALL, '--out', 'run', '--quiet']) == 2
+    err = capsys.readouterr().err
+    assert f'--out: run is in use by process {holder.pid} on ' in err
+    assert not (tmp_path / 'run' / 'config.json').exists()  # nothing written
+  finally:
+    holder.kill()
+    holder.wait()
+  assert cli.main(['train', *SMALL, '--out', 'run', '--quiet']) == 0  # released with its holder
+
+
+def test_a_finished_run_is_extended_only_by_an_explicit_rounds_and_keeps_its_result(capsys):
+  assert cli.main(['train', *SMALL, '--out', 'run', '--keep', '1']) == 0
+  capsys.readouterr()
+  assert cli.main(['train', '--out', 'run']) == 0  # no --rounds: nothing more is trained
+  out = capsys.readouterr().out
+  assert 'finished at round 4; pass --rounds N to extend it' in out
+  assert 'round    5' not in out
+  manager = fl.simulation.FileCheckpointManager('run/checkpoints')
+  assert manager.checkpoint_rounds() == [4]
+  assert cli.main(['train', '--out', 'run', '--rounds', '6', '--quiet']) == 0
+  assert manager.checkpoint_rounds() == [4, 6]  # keep=1, but round 4 was the finished run's
+
+
+def test_the_resume_header_names_the_round_actually_restored(capsys):
+  assert cli.main(['train', *SMALL, '--out', 'run', '--quiet']) == 0
+  manager = fl.simulation.FileCheckpointManager('run/checkpoints')
+  with open(manager.checkpoint_path(4), 'r+b') as f:  # damage the latest checkpoint
+    f.seek(40)
+    f.write(b'garbage')
+  with pytest.warns(RuntimeWarning, match='ckpt_4.msgpack is unreadable'):
+    assert cli.main(['train', '--out', 'run', '--rounds', '5']) == 0
+  assert 'writing to run (resuming after round 3)' in capsys.readouterr().out
+
+
+def test_divergence_is_reported_per_round_and_fails_the_run(tmp_path, capsys):
+  argv = ['train', *SMALL, '--out', 'run', '--client-lr', '1e30']
+  with pytest.warns(RuntimeWarning) as caught:
+    code = cli.main(argv)
+  messages = [str(w.message) for w in caught]
+  assert any('round 1: no usable client; all 5 clients with data' in m for m in messages)
+  out = capsys.readouterr()
+  assert 'excluded 5 non-finite clients' in out.out
+  rows = [
+    json.loads(line) for line in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()
+  ]
+  assert rows[1]['client_work/non_finite_clients'] == 5
+  assert code == 0  # every update was excluded: the model stood still and is finite
+  argv = ['train', *SMALL, '--out', 'run2', '--server-lr', '1e38', '--server-optimizer', 'sgd']
+  with pytest.warns(RuntimeWarning):
+    assert cli.main([*argv, '--quiet']) == 1
+  err = capsys.readouterr().err
+  assert 'fedjax-lite train: error: the model diverged: after round 4' in err
+
+
+def test_the_example_is_the_main_job_written_out(capsys):
+  example = runpy.run_path(str(pathlib.Path(__file__).parents[1] / 'examples' / 'fedavg_digits.py'))
+  accuracy = example['main'](rounds=3)
+  assert cli.main(['train', '--rounds', '3', '--quiet']) == 0
+  out = capsys.readouterr().out
+  assert re.search(rf'final: test accuracy {accuracy:.4f}  test loss', out)

@@ -9,6 +9,7 @@ from fedjax_lite.data._client_batches import (
 )
 from fedjax_lite.data._cohort_batching import (
   batch_cohort,
+  check_labels,
   client_key,
   padding_fraction,
   step_buckets,
@@ -47,6 +48,7 @@ __all__ = [
   'batch_cohort',
   'build_client_batches',
   'check_client_batches',
+  'check_labels',
   'client_batches_spec',
   'client_key',
   'client_steps',

@@ -45,6 +45,31 @@ def padding_fraction(client_batches: _client_batches.ClientBatches) -> float:
   return 1.0 - float(np.mean(client_batches.mask))
 
 
+def check_labels(labels: np.ndarray, num_classes: int, where: str) -> None:
+  """Raises unless every integer label is a class in `[0, num_classes)`.
+
+  A label outside the model's classes gives NaN or silently wrong losses in the compiled round,
+  where nothing can raise, so labels are checked where the data enters.
+
+  Args:
+    labels: integer labels, any shape.
+    num_classes: the model's number of classes.
+    where: what holds the labels, for the message (e.g. "client 'f0012_34'").
+
+  Raises:
+    ValueError: naming `where`, the first bad label and the expected range.
+  """
+  labels = np.asarray(labels)
+  if not np.issubdtype(labels.dtype, np.integer):
+    raise TypeError(f'labels of {where} must be integers (class indices); got {labels.dtype}')
+  bad = (labels < 0) | (labels >= num_classes)
+  if bad.any():
+    raise ValueError(
+      f'{where} has label {labels[bad].flat[0]} ({int(bad.sum())} such labels); labels must be '
+      f'class indices in [0, {num_classes})'
+    )
+
+
 def batch_cohort(
   data: FederatedData,
   client_ids: Sequence[Any],
@@ -56,6 +81,7 @@ def batch_cohort(
   seed: int = 0,
   buckets: Sequence[int] | None = None,
   shuffle: bool = True,
+  num_classes: int | None = None,
 ) -> _client_batches.ClientBatches:
   """The `ClientBatches` of one round's cohort, in `client_ids` order.
 
@@ -75,6 +101,8 @@ def batch_cohort(
       smallest bucket that holds the cohort's longest client. None pads to the longest client
       exactly (a skewed population then compiles once per distinct length).
     shuffle: whether to shuffle within each epoch.
+    num_classes: when given, every client's `'y'` must hold class indices in
+      `[0, num_classes)` (`check_labels`); a client with another label is named in the error.
 
   Returns:
     `ClientBatches` with leaves `[len(client_ids), steps, batch_size, ...]`.
@@ -82,6 +110,13 @@ def batch_cohort(
   if not client_ids:
     raise ValueError('client_ids is empty; expected at least one client')
   clients = data.get_clients(client_ids)
+  if num_classes is not None:
+    for client_id, client in zip(client_ids, clients, strict=True):
+      if 'y' not in client:
+        raise ValueError(
+          f'num_classes checks the labels "y", but client {client_id!r} has only {sorted(client)}'
+        )
+      check_labels(client['y'], num_classes, f'client {client_id!r}')
   longest = max(
     _client_batches.client_steps(len(next(iter(c.values()))), num_epochs, batch_size, max_steps)
     for c in clients

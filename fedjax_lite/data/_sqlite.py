@@ -4,17 +4,21 @@ A population is built once from any `FederatedData` (`SQLiteFederatedData.build(
 and then opened read-only with random access per client, so it may be far larger than memory:
 opening reads only the client ids and sizes, never the arrays.
 
-File layout (format version 1; stdlib `sqlite3`):
+File layout (format version 2; stdlib `sqlite3`):
 
-- `meta(key, value)`: `format` = `fedjax_lite.SQLiteFederatedData`, `version` = `1`,
-  `num_clients`.
+- `meta(key, value)`: `format` = `fedjax_lite.SQLiteFederatedData`, `version` = `2`,
+  `num_clients`, `index_crc` (CRC-32 of the `clients` rows, checked on open).
 - `features(position, name, dtype, shape)`: one row per feature; `dtype` is numpy's `dtype.str`
   (`<f4`, `|b1`, ...), `shape` the per-example shape as JSON (`[28, 28]`; `[]` for scalars).
-- `clients(idx, id, num_examples)`: one row per client in `client_ids` order. `id` has no declared
-  type, so SQLite keeps each id's own type (`integer` or `text`) and ids come back exactly.
+- `clients(idx, id, num_examples, crc)`: one row per client in `client_ids` order. `id` has no
+  declared type, so SQLite keeps each id's own type (`integer` or `text`) and ids come back
+  exactly. `crc` is the CRC-32 of the client's feature bytes in column order, checked on every
+  read: a flipped byte or a truncated page is an error naming the client, never altered data.
 - `data(idx, f0, f1, ...)`: one row per client; column `f{position}` holds that feature's array
   `[num_examples, *shape]` as C-order bytes. Kept apart from `clients` so that opening scans the
   small index table and no array page.
+
+Version 1 files (no checksums) are still read, unchecked; `verify()` checks a whole file.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import os
 import pathlib
 import sqlite3
 import threading
+import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -34,7 +39,8 @@ import numpy as np
 from fedjax_lite.data._federated_data import ClientDataset, FederatedData, check_client_dataset
 
 _FORMAT = 'fedjax_lite.SQLiteFederatedData'
-_VERSION = 1
+_VERSION = 2
+_READABLE_VERSIONS = ('1', '2')  # version 1 has no checksums
 # Rows and bytes of arrays per executemany while building: bounds memory, amortises the calls.
 _BATCH_ROWS = 1024
 _BATCH_BYTES = 32 << 20
@@ -144,16 +150,25 @@ class SQLiteFederatedData(FederatedData):
 
     try:
       meta = dict(conn.execute('SELECT key, value FROM meta'))
-      if meta.get('format') != _FORMAT or meta.get('version') != str(_VERSION):
+      if meta.get('format') != _FORMAT or meta.get('version') not in _READABLE_VERSIONS:
         raise invalid(
           f'meta has format={meta.get("format")!r} version={meta.get("version")!r}; expected '
-          f'format={_FORMAT!r} version={str(_VERSION)!r}'
+          f'format={_FORMAT!r} version in {_READABLE_VERSIONS}'
         )
       features = conn.execute('SELECT name, dtype, shape FROM features ORDER BY position')
       features = features.fetchall()
-      rows = conn.execute('SELECT id, num_examples FROM clients ORDER BY idx').fetchall()
+      checked = meta['version'] != '1'
+      crc_column = ', crc' if checked else ''
+      rows = conn.execute(f'SELECT id, num_examples{crc_column} FROM clients ORDER BY idx')
+      rows = rows.fetchall()
     except sqlite3.DatabaseError as e:
       raise invalid(str(e)) from e
+    if checked and str(_index_crc(rows)) != meta.get('index_crc'):
+      raise ValueError(
+        f'{self._path} is corrupt: its client index (ids, sizes, checksums) does not match the '
+        'checksum it was written with'
+      )
+    self._crcs = [row[2] for row in rows] if checked else None
     try:
       self._features = [(n, np.dtype(d), tuple(json.loads(s))) for n, d, s in features]
     except (TypeError, ValueError) as e:
@@ -242,8 +257,29 @@ class SQLiteFederatedData(FederatedData):
     for client_id, idx in zip(client_ids, idxs, strict=True):
       if idx not in blobs:
         raise ValueError(f'{self._path} is corrupt: client {client_id!r} has no data row')
-      datasets.append(self._decode(client_id, idx, blobs[idx]))
+      dataset = self._decode(client_id, idx, blobs[idx])
+      if self._crcs is not None and _crc(blobs[idx]) != self._crcs[idx]:
+        raise ValueError(
+          f'{self._path} is corrupt: the data of client {client_id!r} does not match its '
+          'checksum (the file was altered or truncated); rebuild it with '
+          'SQLiteFederatedData.build'
+        )
+      datasets.append(dataset)
     return datasets
+
+  def verify(self) -> None:
+    """Checks the whole file: SQLite's own integrity check, then every client's checksum.
+
+    Reads every client once (no preprocessing), so it takes as long as one pass over the data.
+
+    Raises:
+      ValueError: naming the damage (SQLite's report, or the first client that fails).
+    """
+    report = self._conn.fetchall(self._path, 'PRAGMA integrity_check')
+    if report != [('ok',)]:
+      raise ValueError(f'{self._path} is corrupt: {"; ".join(r[0] for r in report[:5])}')
+    for start in range(0, len(self._ids), _MAX_PARAMS):
+      self._read_many(self._ids[start : start + _MAX_PARAMS])
 
   def _decode(self, client_id: Any, idx: int, blobs: tuple) -> ClientDataset:
     n = int(self._sizes[idx])
@@ -288,7 +324,8 @@ def _write(source: FederatedData, path: str) -> None:
       'dtype TEXT NOT NULL, shape TEXT NOT NULL)'
     )
     conn.execute(
-      'CREATE TABLE clients (idx INTEGER PRIMARY KEY, id NOT NULL, num_examples INTEGER)'
+      'CREATE TABLE clients (idx INTEGER PRIMARY KEY, id NOT NULL, num_examples INTEGER, '
+      'crc INTEGER NOT NULL)'
     )
     first_id, schema, insert = None, None, None
     index, batch, batch_bytes, seen = [], [], 0, set()
@@ -304,7 +341,7 @@ def _write(source: FederatedData, path: str) -> None:
       else:
         _check_schema(schema, first_id, client_id, dataset)
       blobs = [np.ascontiguousarray(dataset[name]).tobytes() for name in schema]
-      index.append((idx, key, len(next(iter(dataset.values())))))
+      index.append((idx, key, len(next(iter(dataset.values()))), _crc(blobs)))
       batch.append((idx, *blobs))
       batch_bytes += sum(map(len, blobs))
       if len(batch) >= _BATCH_ROWS or batch_bytes >= _BATCH_BYTES:
@@ -313,14 +350,32 @@ def _write(source: FederatedData, path: str) -> None:
     if schema is None:
       raise ValueError('source has no clients; a population needs at least one')
     conn.executemany(insert, batch)
-    conn.executemany('INSERT INTO clients VALUES (?, ?, ?)', index)
-    meta = {'format': _FORMAT, 'version': str(_VERSION), 'num_clients': str(len(index))}
+    conn.executemany('INSERT INTO clients VALUES (?, ?, ?, ?)', index)
+    meta = {
+      'format': _FORMAT,
+      'version': str(_VERSION),
+      'num_clients': str(len(index)),
+      'index_crc': str(_index_crc([row[1:] for row in index])),
+    }
     conn.executemany('INSERT INTO meta VALUES (?, ?)', meta.items())
     conn.execute('COMMIT')
   finally:
     conn.close()
   with open(path, 'rb+') as f:
     os.fsync(f.fileno())
+
+
+def _crc(blobs: Sequence[bytes]) -> int:
+  """CRC-32 of a client's feature blobs, in column order."""
+  crc = 0
+  for blob in blobs:
+    crc = zlib.crc32(blob if isinstance(blob, bytes) else b'', crc)
+  return crc
+
+
+def _index_crc(rows: Sequence[tuple]) -> int:
+  """CRC-32 of the `clients` rows `(id, num_examples, crc)`, ids typed (1 and '1' differ)."""
+  return zlib.crc32(json.dumps([[type(i).__name__, i, n, c] for i, n, c in rows]).encode())
 
 
 def _schema(client_id: Any, dataset: ClientDataset) -> dict[str, tuple[np.dtype, tuple]]:

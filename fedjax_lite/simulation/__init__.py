@@ -2,6 +2,7 @@
 metrics managers, progress and plots (TFF's `tff.simulation`)."""
 
 from fedjax_lite.simulation._checkpoint import FileCheckpointManager
+from fedjax_lite.simulation._lock import RunFolderInUseError, RunFolderLock
 from fedjax_lite.simulation._metrics_managers import (
   CSVMetricsManager,
   InMemoryMetricsManager,
@@ -20,6 +21,8 @@ __all__ = [
   'InMemoryMetricsManager',
   'JSONLMetricsManager',
   'MetricsManager',
+  'RunFolderInUseError',
+  'RunFolderLock',
   'TensorBoardMetricsManager',
   'build_evaluation_fn',
   'flatten_metrics',

@@ -62,8 +62,9 @@ class FileCheckpointManager:
     """Args:
     root_dir: folder of the checkpoint files (created on the first save).
     keep: how many of the latest checkpoints to keep (>= 1); older ones are deleted after each
-      successful save. None keeps all. Keep at least 2 to be able to fall back from a damaged
-      latest file.
+      successful save, except those marked with `mark_kept` (`run_training_process` marks the
+      final round of every completed run, so extending a run never deletes its result). None
+      keeps all. Keep at least 2 to be able to fall back from a damaged latest file.
     prefix: file name prefix; files are `<prefix><round_num>.msgpack`.
     metadata: a JSON-serializable mapping stored in every checkpoint (e.g. the run's
       configuration and sampler seed); read it back with `load_metadata`.
@@ -126,8 +127,29 @@ class FileCheckpointManager:
     _files.atomic_write(path, header + payload)
     if self._keep is not None:
       for old in self.checkpoint_rounds()[: -self._keep]:
-        os.remove(self.checkpoint_path(old))
+        if not os.path.exists(self._kept_marker(old)):
+          os.remove(self.checkpoint_path(old))
     return path
+
+  def _kept_marker(self, round_num: int) -> str:
+    return os.path.join(self._root_dir, f'{self._prefix}{round_num}.kept')
+
+  def mark_kept(self, round_num: int) -> None:
+    """Exempts the checkpoint of `round_num` from pruning by `keep` (a marker file beside it)."""
+    _check_round_num(round_num)
+    if not os.path.exists(self.checkpoint_path(round_num)):
+      raise FileNotFoundError(f'no checkpoint of round {round_num} to keep in {self._root_dir}')
+    _files.atomic_write(self._kept_marker(round_num), b'')
+
+  def latest_readable_round(self) -> int | None:
+    """The round `load_latest_checkpoint` would restore (damaged files skipped), or None."""
+    for round_num in reversed(self.checkpoint_rounds()):
+      try:
+        _read(self.checkpoint_path(round_num), round_num)
+      except _CorruptCheckpointError:
+        continue
+      return round_num
+    return None
 
   def load_checkpoint(self, structure: Any, round_num: int) -> Any:
     """The state saved at `round_num`, restored into `structure`.

@@ -12,6 +12,7 @@ from typing import Any
 from fedjax_lite.simulation import _metrics_managers
 
 METRICS_FILES = ('metrics.jsonl', 'metrics.csv')
+_COLORS = {'train': 'tab:blue', 'eval': 'tab:orange'}  # the same in every figure
 
 
 def _metrics_file(run_dir_or_metrics_file: str) -> str:
@@ -48,7 +49,8 @@ def _curve(rows: dict[int, dict[str, Any]], key: str) -> tuple[list[int], list[f
 
 def plot_run(run_dir_or_metrics_file: str | os.PathLike, out_dir: str | os.PathLike | None = None):
   """Writes `loss.png` (train loss, and evaluation loss if any) and `accuracy.png` (evaluation
-  accuracy, and train accuracy if any) against round.
+  accuracy, and train accuracy if any) against round, titled with the run folder's name; train
+  curves are blue and evaluation curves orange in both.
 
   Args:
     run_dir_or_metrics_file: a run folder holding `metrics.jsonl` (preferred) or `metrics.csv`,
@@ -58,6 +60,10 @@ def plot_run(run_dir_or_metrics_file: str | os.PathLike, out_dir: str | os.PathL
 
   Returns:
     The paths of the PNG files written (a figure with no curve to draw is skipped).
+
+  Raises:
+    FileNotFoundError: no metrics file.
+    ValueError: the file is damaged, or holds no loss or accuracy value to plot.
   """
   try:
     from matplotlib.backends import backend_agg
@@ -80,16 +86,19 @@ def plot_run(run_dir_or_metrics_file: str | os.PathLike, out_dir: str | os.PathL
       [(_pick(keys, 'accuracy', True), 'eval'), (_pick(keys, 'accuracy', False), 'train')],
     ),
   ]
+  run_name = os.path.basename(os.path.dirname(os.path.abspath(path)))
   written = []
   for filename, ylabel, curves in figures:
-    curves = [(key, label) for key, label in curves if key is not None]
+    curves = [(key, label, _curve(rows, key)) for key, label in curves if key is not None]
+    curves = [(key, label, points) for key, label, points in curves if points[0]]
     if not curves:
       continue
     figure = Figure(figsize=(6, 4), dpi=100)
     backend_agg.FigureCanvasAgg(figure)
     axes = figure.add_subplot()
-    for key, label in curves:
-      axes.plot(*_curve(rows, key), marker='.', label=f'{label} ({key})')
+    for key, label, points in curves:
+      axes.plot(*points, marker='.', color=_COLORS[label], label=f'{label} ({key})')
+    axes.set_title(f'{run_name}: {ylabel}')
     axes.set_xlabel('round')
     axes.set_ylabel(ylabel)
     axes.grid(alpha=0.3)
@@ -100,5 +109,7 @@ def plot_run(run_dir_or_metrics_file: str | os.PathLike, out_dir: str | os.PathL
     figure.savefig(out_path, format='png')
     written.append(out_path)
   if not written:
-    raise ValueError(f'{path} has no loss or accuracy metric to plot; its keys are {keys}')
+    raise ValueError(
+      f'{path} has no loss or accuracy values to plot ({len(rows)} rows; keys {keys})'
+    )
   return written

@@ -73,6 +73,9 @@ class RoundProgress:
     if isinstance(accuracy, float):
       info += f'acc {accuracy:.4f}  '
     info += f'{self._eval}{rate:.2f} rounds/s'
+    excluded = next((v for k, v in flat_metrics.items() if k.endswith('non_finite_clients')), 0)
+    if excluded:
+      info += f'  excluded {excluded:.0f} non-finite clients'
     self._progress.update(self._task, completed=round_num, info=info)
 
   def close(self) -> None:

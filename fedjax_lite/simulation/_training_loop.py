@@ -8,6 +8,7 @@ evaluates, releases metrics and saves checkpoints between rounds.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -263,7 +264,29 @@ def run_training_process(
         round_num % rounds_per_checkpoint == 0 or round_num == total_rounds
       ):
         checkpoint_manager.save_checkpoint(state, round_num)
+      _warn_if_no_usable_client(flat, data, round_num)
       bar.update(round_num, flat)
+    else:  # the run completed: its final checkpoint outlives pruning when the run is extended
+      mark_kept = getattr(checkpoint_manager, 'mark_kept', None)
+      if mark_kept is not None and total_rounds in checkpoint_manager.checkpoint_rounds():
+        mark_kept(total_rounds)
   finally:
     bar.close()
   return state
+
+
+def _warn_if_no_usable_client(flat: Mapping[str, Any], data: Any, round_num: int) -> None:
+  """Warns when every client of the round was excluded as non-finite (the model stood still)."""
+  excluded = next((v for k, v in flat.items() if k.endswith('non_finite_clients')), None)
+  mask = getattr(data, 'mask', None)
+  if excluded is None or mask is None or not excluded:
+    return
+  sampled = int((jax.device_get(mask).reshape(mask.shape[0], -1) > 0).any(axis=1).sum())
+  if excluded >= sampled:
+    warnings.warn(
+      f'round {round_num}: no usable client; all {sampled} clients with data had non-finite '
+      'updates and were excluded, so the model did not change. Tip: lower the learning rate, '
+      'or clip updates (--aggregator clip).',
+      RuntimeWarning,
+      stacklevel=3,
+    )

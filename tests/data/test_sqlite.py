@@ -178,9 +178,20 @@ def test_other_format_version_is_rejected(tmp_path):
   path = tmp_path / 'pop.sqlite'
   fl.data.SQLiteFederatedData.build(_population(), path).close()
   with sqlite3.connect(path) as conn:
-    conn.execute("UPDATE meta SET value = '2' WHERE key = 'version'")
-  with pytest.raises(ValueError, match=r"version='2'; expected .* version='1'"):
+    conn.execute("UPDATE meta SET value = '3' WHERE key = 'version'")
+  with pytest.raises(ValueError, match=r"version='3'; expected .* version in \('1', '2'\)"):
     fl.data.SQLiteFederatedData(path)
+
+
+def test_version_1_files_without_checksums_still_read(tmp_path):
+  path = tmp_path / 'pop.sqlite'
+  fl.data.SQLiteFederatedData.build(_population(), path).close()
+  with sqlite3.connect(path) as conn:
+    conn.execute('ALTER TABLE clients DROP COLUMN crc')
+    conn.execute("UPDATE meta SET value = '1' WHERE key = 'version'")
+    conn.execute("DELETE FROM meta WHERE key = 'index_crc'")
+  with fl.data.SQLiteFederatedData(path) as data:
+    _assert_same_population(data, _population())
 
 
 def _big_file(tmp_path):
@@ -217,6 +228,45 @@ def test_corrupt_pages_and_blobs(tmp_path):
   match = "client 'c3' feature 'x' holds 2 bytes; expected 4000 bytes for 50 examples of float32"
   with pytest.raises(ValueError, match=match):
     data.get_client('c3')
+
+
+def _flip(path, needle: bytes, offset: int = 7) -> None:
+  """Flips one byte inside the first occurrence of `needle` in the file."""
+  content = bytearray(path.read_bytes())
+  at = content.find(needle)
+  assert at >= 0
+  content[at + offset] ^= 0x5A
+  path.write_bytes(bytes(content))
+
+
+def test_a_flipped_byte_in_a_client_is_an_error_naming_it(tmp_path):
+  # Before checksums, a few flipped bytes read back as silently altered data.
+  path = _big_file(tmp_path)
+  with fl.data.SQLiteFederatedData(path) as data:
+    victim = data.get_client('c7')['x']
+  _flip(path, victim.tobytes()[:64])
+  with fl.data.SQLiteFederatedData(path) as data:
+    np.testing.assert_array_equal(data.get_client('c6')['x'].shape, (50, 20))  # others read
+    with pytest.raises(ValueError, match=r"big\.sqlite is corrupt: the data of client 'c7' does"):
+      data.get_client('c7')
+    with pytest.raises(ValueError, match="client 'c7'"):
+      data.verify()
+
+
+def test_truncated_by_less_than_a_page_is_caught(tmp_path):
+  path = _big_file(tmp_path)
+  fl.data.SQLiteFederatedData(path).verify()  # intact
+  os.truncate(path, os.path.getsize(path) - 100)
+  with pytest.raises(ValueError, match=r'big\.sqlite is (corrupt|not a fedjax_lite SQLite)'):
+    fl.data.SQLiteFederatedData(path).verify()
+
+
+def test_an_altered_client_index_is_caught_on_open(tmp_path):
+  path = _big_file(tmp_path)
+  with sqlite3.connect(path) as conn:
+    conn.execute('UPDATE clients SET num_examples = 49 WHERE idx = 5')
+  with pytest.raises(ValueError, match=r'client index .* does not match the checksum'):
+    fl.data.SQLiteFederatedData(path)
 
 
 def _ragged(spec):

@@ -58,6 +58,6 @@ def test_plot_run_skips_a_figure_without_curves_and_reports_missing_input(tmp_pa
   other = fl.simulation.JSONLMetricsManager(tmp_path / 'other.jsonl')
   other.release({'throughput': 3.0}, 1)
   with pytest.raises(
-    ValueError, match=r"no loss or accuracy metric to plot; its keys are \['throughput'\]"
+    ValueError, match=r"no loss or accuracy values to plot \(1 rows; keys \['throughput'\]\)"
   ):
     fl.simulation.plot_run(tmp_path / 'other.jsonl')
