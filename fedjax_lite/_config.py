@@ -10,11 +10,12 @@ import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from fedjax_lite import _catalogue
 from fedjax_lite.data import _registry
 
-MODELS = ('logreg', 'mlp', 'cnn', 'mf')
-ALGORITHMS = ('fedavg', 'fedavg_unweighted', 'fedsgd', 'fedrecon')
-OPTIMIZERS = ('sgd', 'sgdm', 'adam', 'adagrad', 'rmsprop', 'yogi')
+MODELS = _catalogue.MODELS
+ALGORITHMS = tuple(_catalogue.ALGORITHMS)
+OPTIMIZERS = tuple(_catalogue.OPTIMIZERS)
 PARTITIONS = ('dirichlet', 'iid', 'shards', 'power_law')
 AGGREGATORS = (
   'mean',
@@ -117,6 +118,7 @@ OPTIONS = (
   Option('recon_lr', _positive_float, 0.1, 'reconstruction learning rate (fedrecon)'),
   Option('server_optimizer', _choice(OPTIMIZERS), 'sgd', ' | '.join(OPTIMIZERS)),
   Option('server_lr', _positive_float, 1.0, 'server learning rate'),
+  Option('proximal_strength', _number(0, low_inclusive=True), 0.01, 'FedProx mu (fedprox)'),
   Option('aggregator', _choice(AGGREGATORS), 'mean', ' | '.join(AGGREGATORS)),
   Option('clip', _optional(_positive_float), None, 'L2 clip (clip, dp); none: adaptive'),
   Option(

@@ -10,9 +10,9 @@ from typing import Any
 
 import jax
 import numpy as np
-import optax
 
 from fedjax_lite import (
+  _catalogue,
   aggregators,
   algorithms,
   data,
@@ -49,19 +49,6 @@ class Experiment:
   evaluation_fn: Callable[[Any, data.ClientBatches], Mapping[str, Any]]
   evaluation_data: data.ClientBatches
   privacy_accountant: aggregators.PrivacyAccountant | None = None
-
-
-def _optimizer(name: str, learning_rate: float) -> optax.GradientTransformation:
-  if name == 'sgdm':
-    return optimizers.build_sgdm(learning_rate, momentum=0.9)
-  build = {
-    'sgd': optimizers.build_sgdm,
-    'adam': optimizers.build_adam,
-    'adagrad': optimizers.build_adagrad,
-    'rmsprop': optimizers.build_rmsprop,
-    'yogi': optimizers.build_yogi,
-  }[name]
-  return build(learning_rate)
 
 
 def _partition(config: Mapping[str, Any], labels: np.ndarray) -> list[np.ndarray]:
@@ -160,11 +147,7 @@ def _load(config: Mapping[str, Any]) -> tuple[data.FederatedData, dict[str, np.n
 
 
 def _model(config: Mapping[str, Any], example_x: np.ndarray, num_classes: int):
-  seed = config['seed']
-  if config['model'] == 'cnn':
-    return models.cnn_classifier(example_x.shape[1:], num_classes, seed=seed)
-  hidden = () if config['model'] == 'logreg' else (200, 200)
-  return models.mlp_classifier(example_x.shape[1], num_classes, hidden=hidden, seed=seed)
+  return _catalogue.CLASSIFIERS[config['model']](example_x.shape[1:], num_classes, config['seed'])
 
 
 def check_aggregator_settings(config: Mapping[str, Any]) -> None:
@@ -197,7 +180,7 @@ def check_aggregator_settings(config: Mapping[str, Any]) -> None:
 def _aggregator(config: Mapping[str, Any]) -> Any:
   """The model-update aggregation factory of `--aggregator` and its settings."""
   name, clip = config['aggregator'], config['clip']
-  unweighted = config['algorithm'] == 'fedavg_unweighted'
+  unweighted = _catalogue.ALGORITHMS[config['algorithm']].unweighted
   mean = aggregators.UnweightedMeanFactory() if unweighted else aggregators.MeanFactory()
   try:
     if name == 'robust':
@@ -242,23 +225,6 @@ def _accountant(config: Mapping[str, Any], population: int):
   )
 
 
-def _process(config: Mapping[str, Any], model: models.FunctionalModel) -> LearningProcess:
-  server = _optimizer(config['server_optimizer'], config['server_lr'])
-  aggregator = _aggregator(config)
-  if config['algorithm'] == 'fedsgd':
-    return algorithms.build_fed_sgd(
-      model, server_optimizer=server, model_aggregator=aggregator, seed=config['seed']
-    )
-  client = _optimizer(config['client_optimizer'], config['client_lr'])
-  if config['algorithm'] == 'fedavg_unweighted':
-    return algorithms.build_unweighted_fed_avg(
-      model, client, server, model_aggregator=aggregator, seed=config['seed']
-    )
-  return algorithms.build_weighted_fed_avg(
-    model, client, server, model_aggregator=aggregator, seed=config['seed']
-  )
-
-
 def _fed_recon(config: Mapping[str, Any]):
   """MovieLens users as clients, matrix factorization with local user embeddings.
 
@@ -283,8 +249,8 @@ def _fed_recon(config: Mapping[str, Any]):
   recon_optimizer = optimizers.build_sgdm(config['recon_lr'])
   process = reconstruction.build_fed_recon(
     local,
-    server_optimizer=_optimizer(config['server_optimizer'], config['server_lr']),
-    client_optimizer=_optimizer(config['client_optimizer'], config['client_lr']),
+    server_optimizer=_catalogue.optimizer(config, 'server'),
+    client_optimizer=_catalogue.optimizer(config, 'client'),
     reconstruction_optimizer=recon_optimizer,
     dataset_split_fn=reconstruction.build_dataset_split_fn(split_dataset=True),
     model_aggregator=_aggregator(config),
@@ -304,7 +270,8 @@ def _fed_recon(config: Mapping[str, Any]):
 def build_experiment(config: Mapping[str, Any]) -> Experiment:
   """The experiment of a resolved configuration (`fedjax_lite._config.resolve`)."""
   check_aggregator_settings(config)
-  if (config['model'] == 'mf') != (config['algorithm'] == 'fedrecon'):
+  algorithm = _catalogue.ALGORITHMS[config['algorithm']]
+  if (config['model'] == 'mf') != (algorithm.model == 'mf'):
     raise ConfigError(
       f'{flag("model")} mf and {flag("algorithm")} fedrecon go together (matrix factorization '
       f'with local user embeddings); got model={config["model"]}, '
@@ -319,7 +286,8 @@ def build_experiment(config: Mapping[str, Any]) -> Experiment:
   else:
     train, test_arrays, num_classes = _load(config)
     model = _model(config, test_arrays['x'], num_classes)
-    process, evaluation = _process(config, model), algorithms.build_fed_eval(model)
+    process = algorithm.build(config, model, _aggregator(config))
+    evaluation = algorithms.build_fed_eval(model)
     evaluation_data = data.build_client_batches(
       [test_arrays], batch_size=min(EVAL_BATCH_SIZE, len(test_arrays['y'])), shuffle=False
     )

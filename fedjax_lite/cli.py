@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from fedjax_lite import _config, data, simulation
+from fedjax_lite import _catalogue, _config, data, simulation
 from fedjax_lite._config import ConfigError
 
 CONFIG_FILE = 'config.json'
@@ -28,22 +28,21 @@ CHECKPOINT_DIR = 'checkpoints'
 
 
 class _PrintMetrics(simulation.MetricsManager):
-  """One line per round on stdout (used when no progress bar is shown)."""
+  """One line per round on stdout (used when no progress bar is shown): the training metrics
+  of the clients (`client_work/train/*`), the evaluation (`evaluation/*`), ε, throughput and the
+  clients excluded as non-finite, whatever the algorithm reports of them."""
 
   def release(self, metrics: Mapping[str, Any], round_num: int) -> None:
     parts = [f'round {round_num:4d}']
-    for key, label in [
-      ('client_work/train/loss', 'loss'),
-      ('client_work/train/accuracy', 'accuracy'),
-      ('client_work/train/rmse', 'rmse'),
-      ('evaluation/accuracy', 'test accuracy'),
-      ('evaluation/rmse', 'test rmse'),
-      ('privacy/epsilon', 'epsilon'),
-      ('timing/examples_per_second', 'examples/s'),
-    ]:
-      if key in metrics:
-        value = metrics[key]
-        parts.append(f'{label} {value:.0f}' if label == 'examples/s' else f'{label} {value:.4f}')
+    for prefix, label in [('client_work/train/', ''), ('evaluation/', 'test ')]:
+      names = [k[len(prefix) :] for k in metrics if k.startswith(prefix)]
+      names = [n for n in names if n != 'num_examples' and '/' not in n]
+      for name in sorted(names, key=lambda n: (n != 'loss', n)):  # loss first
+        parts.append(f'{label}{name} {metrics[prefix + name]:.4f}')
+    if 'privacy/epsilon' in metrics:
+      parts.append(f'epsilon {metrics["privacy/epsilon"]:.4f}')
+    if 'timing/examples_per_second' in metrics:
+      parts.append(f'examples/s {metrics["timing/examples_per_second"]:.0f}')
     excluded = metrics.get('client_work/non_finite_clients')
     if excluded:
       parts.append(f'excluded {excluded:.0f} non-finite clients')
@@ -74,7 +73,8 @@ def _run_config(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
   if not os.path.exists(saved_path):
     if args.resume:
       raise ConfigError(f'--resume: {out} holds no run to resume ({saved_path} is missing)')
-    return out, config
+    given = {*flags, *file_settings}
+    return out, _checked(_catalogue.with_defaults(config, given), given)
   saved = _read_run_config(saved_path)
   # The saved settings, except those given now: a run is only extended by an explicit --rounds.
   config = {**config, **saved, **{k: config[k] for k in (*file_settings, *flags)}}
@@ -85,7 +85,16 @@ def _run_config(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
       'for a new run, or only the flags that may change on resume: '
       + ', '.join(_config.flag(k) for k in _config.RESUMABLE)
     )
-  return out, config
+  return out, _checked(config, {*flags, *file_settings})
+
+
+def _checked(config: dict[str, Any], given: set[str]) -> dict[str, Any]:
+  """`config`, once every setting `given` is one its algorithm reads."""
+  try:
+    _catalogue.check_settings(config, given, _config.flag)
+  except ValueError as error:
+    raise ConfigError(str(error)) from None
+  return config
 
 
 def _train(args: argparse.Namespace) -> int:

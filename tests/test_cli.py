@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import fedjax_lite as fl
-from fedjax_lite import _experiment, cli
+from fedjax_lite import _catalogue, _experiment, cli
 
 SMALL = ['--rounds', '4', '--eval-every', '2', '--clients-per-round', '5']
 
@@ -143,6 +143,43 @@ def test_other_models_and_algorithms_train(capsys):
     argv = ['train', *SMALL, '--rounds', '1', '--epochs', '1', '--out', f'run{i}', '--quiet']
     assert cli.main([*argv, *extra]) == 0
     assert re.search(r'final: test accuracy 0\.\d+  test loss \d', capsys.readouterr().out)
+
+
+@pytest.mark.parametrize(
+  'name', [n for n, a in _catalogue.ALGORITHMS.items() if a.model == 'classifier']
+)
+def test_every_algorithm_of_the_catalogue_trains_from_the_command(name, capsys):
+  extra = ['--proximal-strength', '0.5'] if name == 'fedprox' else []
+  argv = ['train', *SMALL, '--rounds', '2', '--epochs', '1', '--algorithm', name, '--out', 'run']
+  assert cli.main([*argv, *extra]) == 0
+  out = capsys.readouterr().out
+  assert re.search(r'round +2  loss \d+\.\d{4}  accuracy 0\.\d{4}  test loss', out)
+  assert _last_metrics('run')['client_work/train/num_examples'] > 0
+  config = json.loads(pathlib.Path('run/config.json').read_text())
+  process = _experiment.build_experiment(config).process
+  hparams = process.get_hparams(_checkpoint('run', 2))
+  if name == 'fedprox':
+    assert hparams['client_work']['proximal_strength'] == 0.5
+  if name in ('fedadam', 'fedyogi', 'fedadagrad'):  # the algorithm's own default
+    assert np.isclose(hparams['finalizer']['learning_rate'], 0.01)
+  if 'client_lr' in _catalogue.ALGORITHMS[name].reads:
+    assert np.isclose(hparams['client_work']['learning_rate'], 0.1)
+
+
+@pytest.mark.parametrize(
+  ('argv', 'message'),
+  [
+    (['--algorithm', 'fedsgd', '--client-lr', '0.3'], '--client-lr does not apply to --algorithm'),
+    (['--algorithm', 'fedadam', '--server-optimizer', 'sgd'], '--server-optimizer does not apply'),
+    (['--proximal-strength', '0.1'], '--proximal-strength does not apply to --algorithm fedavg'),
+  ],
+)
+def test_settings_an_algorithm_does_not_read_are_refused(argv, message, tmp_path, capsys):
+  (tmp_path / 'run.toml').write_text('client_lr = 0.3\nalgorithm = "fedsgd"\n')
+  assert cli.main(['train', *argv, '--quiet']) == 2
+  assert message in capsys.readouterr().err
+  assert cli.main(['train', '--config', 'run.toml', '--quiet']) == 2  # a file too
+  assert '--client-lr does not apply to --algorithm fedsgd' in capsys.readouterr().err
 
 
 def test_datasets_and_plot(tmp_path, capsys):
