@@ -131,6 +131,7 @@ OPTIONS = (
   ),
   Option('byzantine', _int(0), 1, 'Byzantine clients tolerated (krum)'),
   Option('bits', _int(1), 8, 'bits per coordinate, 1..16 (compression)'),
+  Option('compute_dtype', _choice(('float32', 'bfloat16')), 'float32', 'forward/backward dtype'),
   Option('batch_size', _int(1), 16, 'examples per local step'),
   Option('epochs', _int(1), 2, 'local epochs'),
   Option('max_steps', _optional(_int(1)), None, 'cap on local steps per client'),

@@ -147,7 +147,15 @@ def _load(config: Mapping[str, Any]) -> tuple[data.FederatedData, dict[str, np.n
 
 
 def _model(config: Mapping[str, Any], example_x: np.ndarray, num_classes: int):
-  return _catalogue.CLASSIFIERS[config['model']](example_x.shape[1:], num_classes, config['seed'])
+  model = _catalogue.CLASSIFIERS[config['model']](example_x.shape[1:], num_classes, config['seed'])
+  return _mixed_precision(config, model)
+
+
+def _mixed_precision(config: Mapping[str, Any], model: models.FunctionalModel):
+  """`model` computing in `--compute-dtype` (float32 master weights and sums)."""
+  if config['compute_dtype'] == 'float32':
+    return model
+  return models.with_compute_dtype(model, config['compute_dtype'])
 
 
 def check_aggregator_settings(config: Mapping[str, Any]) -> None:
@@ -245,6 +253,7 @@ def _fed_recon(config: Mapping[str, Any]):
 
   train, test = train.preprocess_client(to_model_input), test.preprocess_client(to_model_input)
   model = models.matrix_factorization(1, num_items, MF_DIM, personal=True, seed=config['seed'])
+  model = _mixed_precision(config, model)
   local = reconstruction.ReconstructionModel(model, lambda path: 'user' in path)
   recon_optimizer = optimizers.build_sgdm(config['recon_lr'])
   process = reconstruction.build_fed_recon(

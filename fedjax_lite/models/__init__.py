@@ -8,6 +8,7 @@ from fedjax_lite.models._matrix_factorization import matrix_factorization, ratin
 from fedjax_lite.models._mlp import mlp_classifier
 from fedjax_lite.models._model import BatchOutput, FunctionalModel, ModelWeights, split_batch
 from fedjax_lite.models._padding import check_padding_invariance
+from fedjax_lite.models._precision import with_compute_dtype
 from fedjax_lite.models._variable_model import LocalVariable, from_variable_model
 
 __all__ = [
@@ -27,4 +28,5 @@ __all__ = [
   'softmax_cross_entropy',
   'split_batch',
   'weighted_mean',
+  'with_compute_dtype',
 ]
