@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import types
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import optax
 
@@ -60,6 +60,22 @@ ALGORITHM_SETTINGS = (
 )
 
 
+class BuildInputs(NamedTuple):
+  """What every algorithm is built from besides the settings.
+
+  Attributes:
+    model: the `FunctionalModel`.
+    aggregator: the model-update aggregation factory of `--aggregator`.
+    mesh: a `Mesh` over the processes' devices (multi-process runs), or None.
+    population_size: the number of training clients.
+  """
+
+  model: models.FunctionalModel
+  aggregator: Any
+  mesh: Any
+  population_size: int
+
+
 @dataclasses.dataclass(frozen=True)
 class Algorithm:
   """An algorithm of the command.
@@ -68,7 +84,8 @@ class Algorithm:
     name: `--algorithm NAME`.
     description: one line for `--help`.
     reads: the `ALGORITHM_SETTINGS` it uses.
-    build: `(config, model, model_aggregator) -> LearningProcess`.
+    build: `(config, BuildInputs) -> LearningProcess`; a stateful process (per-client state,
+      `initial_client_state`) gets a client-state store in the run folder.
     unweighted: whether clients count once (the aggregator presets follow it).
     model: the model it trains: 'classifier' (any of `CLASSIFIERS`) or 'mf'.
     defaults: its own defaults of shared settings (a new run's, where not given).
@@ -77,7 +94,7 @@ class Algorithm:
   name: str
   description: str
   reads: tuple[str, ...]
-  build: Callable[[Config, models.FunctionalModel, Any], LearningProcess] | None
+  build: Callable[[Config, BuildInputs], LearningProcess] | None
   unweighted: bool = False
   model: str = 'classifier'
   defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
@@ -86,45 +103,49 @@ class Algorithm:
 def _fed_avg(weighted: bool):
   build = algorithms.build_weighted_fed_avg if weighted else algorithms.build_unweighted_fed_avg
 
-  def fed_avg(config, model, aggregator):
+  def fed_avg(config, inputs):
     return build(
-      model,
+      inputs.model,
       optimizer(config, 'client'),
       optimizer(config, 'server'),
-      model_aggregator=aggregator,
+      model_aggregator=inputs.aggregator,
+      mesh=inputs.mesh,
       seed=config['seed'],
     )
 
   return fed_avg
 
 
-def _fed_sgd(config, model, aggregator):
+def _fed_sgd(config, inputs):
   return algorithms.build_fed_sgd(
-    model,
+    inputs.model,
     server_optimizer=optimizer(config, 'server'),
-    model_aggregator=aggregator,
+    model_aggregator=inputs.aggregator,
+    mesh=inputs.mesh,
     seed=config['seed'],
   )
 
 
-def _fed_prox(config, model, aggregator):
+def _fed_prox(config, inputs):
   return algorithms.build_weighted_fed_prox(
-    model,
+    inputs.model,
     config['proximal_strength'],
     optimizer(config, 'client'),
     optimizer(config, 'server'),
-    model_aggregator=aggregator,
+    model_aggregator=inputs.aggregator,
+    mesh=inputs.mesh,
     seed=config['seed'],
   )
 
 
 def _adaptive(build):
-  def adaptive(config, model, aggregator):
+  def adaptive(config, inputs):
     return build(
-      model,
+      inputs.model,
       optimizer(config, 'client'),
       config['server_lr'],
-      model_aggregator=aggregator,
+      model_aggregator=inputs.aggregator,
+      mesh=inputs.mesh,
       seed=config['seed'],
     )
 
@@ -132,16 +153,29 @@ def _adaptive(build):
 
 
 def _mime(build):
-  def mime(config, model, aggregator):
+  def mime(config, inputs):
     return build(
-      model,
+      inputs.model,
       optimizer(config, 'client'),
       optimizer(config, 'server'),
-      model_aggregator=aggregator,
+      model_aggregator=inputs.aggregator,
+      mesh=inputs.mesh,
       seed=config['seed'],
     )
 
   return mime
+
+
+def _scaffold(config, inputs):
+  return algorithms.build_scaffold(
+    inputs.model,
+    config['client_lr'],
+    config['server_lr'],
+    population_size=inputs.population_size,
+    model_aggregator=inputs.aggregator,
+    mesh=inputs.mesh,
+    seed=config['seed'],
+  )
 
 
 _CLIENT = ('client_optimizer', 'client_lr')
@@ -194,6 +228,12 @@ ALGORITHMS: Mapping[str, Algorithm] = types.MappingProxyType(
       Algorithm(
         'mime', 'Mime: MimeLite with control variates', _CLIENT + _SERVER,
         _mime(algorithms.build_mime),
+      ),
+      Algorithm(
+        'scaffold',
+        'SCAFFOLD: client SGD with per-client control variates (stateful clients)',
+        ('client_lr', 'server_lr'),
+        _scaffold,
       ),
       Algorithm(
         'fedrecon',

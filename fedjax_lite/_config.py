@@ -182,11 +182,12 @@ def read_toml(path: str) -> dict[str, Any]:
     name = key.replace('-', '_')
     if name not in OPTION_NAMES:
       raise ConfigError(f'{path}: unknown key {key!r}; expected one of {", ".join(OPTION_NAMES)}')
-    settings[name] = _parse(name, value, f'{path}: {key}')
+    settings[name] = parse_setting(name, value, f'{path}: {key}')
   return settings
 
 
-def _parse(name: str, value: Any, where: str) -> Any:
+def parse_setting(name: str, value: Any, where: str) -> Any:
+  """`value` of setting `name` parsed; a bad one is a ConfigError naming `where`."""
   option = OPTIONS[OPTION_NAMES.index(name)]
   try:
     return option.parse(value)
@@ -199,7 +200,7 @@ def resolve(flags: Mapping[str, Any], file_settings: Mapping[str, Any] = ()) -> 
   config = {o.name: o.default for o in OPTIONS}
   config.update(file_settings)
   for name, value in flags.items():
-    config[name] = _parse(name, value, flag(name))
+    config[name] = parse_setting(name, value, flag(name))
   return config
 
 

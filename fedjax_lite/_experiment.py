@@ -22,6 +22,7 @@ from fedjax_lite import (
   simulation,
 )
 from fedjax_lite._config import ConfigError, flag
+from fedjax_lite.simulation import _multihost as multihost_lib
 from fedjax_lite.templates import LearningProcess
 
 EVAL_BATCH_SIZE = 256
@@ -41,6 +42,8 @@ class Experiment:
     evaluation_fn: `(state, ClientBatches) -> metrics`.
     evaluation_data: the held-out `ClientBatches`.
     privacy_accountant: a `PrivacyAccountant` when the aggregation is differentially private.
+    cohort_ids_fn: `round_num -> the ids of that round's clients`, in the order of
+      `training_data_fn(round_num)` (for the client-state store of a stateful process).
   """
 
   process: LearningProcess
@@ -49,6 +52,7 @@ class Experiment:
   evaluation_fn: Callable[[Any, data.ClientBatches], Mapping[str, Any]]
   evaluation_data: data.ClientBatches
   privacy_accountant: aggregators.PrivacyAccountant | None = None
+  cohort_ids_fn: Callable[[int], list] | None = None
 
 
 def _partition(config: Mapping[str, Any], labels: np.ndarray) -> list[np.ndarray]:
@@ -233,7 +237,7 @@ def _accountant(config: Mapping[str, Any], population: int):
   )
 
 
-def _fed_recon(config: Mapping[str, Any]):
+def _fed_recon(config: Mapping[str, Any], mesh: Any = None):
   """MovieLens users as clients, matrix factorization with local user embeddings.
 
   Returns `(train, test, process, evaluation_process)`: each user's earlier ratings train,
@@ -264,6 +268,7 @@ def _fed_recon(config: Mapping[str, Any]):
     dataset_split_fn=reconstruction.build_dataset_split_fn(split_dataset=True),
     model_aggregator=_aggregator(config),
     seed=config['seed'],
+    mesh=mesh,
   )
   evaluation = reconstruction.build_fed_recon_eval(
     local,
@@ -276,8 +281,13 @@ def _fed_recon(config: Mapping[str, Any]):
   return train, test, process, evaluation
 
 
-def build_experiment(config: Mapping[str, Any]) -> Experiment:
-  """The experiment of a resolved configuration (`fedjax_lite._config.resolve`)."""
+def build_experiment(config: Mapping[str, Any], *, multihost: bool = False) -> Experiment:
+  """The experiment of a resolved configuration (`fedjax_lite._config.resolve`).
+
+  With `multihost` (after `simulation.multihost.initialize()`), the round is sharded over every
+  device of every process and each process batches only its block of each cohort.
+  """
+  mesh = multihost_lib.global_mesh() if multihost else None
   check_aggregator_settings(config)
   algorithm = _catalogue.ALGORITHMS[config['algorithm']]
   if (config['model'] == 'mf') != (algorithm.model == 'mf'):
@@ -288,14 +298,20 @@ def build_experiment(config: Mapping[str, Any]) -> Experiment:
     )
   num_classes = None
   if config['model'] == 'mf':
-    train, test, process, evaluation = _fed_recon(config)
+    train, test, process, evaluation = _fed_recon(config, mesh)
     evaluation_data = data.batch_cohort(
       test, test.client_ids, batch_size=config['batch_size'], seed=config['seed']
     )
   else:
     train, test_arrays, num_classes = _load(config)
     model = _model(config, test_arrays['x'], num_classes)
-    process = algorithm.build(config, model, _aggregator(config))
+    inputs = _catalogue.BuildInputs(model, _aggregator(config), mesh, train.num_clients)
+    process = algorithm.build(config, inputs)
+    if multihost and process.initial_client_state is not None:
+      raise ConfigError(
+        f'{flag("algorithm")} {algorithm.name} keeps per-client state, which multi-process '
+        'runs do not carry yet; run it in one process'
+      )
     evaluation = algorithms.build_fed_eval(model)
     evaluation_data = data.build_client_batches(
       [test_arrays], batch_size=min(EVAL_BATCH_SIZE, len(test_arrays['y'])), shuffle=False
@@ -310,23 +326,54 @@ def build_experiment(config: Mapping[str, Any]) -> Experiment:
   )
   buckets = data.step_buckets(longest, 4)
 
-  def training_data_fn(round_num: int) -> data.ClientBatches:
-    cohort = data.sample_cohort(
-      train.num_clients, config['clients_per_round'], round_num, seed=config['seed']
-    )
+  def batch(ids: list, round_num: int, round_buckets) -> data.ClientBatches:
     return data.batch_cohort(
       train,
-      [train.client_ids[i] for i in cohort],
+      ids,
       batch_size=config['batch_size'],
       num_epochs=config['epochs'],
       max_steps=config['max_steps'],
       round_num=round_num,
       seed=config['seed'],
-      buckets=buckets,
+      buckets=round_buckets,
       num_classes=num_classes,
     )
 
+  def sample(round_num: int) -> np.ndarray:
+    return data.sample_cohort(
+      train.num_clients, config['clients_per_round'], round_num, seed=config['seed']
+    )
+
+  def cohort_ids_fn(round_num: int) -> list:
+    return [train.client_ids[i] for i in sample(round_num)]
+
+  def training_data_fn(round_num: int) -> data.ClientBatches:
+    cohort = sample(round_num)
+    if not multihost:
+      return batch([train.client_ids[i] for i in cohort], round_num, buckets)
+    # Every process sampled the same cohort; each batches its own block, padded to the step
+    # count of the cohort's longest client so that the blocks form one array.
+    start, stop, padded = multihost_lib.cohort_block(len(cohort), mesh)
+    steps = data.client_steps(
+      int(train.client_sizes[cohort].max()), config['epochs'], config['batch_size'],
+      config['max_steps'],
+    )  # fmt: skip
+    round_buckets = [next(b for b in buckets if b >= steps)]
+    block = [train.client_ids[i] for i in cohort[start:stop]]
+    local = batch(block, round_num, round_buckets) if block else None
+    if local is None:  # a block of padding only: shapes from the cohort's first client
+      local = jax.tree.map(
+        np.zeros_like, batch([train.client_ids[cohort[0]]], round_num, round_buckets)
+      )
+    return multihost_lib.global_batches(multihost_lib.pad_block(local, stop - start), padded, mesh)
+
   evaluation_fn = simulation.build_evaluation_fn(process, evaluation)
+  if multihost:  # evaluation runs on each process's own copy of the (replicated) state
+    distributed_evaluation_fn = evaluation_fn
+
+    def evaluation_fn(state, evaluation_data):
+      return distributed_evaluation_fn(multihost_lib.to_host(state), evaluation_data)
+
   return Experiment(
     process,
     train,
@@ -334,4 +381,5 @@ def build_experiment(config: Mapping[str, Any]) -> Experiment:
     evaluation_fn,
     jax.device_put(evaluation_data),
     _accountant(config, train.num_clients),
+    cohort_ids_fn,
   )

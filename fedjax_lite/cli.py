@@ -11,9 +11,12 @@ import argparse
 import contextlib
 import json
 import os
+import socket
+import subprocess
 import sys
 import time
 import warnings
+import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -22,9 +25,11 @@ import numpy as np
 
 from fedjax_lite import _catalogue, _config, data, simulation
 from fedjax_lite._config import ConfigError
+from fedjax_lite.simulation import _multihost as multihost
 
 CONFIG_FILE = 'config.json'
 CHECKPOINT_DIR = 'checkpoints'
+CLIENT_STATES_FILE = 'client_states.sqlite'
 
 
 class _PrintMetrics(simulation.MetricsManager):
@@ -98,41 +103,60 @@ def _checked(config: dict[str, Any], given: set[str]) -> dict[str, Any]:
 
 
 def _train(args: argparse.Namespace) -> int:
+  if args.processes > 1:
+    return _launch_processes(args)
+  if args.distributed:
+    multihost.initialize()
   from fedjax_lite import _experiment  # builds models: imported only when training
 
   out, config = _run_config(args)
-  experiment = _experiment.build_experiment(config)
+  if args.distributed:  # the same settings everywhere, or the processes would train apart
+    settings = {k: v for k, v in config.items() if k != 'data_path'}
+    multihost.agree([zlib.crc32(json.dumps(settings, sort_keys=True).encode())])
+  experiment = _experiment.build_experiment(config, multihost=args.distributed)
+  if args.distributed and not multihost.is_primary():  # writes nothing, prints nothing
+    return _train_locked(args, out, config, experiment, primary=False)
   try:
     with simulation.RunFolderLock(out):
-      return _train_locked(args, out, config, experiment)
+      return _train_locked(args, out, config, experiment, primary=True)
   except simulation.RunFolderInUseError as error:
     raise ConfigError(f'--out: {error}') from None
 
 
-def _train_locked(args, out: str, config: dict[str, Any], experiment: Any) -> int:
+def _train_locked(args, out: str, config: dict[str, Any], experiment: Any, *, primary: bool) -> int:
+  """Trains with the run folder held; in a multi-process run only the `primary` process writes
+  checkpoints, metrics and lines (the others follow it: they resume from its checkpoint)."""
   checkpoints = simulation.FileCheckpointManager(
     os.path.join(out, CHECKPOINT_DIR), keep=config['keep'], metadata=config
   )
-  resumed = checkpoints.latest_readable_round()
+  process, quiet = experiment.process, args.quiet or not primary
+  resumed = checkpoints.latest_readable_round() if primary else None
+  if args.distributed:  # every process takes the primary's view, so all refuse or all go on
+    resumed = int(multihost.broadcast_from_primary(np.int64(-1 if resumed is None else resumed)))
+    resumed = None if resumed < 0 else resumed
+    checkpoints = multihost.PrimaryCheckpointManager(checkpoints)
+    process = multihost.local_metrics(process)
   if resumed is not None and resumed > config['rounds']:
     raise ConfigError(
       f'{_config.flag("rounds")}: {out} already holds round {resumed}, past '
       f'{config["rounds"]}; nothing was changed. Tip: pass --rounds {resumed} or more.'
     )
-  # Written only once the settings are accepted, so a refused resume leaves the run as it was.
-  os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, CONFIG_FILE), 'w') as f:
-    json.dump(config, f, indent=1)
-  managers = [
-    simulation.CSVMetricsManager(os.path.join(out, 'metrics.csv')),
-    simulation.JSONLMetricsManager(os.path.join(out, 'metrics.jsonl')),
-  ]
-  if config['tensorboard']:
-    managers.append(simulation.TensorBoardMetricsManager(os.path.join(out, 'tensorboard')))
-  progress = not args.quiet and sys.stdout.isatty()
-  if not args.quiet and not progress:
+  managers = []
+  if primary:
+    # Written only once the settings are accepted, so a refused resume leaves the run as it was.
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, CONFIG_FILE), 'w') as f:
+      json.dump(config, f, indent=1)
+    managers = [
+      simulation.CSVMetricsManager(os.path.join(out, 'metrics.csv')),
+      simulation.JSONLMetricsManager(os.path.join(out, 'metrics.jsonl')),
+    ]
+    if config['tensorboard']:
+      managers.append(simulation.TensorBoardMetricsManager(os.path.join(out, 'tensorboard')))
+  progress = not quiet and sys.stdout.isatty()
+  if not quiet and not progress:
     managers.append(_PrintMetrics())
-  if not args.quiet:
+  if not quiet:
     if resumed == config['rounds']:
       status = f' (finished at round {resumed}; pass --rounds N to extend it)'
     elif resumed:
@@ -145,7 +169,7 @@ def _train_locked(args, out: str, config: dict[str, Any], experiment: Any) -> in
       f'writing to {out}{status}'
     )
   accountant = experiment.privacy_accountant
-  if accountant is not None and not args.quiet:
+  if accountant is not None and not quiet:
     print(
       f'privacy: epsilon at delta={accountant.target_delta:.3g} under {accountant.assumption}'
       + (
@@ -154,11 +178,16 @@ def _train_locked(args, out: str, config: dict[str, Any], experiment: Any) -> in
         else ''
       )
     )
+  store = None
+  if getattr(process, 'initial_client_state', None) is not None:  # e.g. SCAFFOLD
+    store = simulation.SQLiteClientStateStore(
+      os.path.join(out, CLIENT_STATES_FILE), process.initial_client_state
+    )
   start = time.perf_counter()
   try:
     with data.Prefetcher(experiment.training_data_fn, stop=config['rounds'] + 1) as prefetch:
       state = simulation.run_training_process(
-        experiment.process,
+        process,
         prefetch,
         config['rounds'],
         evaluation_fn=experiment.evaluation_fn,
@@ -170,14 +199,20 @@ def _train_locked(args, out: str, config: dict[str, Any], experiment: Any) -> in
         progress=progress,
         privacy_accountant=accountant,
         epsilon_budget=config['epsilon_budget'],
+        client_state_store=store,
+        cohort_ids_fn=experiment.cohort_ids_fn if store is not None else None,
       )
   finally:
     for manager in managers:
       manager.close()
-  rounds_run = checkpoints.checkpoint_rounds()[-1]  # the driver checkpoints its last round
+    if store is not None:
+      store.close()
+  rounds_run = max(checkpoints.checkpoint_rounds() or [0])  # the driver saves its last round
   final = simulation.flatten_metrics(experiment.evaluation_fn(state, experiment.evaluation_data))
-  bad = _non_finite_leaves(experiment.process.get_model_weights(state))
+  bad = _non_finite_leaves(multihost.to_host(experiment.process.get_model_weights(state)))
   bad += [f'test {k}' for k, v in final.items() if not np.isfinite(v)]
+  if bad and not primary:
+    return 1
   if bad:
     print(
       f'fedjax-lite train: error: the model diverged: after round {rounds_run} these are not '
@@ -186,6 +221,8 @@ def _train_locked(args, out: str, config: dict[str, Any], experiment: Any) -> in
       file=sys.stderr,
     )
     return 1
+  if not primary:
+    return 0
   scores = '  '.join(f'test {k} {v:.4f}' for k, v in final.items() if k != 'num_examples')
   if accountant is not None:
     scores += f'  epsilon {accountant.epsilon(rounds_run):.3f} after {rounds_run} rounds'
@@ -193,10 +230,110 @@ def _train_locked(args, out: str, config: dict[str, Any], experiment: Any) -> in
   return 0
 
 
+def _launch_processes(args: argparse.Namespace) -> int:
+  """Runs this `train` command as `args.processes` processes of one multi-process run on this
+  machine, each pinned to its share of the cores with single-threaded XLA; returns the first
+  non-zero exit status (0 if all succeed)."""
+  cores = sorted(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else []
+  if args.processes > max(len(cores), 1):
+    raise ConfigError(f'--processes: {args.processes} exceeds the {len(cores)} cores available')
+  with socket.socket() as probe:  # a free port for the coordinator
+    probe.bind(('127.0.0.1', 0))
+    port = probe.getsockname()[1]
+  argv = [sys.executable, '-m', 'fedjax_lite.cli', *_without_processes(args.argv), '--distributed']
+  workers = []
+  for i in range(args.processes):
+    share = cores[i :: args.processes]
+    env = {
+      **os.environ,
+      'JAX_COORDINATOR_ADDRESS': f'127.0.0.1:{port}',
+      multihost.NUM_PROCESSES_ENV: str(args.processes),
+      multihost.PROCESS_ID_ENV: str(i),
+      'XLA_FLAGS': f'{os.environ.get("XLA_FLAGS", "")} --xla_cpu_multi_thread_eigen='
+      f'{"true" if len(share) > 1 else "false"} intra_op_parallelism_threads={len(share)}',
+    }
+    pin = (lambda share=share: os.sched_setaffinity(0, share)) if share else None
+    workers.append(subprocess.Popen(argv, env=env, preexec_fn=pin))
+  try:
+    codes = [worker.wait() for worker in workers]
+  except KeyboardInterrupt:
+    for worker in workers:
+      worker.terminate()
+    raise
+  return next((code for code in codes if code), 0)
+
+
+def _without_processes(argv: Sequence[str]) -> list[str]:
+  """`argv` without its `--processes N` (or `--processes=N`)."""
+  out, skip = [], False
+  for arg in argv:
+    if skip:
+      skip = False
+    elif arg == '--processes':
+      skip = True
+    elif not arg.startswith('--processes='):
+      out.append(arg)
+  return out
+
+
 def _non_finite_leaves(weights: Any) -> list[str]:
   """The paths of the leaves of `weights` that hold a NaN or an infinity."""
   flat = jax.tree_util.tree_flatten_with_path(jax.device_get(weights))[0]
   return [jax.tree_util.keystr(path) for path, leaf in flat if not np.all(np.isfinite(leaf))]
+
+
+def _sweep(args: argparse.Namespace) -> int:
+  from fedjax_lite import _experiment, _sweep_command
+
+  points, varying = _sweep_command.read_grid(args.config)
+  configs = []
+  for point in points:
+    config = _catalogue.with_defaults(_config.resolve({}, point), set(point))
+    configs.append(_checked(config, set(point)))
+  out = args.out or os.path.join(
+    'runs', 'sweep-' + os.path.splitext(os.path.basename(args.config))[0]
+  )
+  run_dirs = [os.path.join(out, _sweep_command.run_name(c, varying)) for c in configs]
+  built: dict[str, Any] = {}
+
+  def experiment_fn(config):  # one build per configuration (data, model, process)
+    key = json.dumps(config, sort_keys=True)
+    if key not in built:
+      built[key] = _experiment.build_experiment(config)
+    return built[key]
+
+  groups = _sweep_command.plan(configs, experiment_fn)
+  if not args.quiet:
+    print(
+      f'sweep of {len(configs)} runs ({", ".join(varying) or "one point"}) as '
+      f'{len(groups)} program{"s" * (len(groups) > 1)}; writing to {out}'
+    )
+  progress = not args.quiet and sys.stdout.isatty()
+  for number, group in enumerate(groups, 1):
+    if not args.quiet and not progress:
+      names = ', '.join(_sweep_command.run_name(configs[i], varying) for i in group)
+      print(f'program {number}/{len(groups)}: {names}', flush=True)
+    _sweep_command.run_group(
+      [configs[i] for i in group],
+      [run_dirs[i] for i in group],
+      experiment_fn,
+      runs_per_program=args.runs_per_program,
+      progress=progress,
+    )
+  rows = _sweep_command.summarize(configs, run_dirs, varying)
+  _sweep_command.write_summary(os.path.join(out, _sweep_command.SUMMARY_FILE), rows)
+  plotted = _sweep_command.plot(
+    configs, run_dirs, varying, os.path.join(out, _sweep_command.PLOT_FILE)
+  )
+  print(_sweep_command.format_summary(rows))
+  diverged = _sweep_command.check_finite(rows)
+  if diverged:
+    print(f'diverged (non-finite test loss): {", ".join(diverged)}')
+  print(
+    f'summary in {os.path.join(out, _sweep_command.SUMMARY_FILE)}'
+    + (f', plot in {os.path.join(out, _sweep_command.PLOT_FILE)}' if plotted else '')
+  )
+  return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -248,6 +385,13 @@ def _plot(args: argparse.Namespace) -> int:
   return 0
 
 
+def _int_at_least_1(text: str) -> int:
+  value = int(text)
+  if value < 1:
+    raise argparse.ArgumentTypeError(f'expected an int >= 1; got {text}')
+  return value
+
+
 def _int_at_least_0(text: str) -> int:
   value = int(text)
   if value < 0:
@@ -268,7 +412,32 @@ def build_parser() -> argparse.ArgumentParser:
   train.add_argument('--out', metavar='DIR', help='run folder (default runs/DATASET-MODEL-ALGO)')
   train.add_argument('--resume', action='store_true', help='continue the run in --out')
   train.add_argument('--quiet', action='store_true', help='no progress or per-round lines')
+  train.add_argument(
+    '--processes',
+    type=_int_at_least_1,
+    default=1,
+    help='run as N processes on this machine, one per core share (multi-process runtime)',
+  )
+  train.add_argument(
+    '--distributed',
+    action='store_true',
+    help='join a multi-process run (jax.distributed; see docs/simulation.md)',
+  )
   train.set_defaults(run=_train)
+  sweep = commands.add_parser(
+    'sweep',
+    help='run a grid of train settings as few compiled programs as possible',
+    description='A TOML file of train settings where any setting may be a list: the grid is '
+    'every combination. Learning rates, --proximal-strength and the seed vary inside one '
+    'program; other settings make separate programs.',
+  )
+  sweep.add_argument('--config', metavar='FILE.toml', required=True, help='the grid')
+  sweep.add_argument('--out', metavar='DIR', help='default runs/sweep-NAME (NAME of the file)')
+  sweep.add_argument(
+    '--runs-per-program', type=_int_at_least_1, help='most runs one compiled call advances'
+  )
+  sweep.add_argument('--quiet', action='store_true', help='no progress or per-program lines')
+  sweep.set_defaults(run=_sweep)
   evaluate = commands.add_parser('eval', help="evaluate a run's checkpoint on its test data")
   evaluate.add_argument('run_dir', metavar='RUN_DIR')
   evaluate.add_argument('--round', type=_int_at_least_0, help='default: the latest checkpoint')
@@ -296,6 +465,7 @@ def _one_line_warnings(command: str):
 def main(argv: Sequence[str] | None = None) -> int:
   """Runs a command; user errors are one line on stderr and exit status 2 (130 for Ctrl-C)."""
   args = build_parser().parse_args(argv)
+  args.argv = list(sys.argv[1:] if argv is None else argv)
   try:
     with _one_line_warnings(args.command):
       return args.run(args)

@@ -38,9 +38,9 @@ def linear_model(num_features: int, num_classes: int, seed: int = 0) -> fl.Funct
   )
 
 
-def dropout_linear_model(num_features: int, num_classes: int) -> fl.FunctionalModel:
+def dropout_linear_model(num_features: int, num_classes: int, seed: int = 0) -> fl.FunctionalModel:
   """`linear_model` with half its inputs dropped while training, by the `rng` it is given."""
-  base = linear_model(num_features, num_classes)
+  base = linear_model(num_features, num_classes, seed)
 
   def predict(weights, x, training=True, rng=None):
     keep = jax.random.bernoulli(rng, 0.5, x.shape) if training else 1.0

@@ -286,7 +286,7 @@ def test_file_errors_are_one_line_without_traceback(case, tmp_path, capsys):
 
 
 def test_ctrl_c_exits_130_and_a_closed_pipe_exits_quietly(monkeypatch, capsys):
-  def interrupt(config):
+  def interrupt(config, **kwargs):
     raise KeyboardInterrupt
 
   monkeypatch.setattr(_experiment, 'build_experiment', interrupt)

@@ -17,10 +17,12 @@ def compose(
   model_distributor: _processes.DistributionProcess | None,
   model_aggregator: Any | None,
   update_spec: Any = None,
+  initial_client_state: Any = None,
 ) -> _processes.LearningProcess:
   """Composes an algorithm, creating the aggregator for its updates.
 
   `update_spec` is the spec of one client's update; default the model's trainable weights.
+  `initial_client_state` makes the process stateful (see `compose_learning_process`).
   """
   weights_spec = tree_lib.tree_specs(model.initial_weights)
   if model_distributor is None:
@@ -43,4 +45,5 @@ def compose(
     aggregator,
     model_finalizer,
     client_data_spec=_client_batches.client_batches_spec(model.input_spec, 2, 2),
+    initial_client_state=initial_client_state,
   )

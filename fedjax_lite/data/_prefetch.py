@@ -86,8 +86,9 @@ class Prefetcher:
     while not halt.is_set() and (self._stop_round is None or round_num < self._stop_round):
       try:
         item = self._build_fn(round_num)
-        if self._device_put:
-          item = jax.block_until_ready(jax.device_put(item))
+        if self._device_put:  # arrays already placed (e.g. sharded over processes) stay put
+          item = jax.tree.map(lambda x: x if isinstance(x, jax.Array) else jax.device_put(x), item)
+          item = jax.block_until_ready(item)
         entry = (round_num, item, None)
       except Exception as error:  # handed to the caller of that round
         entry = (round_num, None, error)

@@ -13,8 +13,10 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
+import numpy as np
 
-from fedjax_lite.simulation import _checkpoint, _metrics_managers, _progress
+from fedjax_lite import tree as tree_lib
+from fedjax_lite.simulation import _checkpoint, _client_states, _metrics_managers, _progress
 
 EVALUATION_KEY = 'evaluation'
 TIMING_KEY = 'timing'
@@ -95,6 +97,8 @@ def run_training_process(
   progress: bool = False,
   privacy_accountant: Any = None,
   epsilon_budget: float | None = None,
+  client_state_store: _client_states.ClientStateStore | None = None,
+  cohort_ids_fn: Callable[[int], Any] | None = None,
 ) -> Any:
   """Runs `process` for rounds 1..`total_rounds`, resuming from the latest checkpoint.
 
@@ -110,6 +114,13 @@ def run_training_process(
   waited for with `jax.block_until_ready`; evaluation when `r % rounds_per_evaluation == 0` or
   r is the last round; `release(metrics, r)` to each manager; a checkpoint when
   `r % rounds_per_checkpoint == 0` or r is the last round.
+
+  A stateful process (`process.initial_client_state`, e.g. SCAFFOLD) needs
+  `client_state_store` and `cohort_ids_fn`: round r runs `process.next(state, data,
+  store.get(ids))` with `ids = cohort_ids_fn(r)` and puts the returned client states back.
+  Before the checkpoint of a round is saved the store commits that round, and a resumed run
+  rolls the store back to the restored round, so a killed and resumed run equals an
+  uninterrupted one, states and store (a fresh run commits the store as given as round 0).
 
   The released metrics are flattened (`flatten_metrics`): the process metrics
   (`client_work/train/loss`, ...), `evaluation/<key>` when evaluated, and
@@ -137,6 +148,11 @@ def run_training_process(
       released every round as `privacy/epsilon`.
     epsilon_budget: stop before the first round whose ε would exceed it (the state of the last
       round run is checkpointed and returned); needs `privacy_accountant`.
+    client_state_store: the per-client states of a stateful process, e.g.
+      `fl.simulation.SQLiteClientStateStore(path, process.initial_client_state)`.
+    cohort_ids_fn: `round_num -> the ids of round round_num's clients`, in the order of
+      `training_selection_fn(round_num)`'s clients (ints, str or bytes; e.g. the ids given to
+      `fl.data.batch_cohort`); checked against the data's `client_ids` when it has them.
 
   Returns:
     The state after round `total_rounds` (or after the last round the ε budget allowed).
@@ -170,6 +186,7 @@ def run_training_process(
   if evaluation_fn is not None:
     _check_callable('evaluation_fn', evaluation_fn, '(state, evaluation data) -> metrics')
     _check_callable('evaluation_selection_fn', evaluation_selection_fn, 'round_num -> data')
+  _check_client_states(process, client_state_store, cohort_ids_fn)
   managers = list(metrics_managers)
   for i, manager in enumerate(managers):
     if not callable(getattr(manager, 'release', None)):
@@ -193,6 +210,8 @@ def run_training_process(
         f'the latest checkpoint is of round {resumed_round}, past total_rounds={total_rounds}. '
         'Tip: raise total_rounds, or use a fresh checkpoint folder.'
       )
+    if state is not None and client_state_store is not None:
+      client_state_store.rollback(resumed_round)
   first_round = resumed_round + 1 if state is not None else 0
   for manager in managers:
     clear = getattr(manager, 'clear_metrics', None)
@@ -206,6 +225,12 @@ def run_training_process(
   def flat_with(prefix: str, metrics: Mapping[str, Any]) -> dict[str, Any]:
     return _metrics_managers.flatten_metrics({prefix: metrics})
 
+  def save(state: Any, round_num: int) -> None:
+    if client_state_store is not None:  # first: a checkpoint never outlives its client states
+      rounds = getattr(checkpoint_manager, 'checkpoint_rounds', list)()
+      client_state_store.commit(round_num, rounds)
+    checkpoint_manager.save_checkpoint(state, round_num)
+
   if state is None:
     state = process.initialize()
     if evaluation_fn is not None:
@@ -218,7 +243,7 @@ def run_training_process(
         0,
       )
     if checkpoint_manager is not None:
-      checkpoint_manager.save_checkpoint(state, 0)
+      save(state, 0)
     first_round = 1
 
   bar = _progress.RoundProgress(total_rounds, first_round, progress)
@@ -226,12 +251,19 @@ def run_training_process(
     for round_num in range(first_round, total_rounds + 1):
       if epsilon_budget is not None and privacy_accountant.epsilon(round_num) > epsilon_budget:
         if checkpoint_manager is not None and (round_num - 1) % rounds_per_checkpoint:
-          checkpoint_manager.save_checkpoint(state, round_num - 1)
+          save(state, round_num - 1)
         break
       start = time.perf_counter()
       data = training_selection_fn(round_num)
       data_seconds = time.perf_counter() - start
-      state, process_metrics = process.next(state, data)
+      if client_state_store is None:
+        state, process_metrics = process.next(state, data)
+      else:
+        ids = _cohort_ids(cohort_ids_fn, round_num, data)
+        state, process_metrics, client_states = process.next(
+          state, data, client_state_store.get(ids)
+        )
+        client_state_store.put(ids, client_states)
       jax.block_until_ready((state, process_metrics))
       train_seconds = time.perf_counter() - start - data_seconds
       if not isinstance(process_metrics, Mapping):
@@ -263,7 +295,7 @@ def run_training_process(
       if checkpoint_manager is not None and (
         round_num % rounds_per_checkpoint == 0 or round_num == total_rounds
       ):
-        checkpoint_manager.save_checkpoint(state, round_num)
+        save(state, round_num)
       _warn_if_no_usable_client(flat, data, round_num)
       bar.update(round_num, flat)
     else:  # the run completed: its final checkpoint outlives pruning when the run is extended
@@ -273,6 +305,51 @@ def run_training_process(
   finally:
     bar.close()
   return state
+
+
+def _check_client_states(process: Any, store: Any, cohort_ids_fn: Any) -> None:
+  """A stateful process needs a store of its client states and the cohorts' ids; others none."""
+  initial = getattr(process, 'initial_client_state', None)
+  if initial is None:
+    if store is not None or cohort_ids_fn is not None:
+      raise ValueError(
+        'client_state_store and cohort_ids_fn are for a stateful process (one with an '
+        'initial_client_state, e.g. fl.algorithms.build_scaffold); this process keeps none'
+      )
+    return
+  if store is None or cohort_ids_fn is None:
+    raise ValueError(
+      'this process keeps per-client state: pass client_state_store (e.g. '
+      'fl.simulation.InMemoryClientStateStore(process.initial_client_state)) and cohort_ids_fn '
+      "(round_num -> the ids of that round's clients)"
+    )
+  if not isinstance(store, _client_states.ClientStateStore):
+    raise TypeError(f'client_state_store must be a ClientStateStore; got {type(store).__name__}')
+  _check_callable('cohort_ids_fn', cohort_ids_fn, 'round_num -> client ids')
+  mismatch = tree_lib.tree_spec_mismatch(tree_lib.tree_specs(initial), store.default)
+  if mismatch is not None:
+    raise ValueError(
+      f"client_state_store's default does not match process.initial_client_state: {mismatch}"
+    )
+
+
+def _cohort_ids(cohort_ids_fn: Callable[[int], Any], round_num: int, data: Any) -> list[Any]:
+  """`cohort_ids_fn(round_num)`, checked against the data's client count and 32-bit ids."""
+  ids = list(cohort_ids_fn(round_num))
+  mask, data_ids = getattr(data, 'mask', None), getattr(data, 'client_ids', None)
+  if mask is not None and len(ids) != mask.shape[0]:
+    raise ValueError(
+      f"cohort_ids_fn({round_num}) gave {len(ids)} ids; the round's data has {mask.shape[0]} "
+      'clients'
+    )
+  low_bits = np.asarray(_client_states.client_keys(ids), np.uint64).astype(np.uint32)
+  if data_ids is not None and not np.array_equal(low_bits, jax.device_get(data_ids)):
+    raise ValueError(
+      f'cohort_ids_fn({round_num}) does not name the clients of training_selection_fn'
+      f'({round_num}) in their order (their client_ids differ). Tip: derive both from the same '
+      'fl.data.sample_cohort call.'
+    )
+  return ids
 
 
 def _warn_if_no_usable_client(flat: Mapping[str, Any], data: Any, round_num: int) -> None:

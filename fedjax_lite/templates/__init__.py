@@ -39,8 +39,10 @@ from fedjax_lite.templates._processes import (
   LearningProcessOutput,
   MeasuredProcess,
   MeasuredProcessOutput,
+  StatefulLearningProcessOutput,
   StreamedClientResult,
 )
+from fedjax_lite.templates._sweep import Sweep, SweepRun, build_sweep
 
 __all__ = [
   'AggregationProcess',
@@ -62,7 +64,10 @@ __all__ = [
   'LearningProcessSequenceTypeError',
   'MeasuredProcess',
   'MeasuredProcessOutput',
+  'StatefulLearningProcessOutput',
   'StreamedClientResult',
+  'Sweep',
+  'SweepRun',
   'TemplateInitFnParamNotEmptyError',
   'TemplateNextFnNumArgsError',
   'TemplateNotMeasuredProcessOutputError',
@@ -72,6 +77,7 @@ __all__ = [
   'build_client_work',
   'build_identity_finalizer',
   'build_model_delta_client_work',
+  'build_sweep',
   'compose_learning_process',
   'masked_forward',
   'masked_grad',

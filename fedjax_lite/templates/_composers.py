@@ -34,6 +34,7 @@ def compose_learning_process(
   model_finalizer: _processes.FinalizerProcess,
   *,
   client_data_spec: Any = None,
+  initial_client_state: Any = None,
 ) -> _processes.LearningProcess:
   """Chains the four building blocks into a `LearningProcess` whose `next` is one `jax.jit`.
 
@@ -55,6 +56,10 @@ def compose_learning_process(
     model_finalizer: a `FinalizerProcess`.
     client_data_spec: optional `ClientBatches` of `jax.ShapeDtypeStruct` used to validate the
       composition at construction (see `LearningProcess`).
+    initial_client_state: for client work with per-client state, the state of a client never
+      seen (one client's pytree). The process is then stateful: `next(state, client_batches,
+      client_states)` hands the client work `client_states` as its per-client inputs and
+      returns its per-client outputs as the new states (`StatefulLearningProcessOutput`).
 
   Returns:
     A `LearningProcess` with state `LearningAlgorithmState`.
@@ -91,8 +96,10 @@ def compose_learning_process(
         'process or model; start from process.initialize() or its checkpoint.'
       )
 
-  def next_fn(state, client_batches):
+  def run_round(state, client_batches, client_states):
+    """`(new state, metrics, client outputs)`; `client_states` is `None` when stateless."""
     check_state(state)  # at trace time: shapes and dtypes only
+    client_inputs = () if client_states is None else (client_states,)
     distributed = model_weights_distributor.next(state.distributor, state.global_model_weights)
     agg_state = state.aggregator
     if streaming:
@@ -106,11 +113,17 @@ def compose_learning_process(
           agg_state, value, cid
         )
       trained = client_work.next(
-        state.client_work, distributed.result, client_batches, client_part=client_part
+        state.client_work,
+        distributed.result,
+        client_batches,
+        *client_inputs,
+        client_part=client_part,
       )
       aggregated = model_update_aggregator.server_part(agg_state, trained.result.accumulated)
     else:
-      trained = client_work.next(state.client_work, distributed.result, client_batches)
+      trained = client_work.next(
+        state.client_work, distributed.result, client_batches, *client_inputs
+      )
       update, weight = trained.result.update, trained.result.update_weight
       aggregate_args = (update, weight) if weighted else (update,)
       aggregated = model_update_aggregator.next(agg_state, *aggregate_args)
@@ -128,7 +141,19 @@ def compose_learning_process(
       'aggregator': aggregated.measurements,
       'finalizer': finalized.measurements,
     }
-    return _processes.LearningProcessOutput(new_state, metrics)
+    return new_state, metrics, trained.result.client_outputs
+
+  if initial_client_state is None:
+
+    def next_fn(state, client_batches):
+      return _processes.LearningProcessOutput(*run_round(state, client_batches, None)[:2])
+
+  else:
+
+    def next_fn(state, client_batches, client_states):
+      return _processes.StatefulLearningProcessOutput(
+        *run_round(state, client_batches, client_states)
+      )
 
   def get_model_weights(state):
     return state.global_model_weights
@@ -165,4 +190,5 @@ def compose_learning_process(
     get_hparams,
     set_hparams,
     client_data_spec=client_data_spec,
+    initial_client_state=initial_client_state,
   )

@@ -33,6 +33,15 @@ class LearningProcessOutput(NamedTuple):
   metrics: Any
 
 
+class StatefulLearningProcessOutput(NamedTuple):
+  """A stateful `LearningProcess.next`'s output: the new server state, the round's metrics and
+  the cohort's new per-client states (leaves `[clients, ...]`, in cohort order)."""
+
+  state: Any
+  metrics: Any
+  client_states: Any
+
+
 class ClientResult(NamedTuple):
   """Client work's stacked result (TFF's `ClientResult@CLIENTS`).
 
@@ -445,6 +454,7 @@ class _LearningProcessFields(NamedTuple):
   set_model_weights: Callable[[Any, Any], Any]
   get_hparams: Callable[[Any], Any] = _no_hparams
   set_hparams: Callable[[Any, Any], Any] = _set_no_hparams
+  initial_client_state: Any = None
 
 
 class LearningProcess(_LearningProcessFields, IterativeProcess):
@@ -455,9 +465,16 @@ class LearningProcess(_LearningProcessFields, IterativeProcess):
   As in TFF it is an `IterativeProcess` (`isinstance` holds; `next` returns a tuple whose first
   element is the state) with its `state_type`.
 
+  A **stateful** process (SCAFFOLD, personal models) has `initial_client_state`, the state of a
+  client never seen (one client's pytree, no client axis): its `next(state, client_batches,
+  client_states)` takes the cohort's states (leaves `[clients, ...]`, in cohort order) and
+  returns `StatefulLearningProcessOutput(state, metrics, client_states)`. The states live
+  outside the process, in a store keyed by client id (`fl.simulation.InMemoryClientStateStore`).
+
   With `client_data_spec` (a `ClientBatches` of `jax.ShapeDtypeStruct`), construction checks by
-  abstract evaluation that `next` returns a `LearningProcessOutput` whose state is assignable to
-  `initialize`'s, and that neither state nor metrics change shape with the number of clients.
+  abstract evaluation that `next` returns a `LearningProcessOutput` (stateful:
+  `StatefulLearningProcessOutput` with client states like its input) whose state is assignable
+  to `initialize`'s, and that neither state nor metrics change shape with the number of clients.
   """
 
   __slots__ = ()
@@ -472,9 +489,13 @@ class LearningProcess(_LearningProcessFields, IterativeProcess):
     set_hparams=_set_no_hparams,
     *,
     client_data_spec: Any = None,
+    initial_client_state: Any = None,
   ):
     _check_initialize(initialize)
-    _check_next_arity(next, 2, '(state, client_batches)')
+    if initial_client_state is None:
+      _check_next_arity(next, 2, '(state, client_batches)')
+    else:
+      _check_next_arity(next, 3, '(state, client_batches, client_states)')
     for name, fn in [
       ('get_model_weights', get_model_weights),
       ('set_model_weights', set_model_weights),
@@ -483,10 +504,22 @@ class LearningProcess(_LearningProcessFields, IterativeProcess):
         raise TypeError(f'{name} must be callable; got {type(fn).__name__}')
     if client_data_spec is not None:
       _check_learning_process(
-        initialize, next, get_model_weights, set_model_weights, client_data_spec
+        initialize,
+        next,
+        get_model_weights,
+        set_model_weights,
+        client_data_spec,
+        initial_client_state,
       )
     return super().__new__(
-      cls, initialize, next, get_model_weights, set_model_weights, get_hparams, set_hparams
+      cls,
+      initialize,
+      next,
+      get_model_weights,
+      set_model_weights,
+      get_hparams,
+      set_hparams,
+      initial_client_state,
     )
 
 
@@ -494,7 +527,16 @@ def _with_num_clients(client_data_spec: _client_batches.ClientBatches, n: int):
   return jax.tree.map(lambda s: jax.ShapeDtypeStruct((n, *s.shape[1:]), s.dtype), client_data_spec)
 
 
-def _check_learning_process(initialize, next_fn, get_weights, set_weights, client_data_spec):
+def _stacked_spec(client_state: Any, num_clients: int) -> Any:
+  """The spec of `num_clients` stacked copies of one client's state."""
+  return jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct((num_clients, *jnp.shape(x)), jnp.result_type(x)), client_state
+  )
+
+
+def _check_learning_process(
+  initialize, next_fn, get_weights, set_weights, client_data_spec, initial_client_state=None
+):
   if not isinstance(client_data_spec, _client_batches.ClientBatches):
     raise _errors.LearningProcessSequenceTypeError(
       'client data must be a ClientBatches(batch, mask) of per-client sequences of batches; got '
@@ -514,14 +556,24 @@ def _check_learning_process(initialize, next_fn, get_weights, set_weights, clien
       )
   outputs = {}
   n = mask_shape[0]
+  stateful = initial_client_state is not None
+  expected = StatefulLearningProcessOutput if stateful else LearningProcessOutput
   for num_clients in (n, n + 1):
-    state_spec, out = _traced_output(
-      initialize, next_fn, (_with_num_clients(client_data_spec, num_clients),)
-    )
-    if not isinstance(out, LearningProcessOutput):
+    args = (_with_num_clients(client_data_spec, num_clients),)
+    if stateful:
+      args += (_stacked_spec(initial_client_state, num_clients),)
+    state_spec, out = _traced_output(initialize, next_fn, args)
+    if not isinstance(out, expected):
       raise _errors.LearningProcessOutputError(
-        f'next must return LearningProcessOutput(state, metrics); got {type(out).__name__}'
+        f'next must return {expected.__name__}({", ".join(expected._fields)}); got '
+        f'{type(out).__name__}'
       )
+    if stateful:
+      mismatch = tree_lib.tree_spec_mismatch(args[1], out.client_states)
+      if mismatch is not None:
+        raise _errors.LearningProcessOutputError(
+          f'next must return client_states like the ones it takes: {mismatch}'
+        )
     outputs[num_clients] = out
   _check_no_client_axis({k: o.state for k, o in outputs.items()}, 'the server state')
   _check_no_client_axis({k: o.metrics for k, o in outputs.items()}, 'the metrics')

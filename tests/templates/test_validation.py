@@ -452,3 +452,48 @@ def test_client_work_result_without_a_client_axis_is_rejected():
     templates.ClientWorkProcess(
       lambda: (), next_fn, weights_spec=VECTOR_SPEC, client_data_spec=DATA_SPEC
     )
+
+
+# Stateful learning processes: next(state, client_batches, client_states).
+
+CLIENT_STATE = {'c': jnp.zeros((2,), jnp.float32)}
+
+
+@pytest.mark.parametrize(
+  ('client_states_out', 'expected'),
+  [
+    (lambda cs: cs, None),
+    (lambda cs: None, 'next must return StatefulLearningProcessOutput'),
+    (lambda cs: {'c': cs['c'][:, :1]}, r"client_states like the ones it takes: leaf \['c'\]"),
+  ],
+  ids=['ok', 'plain_output', 'wrong_shape'],
+)
+def test_stateful_learning_process_checks_its_client_states(client_states_out, expected):
+  def next_fn(state, client_batches, client_states):
+    out = lp_next(state, client_batches)
+    new = client_states_out(client_states)
+    return out if new is None else templates.StatefulLearningProcessOutput(*out, new)
+
+  def build():
+    return fl.LearningProcess(
+      lp_initialize,
+      next_fn,
+      lp_get_model_weights,
+      lp_set_model_weights,
+      client_data_spec=DATA_SPEC,
+      initial_client_state=CLIENT_STATE,
+    )
+
+  if expected is None:
+    assert build().initial_client_state is CLIENT_STATE
+  else:
+    with pytest.raises(templates.LearningProcessOutputError, match=expected):
+      build()
+  with pytest.raises(templates.TemplateNextFnNumArgsError, match=r'\(state, client_batches, c'):
+    fl.LearningProcess(
+      lp_initialize,
+      lp_next,
+      lp_get_model_weights,
+      lp_set_model_weights,
+      initial_client_state=CLIENT_STATE,
+    )

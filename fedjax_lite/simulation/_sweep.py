@@ -1,0 +1,334 @@
+"""`run_sweep`: the training loop of a sweep (`fl.templates.build_sweep`), writing one ordinary run
+folder per run (config.json, metrics.csv, metrics.jsonl, checkpoints/, as `fedjax-lite train`).
+
+Runs advance round by round in groups of at most `runs_per_program` (slices of the run axis, each
+one call of the vectorized `next`); every run is checkpointed and resumed on its own files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedjax_lite import tree as tree_lib
+from fedjax_lite.data import ClientBatches
+from fedjax_lite.simulation import _checkpoint, _lock, _metrics_managers, _progress
+from fedjax_lite.simulation import _training_loop as loop
+from fedjax_lite.templates import Sweep
+
+CONFIG_FILE = 'config.json'
+CHECKPOINT_DIR = 'checkpoints'
+MEMORY_KEY = 'memory'
+
+
+def default_metrics_managers(run_dir: str) -> list[_metrics_managers.MetricsManager]:
+  """`metrics.csv` and `metrics.jsonl` in `run_dir`, as `fedjax-lite train` writes them."""
+  return [
+    _metrics_managers.CSVMetricsManager(os.path.join(run_dir, 'metrics.csv')),
+    _metrics_managers.JSONLMetricsManager(os.path.join(run_dir, 'metrics.jsonl')),
+  ]
+
+
+def stack_client_batches(batches: Sequence[ClientBatches]) -> ClientBatches:
+  """Per-run cohorts as one `ClientBatches` with a leading run axis `[runs, clients, steps,
+  batch_size, ...]`; the step axis is padded (mask 0) to the longest, which changes nothing."""
+  first = batches[0]
+  for k, b in enumerate(batches):
+    if not isinstance(b, ClientBatches):
+      raise TypeError(f'per-run client data [{k}] must be a ClientBatches; got {type(b).__name__}')
+    shape, expected = np.shape(b.mask), np.shape(first.mask)
+    if (shape[0], shape[2]) != (expected[0], expected[2]) or (b.client_ids is None) != (
+      first.client_ids is None
+    ):
+      raise ValueError(
+        f'per-run client data [{k}] has mask {shape} (client_ids given: {b.client_ids is not None})'
+        f'; run 0 has {expected} ({first.client_ids is not None}). The runs of one program need '
+        'the same number of clients and batch size (their steps may differ)'
+      )
+  steps = max(np.shape(b.mask)[1] for b in batches)
+
+  def pad(x):
+    widths = [(0, 0), (0, steps - x.shape[1])] + [(0, 0)] * (x.ndim - 2)
+    return jnp.pad(x, widths)
+
+  padded = [b._replace(batch=jax.tree.map(pad, b.batch), mask=pad(b.mask)) for b in batches]
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *padded)
+
+
+class _Run:
+  """One run's folder: its `config.json` (written here), checkpoint and metrics managers."""
+
+  def __init__(self, run_dir: str, config: Mapping[str, Any], keep: int | None, managers_fn):
+    # Array values (hyperparameters as jnp scalars) become numbers or lists.
+    config = json.loads(json.dumps(dict(config), default=lambda x: np.asarray(x).tolist()))
+    with open(os.path.join(run_dir, CONFIG_FILE), 'w') as f:
+      json.dump(config, f, indent=1)
+    self.dir = run_dir
+    self.checkpoints = _checkpoint.FileCheckpointManager(
+      os.path.join(run_dir, CHECKPOINT_DIR), keep=keep, metadata=config
+    )
+    self.managers = list(managers_fn(run_dir))
+
+  def release(self, flat: dict[str, Any], round_num: int) -> None:
+    for manager in self.managers:
+      manager.release(flat, round_num)
+
+
+class _Group:
+  """Runs `start:stop` of the sweep: their stacked state and the round it is the result of."""
+
+  def __init__(self, start: int, stop: int):
+    self.start, self.stop = start, stop
+    self.state, self.round = None, 0
+
+
+def _resume(sweep: Sweep, group: _Group, runs: list[_Run], total_rounds: int) -> None:
+  """Loads the group's latest round that every run of it has (None if one has none)."""
+  latest = [run.checkpoints.latest_readable_round() for run in runs[group.start : group.stop]]
+  if None in latest:
+    return
+  common = min(latest)
+  if common > total_rounds:
+    raise ValueError(
+      f'the latest checkpoint is of round {common}, past total_rounds={total_rounds}. '
+      'Tip: raise total_rounds, or use fresh run folders.'
+    )
+  structure = jax.eval_shape(sweep.process.initialize)
+  states = []
+  for run in runs[group.start : group.stop]:
+    try:
+      states.append(run.checkpoints.load_checkpoint(structure, common))
+    except FileNotFoundError:
+      raise ValueError(
+        f'{run.dir} no longer holds round {common}, the latest round every run of its group '
+        'has; its runs cannot resume together. Tip: keep at least 2 checkpoints (keep=2).'
+      ) from None
+  group.state, group.round = sweep.stack(states), common
+
+
+def run_sweep(
+  sweep: Sweep,
+  training_selection_fn: Callable[[int], Any],
+  total_rounds: int,
+  run_dirs: Sequence[str | os.PathLike],
+  *,
+  configs: Sequence[Mapping[str, Any]] | None = None,
+  runs_per_program: int | None = None,
+  evaluation_fn: Callable[[Any, Any], Mapping[str, Any]] | None = None,
+  evaluation_selection_fn: Callable[[int], Any] | None = None,
+  rounds_per_evaluation: int = 1,
+  rounds_per_checkpoint: int = 1,
+  keep: int | None = 3,
+  metrics_managers_fn: Callable[[str], Sequence[Any]] = default_metrics_managers,
+  progress: bool = False,
+) -> list[Any]:
+  """Runs every run of `sweep` for rounds 1..`total_rounds`, resuming from its checkpoints.
+
+  `run_training_process` for K runs at once: run k writes `run_dirs[k]` (locked while it runs)
+  as `fedjax-lite train` writes a run folder: `config.json` (`configs[k]`, default
+  `{'seed', 'hparams'}` of the run), `metrics.csv` and `metrics.jsonl` (`metrics_managers_fn`),
+  and `checkpoints/` (a `FileCheckpointManager` of the run's own state, `configs[k]` as its
+  metadata), so each run can be evaluated, plotted or extended alone.
+
+  Runs advance in groups of `runs_per_program` (default: all in one), each group one call of
+  `sweep.next` per round; groups take turns within a round, so the data of round r is built
+  once. A group resumes from the latest round all its runs have checkpointed (a sweep killed
+  between two runs' saves resumes from the earlier round), and the metrics released after it
+  are cleared, so a resumed sweep equals an uninterrupted one bitwise (same groups).
+
+  Each run releases its flat process metrics, `evaluation/<key>` (evaluated run by run), and
+  per run: `timing/train_seconds` (its group's `next` over the group's size; compilation is not
+  included), `timing/data_seconds` (the round's data over the number of runs),
+  `timing/evaluation_seconds`, `timing/round_seconds`, `timing/examples_per_second`, and
+  `memory/temp_bytes_per_run` (XLA's temporaries of its group's program over the group's size).
+
+  Args:
+    sweep: from `fl.templates.build_sweep`.
+    training_selection_fn: `round_num -> ClientBatches` shared by every run (common random
+      numbers), or `round_num -> sequence of K ClientBatches`, one cohort per run (their steps
+      are padded to the longest of each group). The data of round r must depend only on r.
+    total_rounds: the last round (>= 1).
+    run_dirs: K folders, one per run, in the order of `sweep.runs`.
+    configs: K JSON-serializable mappings, each run's settings.
+    runs_per_program: the most runs one compiled call advances (>= 1); bounds memory.
+    evaluation_fn: `(run state, evaluation data) -> metrics mapping`, called for each run.
+    evaluation_selection_fn: `round_num -> evaluation data`; required with `evaluation_fn`.
+    rounds_per_evaluation: evaluate every this many rounds (and at the last round).
+    rounds_per_checkpoint: save every this many rounds (and at the last round).
+    keep: checkpoints kept per run (see `FileCheckpointManager`; resuming needs 2 or more).
+    metrics_managers_fn: `run_dir -> metrics managers` of a run; closed at the end.
+    progress: a progress bar over the sweep's rounds (only on a terminal; needs rich).
+
+  Returns:
+    The final state of each run, in the order of `sweep.runs`.
+  """
+  if not isinstance(sweep, Sweep):
+    raise TypeError(f'sweep must be a fl.templates.Sweep (build_sweep); got {sweep!r}')
+  num_runs = len(sweep.runs)
+  loop._check_callable('training_selection_fn', training_selection_fn, 'round_num -> data')
+  for name, value in [
+    ('total_rounds', total_rounds),
+    ('rounds_per_evaluation', rounds_per_evaluation),
+    ('rounds_per_checkpoint', rounds_per_checkpoint),
+    ('runs_per_program', num_runs if runs_per_program is None else runs_per_program),
+  ]:
+    loop._check_positive_int(name, value)
+  run_dirs = [os.fspath(d) for d in run_dirs]
+  if len(run_dirs) != num_runs or len(set(map(os.path.abspath, run_dirs))) != num_runs:
+    raise ValueError(f'run_dirs must be {num_runs} distinct folders, one per run; got {run_dirs}')
+  if configs is None:
+    configs = [{'seed': int(run.seed), 'hparams': run.hparams} for run in sweep.runs]
+  if len(configs) != num_runs:
+    raise ValueError(f'configs must hold {num_runs} mappings, one per run; got {len(configs)}')
+  if (evaluation_fn is None) != (evaluation_selection_fn is None):
+    raise ValueError('evaluation_fn and evaluation_selection_fn go together')
+  size = runs_per_program or num_runs
+  groups = [_Group(i, min(i + size, num_runs)) for i in range(0, num_runs, size)]
+  with contextlib.ExitStack() as stack:
+    for run_dir in run_dirs:
+      stack.enter_context(_lock.RunFolderLock(run_dir))
+    runs = [
+      _Run(run_dir, config, keep, metrics_managers_fn)
+      for run_dir, config in zip(run_dirs, configs, strict=True)
+    ]
+    for manager in (m for run in runs for m in run.managers):
+      stack.callback(manager.close)
+    evaluate = None
+    if evaluation_fn is not None:
+      evaluate = lambda state, r: loop._evaluate(evaluation_fn, evaluation_selection_fn, state, r)
+    _start(sweep, groups, runs, total_rounds, evaluate)
+    _train(
+      sweep,
+      groups,
+      runs,
+      training_selection_fn,
+      total_rounds,
+      evaluate=evaluate,
+      rounds_per_evaluation=rounds_per_evaluation,
+      rounds_per_checkpoint=rounds_per_checkpoint,
+      progress=progress,
+    )
+    return [state for group in groups for state in sweep.unstack(group.state)]
+
+
+def _flat(prefix: str, metrics: Mapping[str, Any]) -> dict[str, Any]:
+  return _metrics_managers.flatten_metrics({prefix: metrics})
+
+
+def _start(sweep, groups, runs, total_rounds, evaluate) -> None:
+  """Resumes each group, or initializes it (round 0: evaluated, checkpointed); clears the
+  metrics each run released after the round it starts from."""
+  initial = None
+  for group in groups:
+    _resume(sweep, group, runs, total_rounds)
+    fresh = group.state is None
+    for run in runs[group.start : group.stop]:
+      for manager in run.managers:
+        clear = getattr(manager, 'clear_metrics', None)
+        if clear is not None:
+          clear(0 if fresh else group.round + 1)
+    if not fresh:
+      continue
+    initial = sweep.initialize() if initial is None else initial
+    group.state = jax.tree.map(lambda x, g=group: x[g.start : g.stop], initial)
+    for run, state in zip(runs[group.start : group.stop], sweep.unstack(group.state), strict=True):
+      if evaluate is not None:
+        evaluation, seconds = evaluate(state, 0)
+        flat = _flat(loop.EVALUATION_KEY, evaluation)
+        run.release({**flat, **_flat(loop.TIMING_KEY, {'evaluation_seconds': seconds})}, 0)
+      run.checkpoints.save_checkpoint(state, 0)
+
+
+_ROUND = f'{loop.TIMING_KEY}/round_seconds'
+
+
+def _round_metrics(metrics: Any, timing: dict[str, float], temp_bytes: float) -> dict[str, Any]:
+  """One run's flat process metrics with its `timing/*` and `memory/temp_bytes_per_run`."""
+  for reserved in (loop.EVALUATION_KEY, loop.TIMING_KEY, MEMORY_KEY):
+    if reserved in metrics:
+      raise ValueError(f'process metrics have a top-level {reserved!r} key, which the driver adds')
+  flat = _metrics_managers.flatten_metrics(metrics)
+  num_examples = loop._num_examples(flat)
+  if num_examples is not None:
+    timing['examples_per_second'] = num_examples / max(timing['train_seconds'], 1e-12)
+  timing['round_seconds'] = timing['data_seconds'] + timing['train_seconds']
+  return {**flat, **_flat(loop.TIMING_KEY, timing), f'{MEMORY_KEY}/temp_bytes_per_run': temp_bytes}
+
+
+def _round_data(data: Any, num_runs: int, round_num: int) -> Any:
+  if isinstance(data, ClientBatches):
+    return data
+  if not isinstance(data, Sequence) or len(data) != num_runs:
+    raise TypeError(
+      f'training_selection_fn({round_num}) must return a ClientBatches or a sequence of '
+      f'{num_runs} (one per run); got {type(data).__name__}'
+    )
+  return data
+
+
+def _train(
+  sweep,
+  groups,
+  runs,
+  selection_fn,
+  total_rounds,
+  *,
+  evaluate,
+  rounds_per_evaluation,
+  rounds_per_checkpoint,
+  progress,
+) -> None:
+  """Rounds from the earliest group's next one; in each, every group behind it advances."""
+  memory: dict[Any, float] = {}
+  first_round = min(group.round for group in groups) + 1
+  bar = _progress.RoundProgress(total_rounds, first_round, progress)
+  try:
+    for round_num in range(first_round, total_rounds + 1):
+      start = time.perf_counter()
+      data = _round_data(selection_fn(round_num), len(runs), round_num)
+      data_seconds = (time.perf_counter() - start) / len(runs)
+      shared = isinstance(data, ClientBatches)
+      last = round_num == total_rounds
+      evaluating = evaluate is not None and (round_num % rounds_per_evaluation == 0 or last)
+      saving = round_num % rounds_per_checkpoint == 0 or last
+      for group in (g for g in groups if g.round < round_num):
+        group_data = data if shared else stack_client_batches(data[group.start : group.stop])
+        size = group.stop - group.start
+        specs = tree_lib.tree_specs(group_data)
+        key = (size, jax.tree.structure(specs), tuple(jax.tree.leaves(specs)))
+        if key not in memory:  # compiles `next` for these shapes; the call below reuses it
+          memory[key] = sweep.temp_bytes_per_run(group.state, group_data)
+        start = time.perf_counter()
+        group.state, metrics = sweep.next(group.state, group_data)
+        jax.block_until_ready((group.state, metrics))
+        train_seconds = (time.perf_counter() - start) / size
+        group.round = round_num
+        states = sweep.unstack(group.state) if evaluating or saving else [None] * size
+        per_run = sweep.unstack(jax.device_get(metrics))
+        runs_of_group = range(group.start, group.stop)
+        for k, run_metrics, state in zip(runs_of_group, per_run, states, strict=True):
+          timing = {'data_seconds': data_seconds, 'train_seconds': train_seconds}
+          flat = _round_metrics(run_metrics, timing, memory[key])
+          if evaluating:
+            evaluation, seconds = evaluate(state, round_num)
+            flat.update(_flat(loop.EVALUATION_KEY, evaluation))
+            timing = {'evaluation_seconds': seconds, 'round_seconds': flat[_ROUND] + seconds}
+            flat.update(_flat(loop.TIMING_KEY, timing))
+          runs[k].release(flat, round_num)
+          if saving:
+            runs[k].checkpoints.save_checkpoint(state, round_num)
+          loop._warn_if_no_usable_client(flat, data if shared else data[k], round_num)
+      bar.update(round_num, {})
+    for run in runs:  # the sweep completed: its final checkpoints outlive pruning
+      if total_rounds in run.checkpoints.checkpoint_rounds():
+        run.checkpoints.mark_kept(total_rounds)
+  finally:
+    bar.close()

@@ -1,0 +1,258 @@
+"""Client state stores: round trips, commit/rollback, errors; SCAFFOLD through the driver, killed
+and resumed, in memory and in SQLite, over a million-client population."""
+
+import os
+import warnings
+
+import jax
+import numpy as np
+import numpy_reference as ref
+import pytest
+
+import fedjax_lite as fl
+
+DEFAULT = {'w': np.zeros((2, 3), np.float32), 'n': np.zeros((), np.int32)}
+
+
+def _states(values):
+  """Stacked states whose leaves are filled with `values` (one per client)."""
+  v = np.asarray(values, np.int32)
+  return {'w': np.broadcast_to(v[:, None, None], (len(v), 2, 3)).astype(np.float32), 'n': v}
+
+
+@pytest.fixture(params=['memory', 'sqlite'])
+def make_store(request, tmp_path):
+  def make(default=DEFAULT, name='states'):
+    if request.param == 'memory':
+      return fl.simulation.InMemoryClientStateStore(default, tmp_path / name)
+    return fl.simulation.SQLiteClientStateStore(tmp_path / f'{name}.sqlite', default)
+
+  return make
+
+
+def test_round_trip_defaults_and_ids(make_store):
+  store = make_store()
+  store.put([3, 'alice', b'bob'], _states([1, 2, 3]))
+  got = store.get(['alice', 7, 3, 'alice'])
+  np.testing.assert_array_equal(got['n'], [2, 0, 1, 2])
+  assert got['w'].dtype == np.float32 and got['w'].shape == (4, 2, 3)
+  np.testing.assert_array_equal(got['w'][:, 0, 0], [2, 0, 1, 2])
+  # An int id and its 63-bit client_key are one client; a str id is keyed by its hash.
+  np.testing.assert_array_equal(store.get([3 + 2**63])['n'], [1])
+  np.testing.assert_array_equal(store.get([fl.data.client_key('alice')])['n'], [2])
+  bits = np.array([np.nan, -0.0, 1e-45], np.float32)  # bitwise, not merely equal
+  store.put(['x'], {'w': np.resize(bits, (1, 2, 3)), 'n': np.array([5], np.int32)})
+  assert store.get(['x'])['w'].tobytes() == np.resize(bits, (1, 2, 3)).tobytes()
+  assert len(store) == 4
+
+
+def test_commit_and_rollback(make_store):
+  store = make_store()
+  store.put(['a', 'b'], _states([1, 1]))
+  store.commit(1)
+  store.put(['a'], _states([2]))
+  store.commit(2, [1])
+  store.put(['b', 'c'], _states([3, 3]))  # pending: a killed round
+  np.testing.assert_array_equal(store.get(['a', 'b', 'c'])['n'], [2, 3, 3])
+  store.rollback(2)
+  np.testing.assert_array_equal(store.get(['a', 'b', 'c'])['n'], [2, 1, 0])
+  store.rollback(1)
+  np.testing.assert_array_equal(store.get(['a', 'b', 'c'])['n'], [1, 1, 0])
+  store.rollback(0)
+  assert len(store) == 0
+
+
+def test_commit_forgets_what_no_kept_round_reads(tmp_path):
+  store = fl.simulation.SQLiteClientStateStore(tmp_path / 's.sqlite', DEFAULT)
+  for round_num in range(1, 6):
+    store.put(['a'], _states([round_num]))
+    store.commit(round_num, [round_num - 2, round_num - 1])
+  store.put(['b'], _states([9]))
+  store.commit(6, [4, 5])
+  rows = store._db.execute('SELECT key, version FROM states ORDER BY version').fetchall()
+  assert [v for _, v in rows] == [4, 5, 6]  # 'a' at 4 and 5 (rounds 4 and 5 read them), 'b'
+  store.rollback(4)
+  np.testing.assert_array_equal(store.get(['a', 'b'])['n'], [4, 0])
+
+
+@pytest.mark.parametrize(
+  ('ids', 'stacked', 'error', 'message'),
+  [
+    (['a', 'b'], _states([1]), ValueError, r"leaf \['n'\] is int32\[1\]; expected int32\[2\]"),
+    (['a'], {'w': np.zeros((1, 2, 3)), 'n': np.zeros(1, np.int32)}, ValueError, 'is float64'),
+    (['a'], {'w': np.zeros((1, 2, 3), np.float32)}, ValueError, 'stacked has tree structure'),
+    (['a', 'a'], _states([1, 2]), ValueError, 'ids has duplicates'),
+    ([1.5], _states([1]), TypeError, r'ids\[0\] is float; client ids must be int, str or bytes'),
+    ('ab', _states([1, 2]), TypeError, 'ids must be a sequence of client ids; got str'),
+  ],
+)
+def test_bad_input_is_refused(make_store, ids, stacked, error, message):
+  with pytest.raises(error, match=message):
+    make_store().put(ids, stacked)
+
+
+def test_bad_get_ids_and_a_file_of_another_shape_are_refused(tmp_path):
+  path = tmp_path / 's.sqlite'
+  store = fl.simulation.SQLiteClientStateStore(path, DEFAULT)
+  with pytest.raises(TypeError, match=r'ids\[1\] is NoneType'):
+    store.get(['a', None])
+  store.close()
+  with pytest.raises(ValueError, match='holds client states shaped'):
+    fl.simulation.SQLiteClientStateStore(path, {'w': np.zeros(3, np.float32)})
+  memory = fl.simulation.InMemoryClientStateStore(DEFAULT)
+  with pytest.raises(FileNotFoundError, match='no client states committed for round 2'):
+    memory.rollback(2)
+
+
+# SCAFFOLD through run_training_process.
+
+SIZES = [7, 12, 5, 9, 3, 10]
+POPULATION = len(SIZES)
+CLIENTS = ref.random_clients(SIZES)
+
+
+class _CrashAt(fl.simulation.MetricsManager):
+  """Raises from release at one round: after the round's put, before its checkpoint."""
+
+  def __init__(self, round_num):
+    self.round_num = round_num
+
+  def release(self, metrics, round_num):
+    if round_num == self.round_num:
+      raise RuntimeError(f'simulated crash at round {round_num}')
+
+
+def _cohort_ids(population):
+  def cohort_ids(round_num):
+    return [f'client{i}' for i in fl.data.sample_cohort(population, 3, round_num, seed=1)]
+
+  return cohort_ids
+
+
+def _run(process, store, run_dir, total, population=POPULATION, managers=()):
+  cohort_ids = _cohort_ids(population)
+
+  def select(round_num):
+    ids = cohort_ids(round_num)
+    return fl.data.build_client_batches(
+      [CLIENTS[fl.data.client_key(i) % len(CLIENTS)] for i in ids],
+      batch_size=4,
+      num_steps=3,
+      seed=(1, round_num),
+      client_keys=[fl.data.client_key(i) for i in ids],
+    )
+
+  return fl.simulation.run_training_process(
+    process,
+    select,
+    total,
+    checkpoint_manager=fl.simulation.FileCheckpointManager(run_dir, keep=2),
+    metrics_managers=managers,
+    client_state_store=store,
+    cohort_ids_fn=cohort_ids,
+  )
+
+
+@pytest.fixture(scope='module')
+def process():
+  return fl.algorithms.build_scaffold(ref.linear_model(5, 3), 0.1, population_size=len(SIZES))
+
+
+def _leaves(tree):
+  return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def _assert_bitwise(a, b):
+  for x, y in zip(_leaves(a), _leaves(b), strict=True):
+    assert x.dtype == y.dtype and x.tobytes() == y.tobytes()
+
+
+ALL_IDS = [f'client{i}' for i in range(len(SIZES))]
+
+
+def test_memory_and_sqlite_stores_give_identical_runs(process, tmp_path):
+  memory = fl.simulation.InMemoryClientStateStore(process.initial_client_state)
+  sqlite = fl.simulation.SQLiteClientStateStore(tmp_path / 's.sqlite', process.initial_client_state)
+  a = _run(process, memory, tmp_path / 'memory', 3)
+  b = _run(process, sqlite, tmp_path / 'sqlite', 3)
+  _assert_bitwise(a, b)
+  _assert_bitwise(memory.get(ALL_IDS), sqlite.get(ALL_IDS))
+  assert len(memory) == len(sqlite) > 3  # more than one cohort's clients were touched
+  assert np.any(_leaves(a.client_work.control_variate)[0])
+
+
+@pytest.mark.parametrize('kind', ['memory', 'sqlite'])
+@pytest.mark.parametrize('crash_at', [3, 4])
+def test_killed_after_round_2_and_resumed_equals_an_uninterrupted_run(
+  process, tmp_path, kind, crash_at
+):
+  """Killed in round 3, or in round 4 with round 3's checkpoint damaged: both resume from round
+  2, and the second must also drop the client states committed with round 3."""
+
+  def open_store(name):
+    if kind == 'memory':
+      return fl.simulation.InMemoryClientStateStore(process.initial_client_state, tmp_path / name)
+    return fl.simulation.SQLiteClientStateStore(
+      tmp_path / f'{name}.sqlite', process.initial_client_state
+    )
+
+  reference_store = open_store('reference')
+  reference = _run(process, reference_store, tmp_path / 'reference', 5)
+  killed = open_store('run')
+  with pytest.raises(RuntimeError, match=f'simulated crash at round {crash_at}'):
+    _run(process, killed, tmp_path / 'run', 5, managers=[_CrashAt(crash_at)])
+  if kind == 'sqlite':
+    killed.close()  # as a killed process: the crashed round's puts were never committed
+  if crash_at == 4:
+    latest = tmp_path / 'run' / 'ckpt_3.msgpack'
+    latest.write_bytes(latest.read_bytes()[:100])
+  resumed_store = open_store('run')  # a new process: nothing but the files
+  with warnings.catch_warnings():
+    warnings.filterwarnings('ignore', r'checkpoint .*ckpt_3\.msgpack is unreadable')
+    resumed = _run(process, resumed_store, tmp_path / 'run', 5)
+  _assert_bitwise(resumed, reference)
+  _assert_bitwise(resumed_store.get(ALL_IDS), reference_store.get(ALL_IDS))
+  assert len(resumed_store) == len(reference_store)
+
+
+def test_a_million_client_population_stores_only_the_sampled_clients(tmp_path):
+  population = 1_000_000
+  process = fl.algorithms.build_scaffold(ref.linear_model(5, 3), 0.1, population_size=population)
+  path = tmp_path / 's.sqlite'
+  store = fl.simulation.SQLiteClientStateStore(path, process.initial_client_state)
+  _run(process, store, tmp_path / 'run', 4, population=population)
+  sampled = {i for r in range(1, 5) for i in _cohort_ids(population)(r)}
+  assert len(store) == len(sampled) == 12
+  store.close()
+  assert os.path.getsize(path) < 64 * 1024  # a few pages, not a million rows
+
+
+def test_the_driver_refuses_a_stateful_run_without_a_store(process, tmp_path):
+  with pytest.raises(ValueError, match='this process keeps per-client state'):
+    fl.simulation.run_training_process(process, lambda r: None, 1)
+  fed_avg = fl.algorithms.build_weighted_fed_avg(
+    ref.linear_model(5, 3), fl.optimizers.build_sgdm(0.1)
+  )
+  store = fl.simulation.InMemoryClientStateStore(process.initial_client_state)
+  with pytest.raises(ValueError, match='are for a stateful process'):
+    fl.simulation.run_training_process(
+      fed_avg, lambda r: None, 1, client_state_store=store, cohort_ids_fn=lambda r: []
+    )
+  other = fl.simulation.InMemoryClientStateStore({'w': np.zeros(2, np.float32)})
+  with pytest.raises(ValueError, match="client_state_store's default does not match"):
+    fl.simulation.run_training_process(
+      process, lambda r: None, 1, client_state_store=other, cohort_ids_fn=lambda r: []
+    )
+
+
+def test_cohort_ids_that_do_not_match_the_data_are_refused(process, tmp_path):
+  store = fl.simulation.InMemoryClientStateStore(process.initial_client_state)
+
+  def select(round_num):
+    return fl.data.build_client_batches(CLIENTS[:3], batch_size=4, client_keys=[0, 1, 2])
+
+  for ids, message in [(['a', 'b'], 'gave 2 ids; the round.s data has 3'), ([0, 2, 1], 'order')]:
+    with pytest.raises(ValueError, match=message):
+      fl.simulation.run_training_process(
+        process, select, 1, client_state_store=store, cohort_ids_fn=lambda r, ids=ids: ids
+      )

@@ -1,0 +1,139 @@
+"""run_sweep: one ordinary run folder per run, equal to separate runs; a killed sweep resumes
+bitwise."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import numpy_reference as ref
+import pytest
+import simulation_problem as sp
+from test_training_loop import _assert_bitwise, _assert_same_metric_files, _CrashAt
+
+import fedjax_lite as fl
+
+RUNS = [
+  fl.templates.SweepRun(seed, {'client_work': {'learning_rate': lr}})
+  for lr in (0.05, 0.2)
+  for seed in (0, 1)
+]
+
+
+def process_fn(seed):
+  model = ref.linear_model(5, 3, seed)
+  return fl.algorithms.build_weighted_fed_avg(
+    model, fl.optimizers.build_sgdm(0.1), fl.optimizers.build_sgdm(1.0), seed=seed
+  )
+
+
+@pytest.fixture(scope='module')
+def problem():
+  """(sweep, training_selection_fn, evaluation_fn, evaluation_selection_fn); one compile."""
+  sweep = fl.templates.build_sweep(process_fn, RUNS)
+  _, training_selection_fn, _, evaluation_selection_fn = sp.make_problem()
+  evaluation_fn = fl.simulation.build_evaluation_fn(
+    sweep.process, fl.algorithms.build_fed_eval(ref.linear_model(5, 3))
+  )
+  return sweep, training_selection_fn, evaluation_fn, evaluation_selection_fn
+
+
+def run(problem, root, total_rounds, extra_managers=None, selection_fn=None):
+  sweep, training_selection_fn, evaluation_fn, evaluation_selection_fn = problem
+
+  def managers(run_dir):
+    extra = [] if extra_managers is None else extra_managers.get(os.path.basename(run_dir), [])
+    return [*fl.simulation._sweep.default_metrics_managers(run_dir), *extra]
+
+  return fl.simulation.run_sweep(
+    sweep,
+    selection_fn or training_selection_fn,
+    total_rounds,
+    [root / f'run_{k}' for k in range(len(RUNS))],
+    runs_per_program=2,
+    evaluation_fn=evaluation_fn,
+    evaluation_selection_fn=evaluation_selection_fn,
+    rounds_per_evaluation=2,
+    metrics_managers_fn=managers,
+  )
+
+
+def weights(state):
+  return [np.asarray(x) for x in jax.tree.leaves(state.global_model_weights)]
+
+
+def test_each_run_is_an_ordinary_run_folder_equal_to_a_separate_run(problem, tmp_path):
+  states = run(problem, tmp_path, 3)
+  _, training_selection_fn, evaluation_fn, evaluation_selection_fn = problem
+  for k, sweep_run in enumerate(RUNS):
+    run_dir = tmp_path / f'run_{k}'
+    assert json.loads((run_dir / 'config.json').read_text()) == {
+      'seed': sweep_run.seed,
+      'hparams': sweep_run.hparams,
+    }
+    metrics = fl.simulation.load_metrics(run_dir / 'metrics.jsonl')
+    assert list(metrics) == [0, 1, 2, 3]
+    assert fl.simulation.load_metrics(run_dir / 'metrics.csv').keys() == metrics.keys()
+    assert {'evaluation/loss', 'timing/train_seconds', 'memory/temp_bytes_per_run'} <= set(
+      metrics[2]
+    )
+    assert metrics[2]['memory/temp_bytes_per_run'] > 0
+    # The folder is a run of its own: run_training_process extends it from its checkpoint.
+    process = process_fn(sweep_run.seed)
+    extended = fl.simulation.run_training_process(
+      process,
+      training_selection_fn,
+      5,
+      checkpoint_manager=fl.simulation.FileCheckpointManager(run_dir / 'checkpoints'),
+    )
+    separate = [process.set_hparams(process.initialize(), sweep_run.hparams)]
+    for round_num in range(1, 6):
+      separate.append(process.next(separate[-1], training_selection_fn(round_num)).state)
+    for swept, alone in [(states[k], separate[3]), (extended, separate[5])]:
+      for a, b in zip(weights(swept), weights(alone), strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    final = evaluation_fn(states[k], evaluation_selection_fn(3))
+    assert np.isclose(metrics[3]['evaluation/loss'], final['loss'])
+
+
+def test_a_killed_sweep_resumes_bitwise(problem, tmp_path):
+  total = 5
+  reference = run(problem, tmp_path / 'reference', total)
+  root = tmp_path / 'run'
+  # Run 2 crashes at round 3 before its checkpoint: its group (runs 2, 3) resumes from round 2,
+  # the other group (runs 0, 1) from round 3.
+  with pytest.raises(RuntimeError, match='simulated crash at round 3'):
+    run(problem, root, total, extra_managers={'run_2': [_CrashAt(3)]})
+  checkpoints = [
+    fl.simulation.FileCheckpointManager(root / f'run_{k}' / 'checkpoints').checkpoint_rounds()[-1]
+    for k in range(len(RUNS))
+  ]
+  assert checkpoints == [3, 3, 2, 2]
+  asked = []
+
+  def recording_selection_fn(round_num):
+    asked.append(round_num)
+    return problem[1](round_num)
+
+  states = run(problem, root, total, selection_fn=recording_selection_fn)
+  assert asked == [3, 4, 5]
+  for k in range(len(RUNS)):
+    _assert_bitwise(weights(states[k]), weights(reference[k]))
+    _assert_same_metric_files(root / f'run_{k}', tmp_path / 'reference' / f'run_{k}')
+
+
+def test_bad_arguments(problem, tmp_path):
+  sweep, training_selection_fn = problem[:2]
+  dirs = [tmp_path / f'r{k}' for k in range(4)]
+  with pytest.raises(TypeError, match=r'sweep must be a fl\.templates\.Sweep'):
+    fl.simulation.run_sweep(None, training_selection_fn, 1, dirs)
+  with pytest.raises(ValueError, match='run_dirs must be 4 distinct folders'):
+    fl.simulation.run_sweep(sweep, training_selection_fn, 1, dirs[:1] * 4)
+  with pytest.raises(ValueError, match='runs_per_program must be an int >= 1'):
+    fl.simulation.run_sweep(sweep, training_selection_fn, 1, dirs, runs_per_program=0)
+  with pytest.raises(ValueError, match='configs must hold 4 mappings'):
+    fl.simulation.run_sweep(sweep, training_selection_fn, 1, dirs, configs=[{}])
+  with pytest.raises(TypeError, match=r'must return a ClientBatches or a sequence of 4'):
+    fl.simulation.run_sweep(sweep, lambda r: [training_selection_fn(r)], 1, dirs)
+  with pytest.raises(ValueError, match=r'per-run client data \[1\] has mask'):
+    fl.simulation.stack_client_batches([training_selection_fn(1), problem[3](1)])
