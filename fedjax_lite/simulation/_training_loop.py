@@ -99,6 +99,7 @@ def run_training_process(
   epsilon_budget: float | None = None,
   client_state_store: _client_states.ClientStateStore | None = None,
   cohort_ids_fn: Callable[[int], Any] | None = None,
+  donate_state: bool = True,
 ) -> Any:
   """Runs `process` for rounds 1..`total_rounds`, resuming from the latest checkpoint.
 
@@ -150,6 +151,10 @@ def run_training_process(
       round run is checkpointed and returned); needs `privacy_accountant`.
     client_state_store: the per-client states of a stateful process, e.g.
       `fl.simulation.SQLiteClientStateStore(path, process.initial_client_state)`.
+    donate_state: the driver owns the state between rounds, so each round's `next` reuses
+      the buffers of the state it replaces (`jax.jit(..., donate_argnums=0)`): the round holds
+      one copy of the state, not two. False keeps every state readable (e.g. when a metrics
+      manager or `evaluation_fn` keeps references to earlier states).
     cohort_ids_fn: `round_num -> the ids of round round_num's clients`, in the order of
       `training_selection_fn(round_num)`'s clients (ints, str or bytes; e.g. the ids given to
       `fl.data.batch_cohort`); checked against the data's `client_ids` when it has them.
@@ -246,6 +251,9 @@ def run_training_process(
       save(state, 0)
     first_round = 1
 
+  next_fn = process.next
+  if donate_state and hasattr(next_fn, 'lower'):  # a jitted next (every built process)
+    next_fn = jax.jit(next_fn, donate_argnums=0)
   bar = _progress.RoundProgress(total_rounds, first_round, progress)
   try:
     for round_num in range(first_round, total_rounds + 1):
@@ -257,10 +265,10 @@ def run_training_process(
       data = training_selection_fn(round_num)
       data_seconds = time.perf_counter() - start
       if client_state_store is None:
-        state, process_metrics = process.next(state, data)
+        state, process_metrics = next_fn(state, data)
       else:
         ids = _cohort_ids(cohort_ids_fn, round_num, data)
-        state, process_metrics, client_states = process.next(
+        state, process_metrics, client_states = next_fn(
           state, data, client_state_store.get(ids)
         )
         client_state_store.put(ids, client_states)

@@ -338,3 +338,21 @@ def test_privacy_arguments_are_checked(problem):
     fl.simulation.run_training_process(
       process, selection_fn, 1, privacy_accountant=_Accountant(), epsilon_budget=-1
     )
+
+
+def test_the_driver_donates_each_state_to_the_round_that_replaces_it(problem):
+  process, training_selection_fn, _, _ = problem
+  given = []
+
+  def initialize():
+    given.append(process.initialize())
+    return given[-1]
+
+  recorded = process._replace(initialize=initialize)
+  donated = fl.simulation.run_training_process(recorded, training_selection_fn, 2)
+  kept = fl.simulation.run_training_process(recorded, training_selection_fn, 2, donate_state=False)
+  _assert_bitwise(_weights(process, donated), _weights(process, kept))
+  # The initial state's buffers went to round 1 (one copy of the state per round, not two);
+  # without donation they stay readable.
+  assert all(leaf.is_deleted() for leaf in jax.tree.leaves(given[0]))
+  assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(given[1]))
