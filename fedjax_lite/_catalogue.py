@@ -100,10 +100,10 @@ class Algorithm:
   defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
-def _fed_avg(weighted: bool):
-  build = algorithms.build_weighted_fed_avg if weighted else algorithms.build_unweighted_fed_avg
+def _client_server(build):
+  """An algorithm built from a client and a server optimizer (FedAvg, MimeLite, Mime)."""
 
-  def fed_avg(config, inputs):
+  def client_server(config, inputs):
     return build(
       inputs.model,
       optimizer(config, 'client'),
@@ -113,7 +113,7 @@ def _fed_avg(weighted: bool):
       seed=config['seed'],
     )
 
-  return fed_avg
+  return client_server
 
 
 def _fed_sgd(config, inputs):
@@ -152,20 +152,6 @@ def _adaptive(build):
   return adaptive
 
 
-def _mime(build):
-  def mime(config, inputs):
-    return build(
-      inputs.model,
-      optimizer(config, 'client'),
-      optimizer(config, 'server'),
-      model_aggregator=inputs.aggregator,
-      mesh=inputs.mesh,
-      seed=config['seed'],
-    )
-
-  return mime
-
-
 def _scaffold(config, inputs):
   return algorithms.build_scaffold(
     inputs.model,
@@ -188,13 +174,16 @@ ALGORITHMS: Mapping[str, Algorithm] = types.MappingProxyType(
     entry.name: entry
     for entry in (
       Algorithm(
-        'fedavg', 'FedAvg, clients weighted by examples', _CLIENT + _SERVER, _fed_avg(True)
+        'fedavg',
+        'FedAvg, clients weighted by examples',
+        _CLIENT + _SERVER,
+        _client_server(algorithms.build_weighted_fed_avg),
       ),
       Algorithm(
         'fedavg_unweighted',
         'FedAvg, every client counts once',
         _CLIENT + _SERVER,
-        _fed_avg(False),
+        _client_server(algorithms.build_unweighted_fed_avg),
         unweighted=True,
       ),
       Algorithm('fedsgd', 'FedSGD: one full-batch gradient per client', _SERVER, _fed_sgd),
@@ -205,17 +194,23 @@ ALGORITHMS: Mapping[str, Algorithm] = types.MappingProxyType(
         _fed_prox,
       ),
       Algorithm(
-        'fedadam', 'FedAdam: FedAvg, Adam on the server', (*_CLIENT, 'server_lr'),
+        'fedadam',
+        'FedAdam: FedAvg, Adam on the server',
+        (*_CLIENT, 'server_lr'),
         _adaptive(algorithms.build_fed_adam),
         defaults=_ADAPTIVE_DEFAULTS,
       ),
       Algorithm(
-        'fedyogi', 'FedYogi: FedAvg, Yogi on the server', (*_CLIENT, 'server_lr'),
+        'fedyogi',
+        'FedYogi: FedAvg, Yogi on the server',
+        (*_CLIENT, 'server_lr'),
         _adaptive(algorithms.build_fed_yogi),
         defaults=_ADAPTIVE_DEFAULTS,
       ),
       Algorithm(
-        'fedadagrad', 'FedAdagrad: FedAvg, Adagrad on the server', (*_CLIENT, 'server_lr'),
+        'fedadagrad',
+        'FedAdagrad: FedAvg, Adagrad on the server',
+        (*_CLIENT, 'server_lr'),
         _adaptive(algorithms.build_fed_adagrad),
         defaults=_ADAPTIVE_DEFAULTS,
       ),
@@ -223,11 +218,13 @@ ALGORITHMS: Mapping[str, Algorithm] = types.MappingProxyType(
         'mime_lite',
         'MimeLite: client steps with the server optimizer state',
         _CLIENT + _SERVER,
-        _mime(algorithms.build_weighted_mime_lite),
+        _client_server(algorithms.build_weighted_mime_lite),
       ),
       Algorithm(
-        'mime', 'Mime: MimeLite with control variates', _CLIENT + _SERVER,
-        _mime(algorithms.build_mime),
+        'mime',
+        'Mime: MimeLite with control variates',
+        _CLIENT + _SERVER,
+        _client_server(algorithms.build_mime),
       ),
       Algorithm(
         'scaffold',
@@ -244,7 +241,7 @@ ALGORITHMS: Mapping[str, Algorithm] = types.MappingProxyType(
       ),
     )
   }
-)  # fmt: skip
+)
 
 
 def with_defaults(config: Config, given: set[str]) -> dict[str, Any]:

@@ -149,6 +149,7 @@ def run_group(
     rounds_per_checkpoint=config['checkpoint_every'],
     keep=max(config['keep'], 2),
     progress=progress,
+    resumable=_config.RESUMABLE,
   )
 
 

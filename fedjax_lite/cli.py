@@ -11,12 +11,9 @@ import argparse
 import contextlib
 import json
 import os
-import socket
-import subprocess
 import sys
 import time
 import warnings
-import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -25,7 +22,7 @@ import numpy as np
 
 from fedjax_lite import _catalogue, _config, data, simulation
 from fedjax_lite._config import ConfigError
-from fedjax_lite.simulation import _multihost as multihost
+from fedjax_lite.simulation import multihost
 
 CONFIG_FILE = 'config.json'
 CHECKPOINT_DIR = 'checkpoints'
@@ -93,6 +90,24 @@ def _run_config(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
   return out, _checked(config, {*flags, *file_settings})
 
 
+def _distributed_run_config(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+  """`_run_config` of process 0, on every process (the other hosts need no run folder); only
+  `--data-path` is each host's own. A refusal on process 0 is raised on every process."""
+  settings = None
+  if multihost.is_primary():
+    try:
+      settings = {'run': _run_config(args)}
+    except ConfigError as error:
+      settings = {'error': str(error)}
+  settings = multihost.broadcast_json(settings)
+  if 'error' in settings:
+    raise ConfigError(settings['error'])
+  out, config = settings['run']
+  if 'data_path' in vars(args):  # given on this host
+    config['data_path'] = args.data_path
+  return out, config
+
+
 def _checked(config: dict[str, Any], given: set[str]) -> dict[str, Any]:
   """`config`, once every setting `given` is one its algorithm reads."""
   try:
@@ -109,18 +124,21 @@ def _train(args: argparse.Namespace) -> int:
     multihost.initialize()
   from fedjax_lite import _experiment  # builds models: imported only when training
 
-  out, config = _run_config(args)
-  if args.distributed:  # the same settings everywhere, or the processes would train apart
-    settings = {k: v for k, v in config.items() if k != 'data_path'}
-    multihost.agree([zlib.crc32(json.dumps(settings, sort_keys=True).encode())])
+  out, config = _distributed_run_config(args) if args.distributed else _run_config(args)
   experiment = _experiment.build_experiment(config, multihost=args.distributed)
-  if args.distributed and not multihost.is_primary():  # writes nothing, prints nothing
-    return _train_locked(args, out, config, experiment, primary=False)
-  try:
-    with simulation.RunFolderLock(out):
-      return _train_locked(args, out, config, experiment, primary=True)
-  except simulation.RunFolderInUseError as error:
-    raise ConfigError(f'--out: {error}') from None
+  primary = not args.distributed or multihost.is_primary()  # the others write nothing
+  with contextlib.ExitStack() as held:
+    refusal = None
+    if primary:
+      try:
+        held.enter_context(simulation.RunFolderLock(out))
+      except simulation.RunFolderInUseError as error:
+        refusal = f'--out: {error}'
+    if args.distributed:  # every process stops, or none
+      refusal = multihost.broadcast_json(refusal)
+    if refusal:
+      raise ConfigError(refusal)
+    return _train_locked(args, out, config, experiment, primary=primary)
 
 
 def _train_locked(args, out: str, config: dict[str, Any], experiment: Any, *, primary: bool) -> int:
@@ -232,35 +250,12 @@ def _train_locked(args, out: str, config: dict[str, Any], experiment: Any, *, pr
 
 def _launch_processes(args: argparse.Namespace) -> int:
   """Runs this `train` command as `args.processes` processes of one multi-process run on this
-  machine, each pinned to its share of the cores with single-threaded XLA; returns the first
-  non-zero exit status (0 if all succeed)."""
-  cores = sorted(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else []
-  if args.processes > max(len(cores), 1):
-    raise ConfigError(f'--processes: {args.processes} exceeds the {len(cores)} cores available')
-  with socket.socket() as probe:  # a free port for the coordinator
-    probe.bind(('127.0.0.1', 0))
-    port = probe.getsockname()[1]
-  argv = [sys.executable, '-m', 'fedjax_lite.cli', *_without_processes(args.argv), '--distributed']
-  workers = []
-  for i in range(args.processes):
-    share = cores[i :: args.processes]
-    env = {
-      **os.environ,
-      'JAX_COORDINATOR_ADDRESS': f'127.0.0.1:{port}',
-      multihost.NUM_PROCESSES_ENV: str(args.processes),
-      multihost.PROCESS_ID_ENV: str(i),
-      'XLA_FLAGS': f'{os.environ.get("XLA_FLAGS", "")} --xla_cpu_multi_thread_eigen='
-      f'{"true" if len(share) > 1 else "false"} intra_op_parallelism_threads={len(share)}',
-    }
-    pin = (lambda share=share: os.sched_setaffinity(0, share)) if share else None
-    workers.append(subprocess.Popen(argv, env=env, preexec_fn=pin))
+  machine (`multihost.launch`); returns the first non-zero exit status (0 if all succeed)."""
+  command = [sys.executable, '-m', 'fedjax_lite.cli', *_without_processes(args.argv)]
   try:
-    codes = [worker.wait() for worker in workers]
-  except KeyboardInterrupt:
-    for worker in workers:
-      worker.terminate()
-    raise
-  return next((code for code in codes if code), 0)
+    return multihost.launch([*command, '--distributed'], args.processes)
+  except ValueError as error:
+    raise ConfigError(f'--processes: {error}') from None
 
 
 def _without_processes(argv: Sequence[str]) -> list[str]:
@@ -313,13 +308,18 @@ def _sweep(args: argparse.Namespace) -> int:
     if not args.quiet and not progress:
       names = ', '.join(_sweep_command.run_name(configs[i], varying) for i in group)
       print(f'program {number}/{len(groups)}: {names}', flush=True)
-    _sweep_command.run_group(
-      [configs[i] for i in group],
-      [run_dirs[i] for i in group],
-      experiment_fn,
-      runs_per_program=args.runs_per_program,
-      progress=progress,
-    )
+    try:
+      _sweep_command.run_group(
+        [configs[i] for i in group],
+        [run_dirs[i] for i in group],
+        experiment_fn,
+        runs_per_program=args.runs_per_program,
+        progress=progress,
+      )
+    except simulation.RunFolderInUseError as error:
+      raise ConfigError(f'--out: {error}') from None
+    except ValueError as error:  # run folders that cannot resume these settings
+      raise ConfigError(f'--out: {error}') from None
   rows = _sweep_command.summarize(configs, run_dirs, varying)
   _sweep_command.write_summary(os.path.join(out, _sweep_command.SUMMARY_FILE), rows)
   plotted = _sweep_command.plot(

@@ -164,6 +164,8 @@ def test_every_algorithm_of_the_catalogue_trains_from_the_command(name, capsys):
     assert np.isclose(hparams['finalizer']['learning_rate'], 0.01)
   if 'client_lr' in _catalogue.ALGORITHMS[name].reads:
     assert np.isclose(hparams['client_work']['learning_rate'], 0.1)
+  assert cli.main(['train', '--out', 'run', '--rounds', '3', '--quiet']) == 0  # resumes
+  assert _last_metrics('run')['round_num'] == 3
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ separate `train` runs, a summary and a comparison plot."""
 import json
 import pathlib
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -80,3 +81,22 @@ def test_bad_sweeps_are_one_line_errors(grid, message, tmp_path, capsys):
   assert cli.main(['sweep', '--config', 'grid.toml']) == 2
   err = capsys.readouterr().err
   assert err.startswith('fedjax-lite sweep: error: ') and message in err
+
+
+def test_a_rerun_with_other_settings_changes_nothing(tmp_path, capsys):
+  (tmp_path / 'grid.toml').write_text(BASE + 'client_lr = [0.03, 0.1]\n')
+  assert cli.main(['sweep', '--config', 'grid.toml', '--out', 'sw', '--quiet']) == 0
+  saved = (tmp_path / 'sw' / 'client_lr=0.1' / 'config.json').read_text()
+  (tmp_path / 'grid.toml').write_text(BASE + 'client_lr = [0.03, 0.1]\nepochs = 1\n')
+  assert cli.main(['sweep', '--config', 'grid.toml', '--out', 'sw', '--quiet']) == 2
+  assert 'holds a run with other settings (epochs); nothing was changed' in capsys.readouterr().err
+  assert (tmp_path / 'sw' / 'client_lr=0.1' / 'config.json').read_text() == saved
+  (tmp_path / 'grid.toml').write_text(
+    BASE.replace('rounds = 3', 'rounds = 4') + 'client_lr = [0.03, 0.1]\n'
+  )
+  assert cli.main(['sweep', '--config', 'grid.toml', '--out', 'sw', '--quiet']) == 0  # extended
+  assert '"rounds": 4' in (tmp_path / 'sw' / 'client_lr=0.1' / 'config.json').read_text()
+  # A run that lost its checkpoints cannot restart its group from round 0 under the others.
+  shutil.rmtree(tmp_path / 'sw' / 'client_lr=0.03' / 'checkpoints')
+  assert cli.main(['sweep', '--config', 'grid.toml', '--out', 'sw', '--quiet']) == 2
+  assert 'hold no checkpoint while the other runs of their group do' in capsys.readouterr().err

@@ -64,7 +64,8 @@ def check_client_batches(client_batches: Any, input_spec: Any, name: str = 'clie
     if tuple(np.shape(ids)) != mask_shape[:1] or ids_dtype != np.uint32:
       raise ValueError(
         f'{name}.client_ids is {ids_dtype.name}{list(np.shape(ids))}; expected uint32'
-        f'[{mask_shape[0]}], one id per client. Tip: fl.data.client_ids_array(ids).'
+        f'[{mask_shape[0]}], one id per client. Tip: fl.data.batch_cohort fills them, from '
+        'fl.data.client_key(id) % 2**32.'
       )
   expected_struct = jax.tree.structure(input_spec)
   got_struct = jax.tree.structure(client_batches.batch)

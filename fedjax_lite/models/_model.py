@@ -215,6 +215,11 @@ class FunctionalModel:
     return self._uses_rng
 
   @property
+  def uses_mask(self) -> bool:
+    """Whether `predict_on_batch_fn` takes the padding `mask` (e.g. for batch statistics)."""
+    return self._uses_mask
+
+  @property
   def uses_forward_pass(self) -> bool:
     """Whether training and evaluation run `forward_pass` (its `forward_pass_fn` takes `mask`)
     instead of `predict_on_batch` then `loss`."""

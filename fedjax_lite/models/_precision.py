@@ -8,6 +8,7 @@ the predictions cast back before the loss, so losses and metrics are summed in f
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import jax
@@ -49,12 +50,20 @@ def with_compute_dtype(model: _model.FunctionalModel, dtype: Any) -> _model.Func
     raise ValueError(f'dtype must be a floating dtype such as bfloat16; got {dtype}')
   out_dtype = jnp.result_type(*jax.tree.leaves(model.initial_weights.trainable) or [jnp.float32])
 
-  def predict(weights, x, training=True, rng=None, mask=None):
+  def predict(weights, x, training=True, **kwargs):  # kwargs: rng, mask, where `model` takes them
     predictions = model.predict_on_batch(
-      _cast_floats(weights, dtype), _cast_floats(x, dtype), training, rng=rng, mask=mask
+      _cast_floats(weights, dtype), _cast_floats(x, dtype), training, **kwargs
     )
     return _cast_floats(predictions, out_dtype)
 
+  # The signature tells FunctionalModel which of rng and mask to pass, as `model`'s own does.
+  positional = list(inspect.signature(predict).parameters.values())[:3]  # weights, x, training
+  extra = [
+    inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None)
+    for name, used in (('rng', model.uses_rng), ('mask', model.uses_mask))
+    if used
+  ]
+  predict.__signature__ = inspect.Signature([*positional, *extra])
   return _model.FunctionalModel(
     initial_weights=model.initial_weights,
     predict_on_batch_fn=predict,
@@ -64,5 +73,6 @@ def with_compute_dtype(model: _model.FunctionalModel, dtype: Any) -> _model.Func
       model.update_metrics_state,
       model.finalize_metrics,
     ),
+    report_local_outputs_fn=model.report_local_outputs,
     input_spec=model.input_spec,
   )

@@ -16,7 +16,11 @@ Launch (`docs/simulation.md` has the commands):
 
 from __future__ import annotations
 
+import json
 import os
+import socket
+import subprocess
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -115,16 +119,14 @@ def broadcast_from_primary(tree: Any) -> Any:
   return multihost_utils.broadcast_one_to_all(to_host(tree))
 
 
-def agree(values: Sequence[int]) -> None:
-  """Raises unless every process holds the same `values` (e.g. a fingerprint of its settings)."""
+def broadcast_json(value: Any) -> Any:
+  """The primary process's JSON-serializable `value` on every process (others pass anything)."""
   if jax.process_count() == 1:
-    return
-  gathered = multihost_utils.process_allgather(np.asarray(values))
-  if not (gathered == gathered[0]).all():
-    raise RuntimeError(
-      f'the processes disagree ({gathered.tolist()}): every process must run the same '
-      'settings and seed (all but --data-path)'
-    )
+    return value
+  data = np.frombuffer(json.dumps(value).encode(), np.uint8) if is_primary() else None
+  size = int(broadcast_from_primary(np.int64(0 if data is None else data.size)))
+  buffer = data if data is not None else np.zeros(size, np.uint8)
+  return json.loads(bytes(np.asarray(broadcast_from_primary(buffer))))
 
 
 class PrimaryCheckpointManager:
@@ -169,3 +171,50 @@ def local_metrics(process: Any) -> Any:
     return state, to_host(metrics)
 
   return process._replace(next=next_fn)
+
+
+def launch(command: Sequence[str], num_processes: int) -> int:
+  """Runs `command` as `num_processes` processes of one multi-process run on this machine.
+
+  Each process gets the coordinator's address and its rank in the environment (`initialize()`
+  reads them), and is pinned to its share of the cores, with XLA's own threading off when the
+  share is one core: clients are independent, so processes use the cores better than threads
+  on small per-client matmuls. When a process fails, the others are stopped (they would wait in
+  a collective for it).
+
+  Returns:
+    The first non-zero exit status, or 0.
+
+  Raises:
+    ValueError: more processes than cores.
+  """
+  cores = sorted(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else []
+  if num_processes > max(len(cores), 1):
+    raise ValueError(f'{num_processes} processes exceed the {len(cores)} cores available')
+  with socket.socket() as probe:  # a free port for the coordinator
+    probe.bind(('127.0.0.1', 0))
+    port = probe.getsockname()[1]
+  workers = []
+  for rank in range(num_processes):
+    share = cores[rank::num_processes]
+    env = {
+      **os.environ,
+      'JAX_COORDINATOR_ADDRESS': f'127.0.0.1:{port}',
+      NUM_PROCESSES_ENV: str(num_processes),
+      PROCESS_ID_ENV: str(rank),
+    }
+    if len(share) == 1:
+      env['XLA_FLAGS'] = f'{os.environ.get("XLA_FLAGS", "")} --xla_cpu_multi_thread_eigen=false'
+    pin = (lambda share=share: os.sched_setaffinity(0, share)) if share else None
+    workers.append(subprocess.Popen(list(command), env=env, preexec_fn=pin))
+  try:
+    while any(w.poll() is None for w in workers):
+      if any(w.returncode for w in workers if w.returncode is not None):
+        break
+      time.sleep(0.05)
+  finally:
+    for worker in workers:
+      if worker.poll() is None:
+        worker.terminate()
+        worker.wait()
+  return next((w.returncode for w in workers if w.returncode), 0)

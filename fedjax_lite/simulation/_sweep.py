@@ -64,18 +64,42 @@ def stack_client_batches(batches: Sequence[ClientBatches]) -> ClientBatches:
 
 
 class _Run:
-  """One run's folder: its `config.json` (written here), checkpoint and metrics managers."""
+  """One run's folder: its `config.json`, checkpoint and metrics managers."""
 
-  def __init__(self, run_dir: str, config: Mapping[str, Any], keep: int | None, managers_fn):
+  def __init__(
+    self,
+    run_dir: str,
+    config: Mapping[str, Any],
+    keep: int | None,
+    managers_fn,
+    resumable: Sequence[str],
+  ):
     # Array values (hyperparameters as jnp scalars) become numbers or lists.
-    config = json.loads(json.dumps(dict(config), default=lambda x: np.asarray(x).tolist()))
-    with open(os.path.join(run_dir, CONFIG_FILE), 'w') as f:
-      json.dump(config, f, indent=1)
+    self.config = json.loads(json.dumps(dict(config), default=lambda x: np.asarray(x).tolist()))
+    path = os.path.join(run_dir, CONFIG_FILE)
+    if os.path.exists(path):  # a run to resume: only the resumable settings may change
+      with open(path) as f:
+        saved = json.load(f)
+      changed = sorted(
+        k
+        for k in {*saved, *self.config}
+        if k not in resumable and saved.get(k) != self.config.get(k)
+      )
+      if changed:
+        raise ValueError(
+          f'{run_dir} holds a run with other settings ({", ".join(changed)}); nothing was '
+          'changed. Tip: other run folders for other settings.'
+        )
     self.dir = run_dir
     self.checkpoints = _checkpoint.FileCheckpointManager(
-      os.path.join(run_dir, CHECKPOINT_DIR), keep=keep, metadata=config
+      os.path.join(run_dir, CHECKPOINT_DIR), keep=keep, metadata=self.config
     )
     self.managers = list(managers_fn(run_dir))
+
+  def write_config(self) -> None:
+    """Writes `config.json`, once the run is accepted (resumed or started)."""
+    with open(os.path.join(self.dir, CONFIG_FILE), 'w') as f:
+      json.dump(self.config, f, indent=1)
 
   def release(self, flat: dict[str, Any], round_num: int) -> None:
     for manager in self.managers:
@@ -92,9 +116,16 @@ class _Group:
 
 def _resume(sweep: Sweep, group: _Group, runs: list[_Run], total_rounds: int) -> None:
   """Loads the group's latest round that every run of it has (None if one has none)."""
-  latest = [run.checkpoints.latest_readable_round() for run in runs[group.start : group.stop]]
-  if None in latest:
+  members = runs[group.start : group.stop]
+  latest = [run.checkpoints.latest_readable_round() for run in members]
+  if all(r is None for r in latest):
     return
+  if None in latest:  # restarting the group would leave the others' later checkpoints behind
+    missing = [run.dir for run, r in zip(members, latest, strict=True) if r is None]
+    raise ValueError(
+      f'{", ".join(missing)} hold no checkpoint while the other runs of their group do; the '
+      'group cannot resume together. Tip: move those run folders away and rerun them apart.'
+    )
   common = min(latest)
   if common > total_rounds:
     raise ValueError(
@@ -103,7 +134,7 @@ def _resume(sweep: Sweep, group: _Group, runs: list[_Run], total_rounds: int) ->
     )
   structure = jax.eval_shape(sweep.process.initialize)
   states = []
-  for run in runs[group.start : group.stop]:
+  for run in members:
     try:
       states.append(run.checkpoints.load_checkpoint(structure, common))
     except FileNotFoundError:
@@ -129,6 +160,7 @@ def run_sweep(
   keep: int | None = 3,
   metrics_managers_fn: Callable[[str], Sequence[Any]] = default_metrics_managers,
   progress: bool = False,
+  resumable: Sequence[str] = (),
 ) -> list[Any]:
   """Runs every run of `sweep` for rounds 1..`total_rounds`, resuming from its checkpoints.
 
@@ -166,6 +198,9 @@ def run_sweep(
     keep: checkpoints kept per run (see `FileCheckpointManager`; resuming needs 2 or more).
     metrics_managers_fn: `run_dir -> metrics managers` of a run; closed at the end.
     progress: a progress bar over the sweep's rounds (only on a terminal; needs rich).
+    resumable: the keys of `configs` that may differ from a run folder's saved `config.json`
+      when it resumes (e.g. the number of rounds); any other difference is an error and the
+      folder is left as it was.
 
   Returns:
     The final state of each run, in the order of `sweep.runs`.
@@ -196,7 +231,7 @@ def run_sweep(
     for run_dir in run_dirs:
       stack.enter_context(_lock.RunFolderLock(run_dir))
     runs = [
-      _Run(run_dir, config, keep, metrics_managers_fn)
+      _Run(run_dir, config, keep, metrics_managers_fn, resumable)
       for run_dir, config in zip(run_dirs, configs, strict=True)
     ]
     for manager in (m for run in runs for m in run.managers):
@@ -205,6 +240,8 @@ def run_sweep(
     if evaluation_fn is not None:
       evaluate = lambda state, r: loop._evaluate(evaluation_fn, evaluation_selection_fn, state, r)
     _start(sweep, groups, runs, total_rounds, evaluate)
+    for run in runs:
+      run.write_config()
     _train(
       sweep,
       groups,

@@ -268,9 +268,7 @@ def run_training_process(
         state, process_metrics = next_fn(state, data)
       else:
         ids = _cohort_ids(cohort_ids_fn, round_num, data)
-        state, process_metrics, client_states = next_fn(
-          state, data, client_state_store.get(ids)
-        )
+        state, process_metrics, client_states = next_fn(state, data, client_state_store.get(ids))
         client_state_store.put(ids, client_states)
       jax.block_until_ready((state, process_metrics))
       train_seconds = time.perf_counter() - start - data_seconds

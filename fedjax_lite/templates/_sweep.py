@@ -130,6 +130,11 @@ def build_sweep(
         raise TypeError(
           f'process_fn({run.seed}) must return a LearningProcess; got {type(process).__name__}'
         )
+      if process.initial_client_state is not None:
+        raise ValueError(
+          f'process_fn({run.seed}) keeps per-client state (initial_client_state), which a sweep '
+          'does not carry yet; run such processes with run_training_process'
+        )
       processes[run.seed] = process
   first, *others = processes.values()
   spec = jax.eval_shape(first.initialize)

@@ -46,3 +46,10 @@ def test_bfloat16_computes_in_bfloat16_and_keeps_float32_weights_and_sums():
 def test_bad_dtypes_are_refused():
   with pytest.raises(ValueError, match='must be a floating dtype such as bfloat16; got int32'):
     fl.models.with_compute_dtype(ref.linear_model(5, 3), jnp.int32)
+
+
+def test_the_mixed_model_takes_what_the_model_takes():
+  plain = fl.models.with_compute_dtype(ref.linear_model(5, 3), jnp.bfloat16)
+  assert not plain.uses_rng and not plain.uses_mask
+  dropout = fl.models.with_compute_dtype(ref.dropout_linear_model(5, 3), jnp.bfloat16)
+  assert dropout.uses_rng and not dropout.uses_mask

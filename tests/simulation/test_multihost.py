@@ -6,15 +6,25 @@ import os
 import subprocess
 import sys
 
+import multihost_worker
 import numpy as np
 import pytest
 
 from fedjax_lite import cli
+from fedjax_lite.simulation import multihost
 
 pytestmark = pytest.mark.skipif(
   not hasattr(os, 'sched_getaffinity') or len(os.sched_getaffinity(0)) < 2,
   reason='needs 2 cores for 2 processes',
 )
+
+
+@pytest.fixture(autouse=True)
+def _one_device_per_process(monkeypatch):
+  """The spawned processes get one CPU device each (conftest forces 8 on the test process)."""
+  monkeypatch.setenv('XLA_FLAGS', '')
+
+
 ARGS = ['--rounds', '4', '--clients-per-round', '5', '--eval-every', '2', '--quiet']
 
 
@@ -54,3 +64,13 @@ def test_two_processes_train_as_one_and_resume_bitwise(tmp_path, monkeypatch, ca
   _train(tmp_path / 'resumed')
   resumed = _rows(tmp_path / 'resumed')
   assert resumed == two
+
+
+def test_both_processes_hold_the_one_process_weights(tmp_path):
+  worker = os.path.join(os.path.dirname(__file__), 'multihost_worker.py')
+  assert multihost.launch([sys.executable, worker, str(tmp_path)], 2) == 0
+  first, second = (np.load(tmp_path / f'p{rank}.npz') for rank in (0, 1))
+  one_process = multihost_worker.train()
+  for i, expected in enumerate(one_process):
+    np.testing.assert_array_equal(first[f'arr_{i}'], second[f'arr_{i}'])  # identical states
+    np.testing.assert_allclose(first[f'arr_{i}'], expected, rtol=1e-6, atol=1e-7)

@@ -1,0 +1,47 @@
+"""One process of the two-process test run (tests/simulation/test_multihost.py): three FedAvg
+rounds of a linear model on clients of uneven sizes, each process batching its block of every
+cohort; every process saves the final weights it holds to `OUT/p<rank>.npz`."""
+
+import os
+import sys
+
+import jax
+import numpy as np
+
+import fedjax_lite as fl
+from fedjax_lite.simulation import multihost
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy_reference as ref
+
+SIZES = [3, 7, 5, 0, 9, 4, 6]  # 7 clients: a block is padded with a client without data
+
+
+def train(mesh=None):
+  """The final weights of the run; one process when `mesh` is None."""
+  model = ref.linear_model(5, 3)
+  clients = ref.random_clients(SIZES)
+  data = fl.data.InMemoryFederatedData(dict(enumerate(clients)))
+  process = fl.algorithms.build_weighted_fed_avg(model, fl.optimizers.build_sgdm(0.3), mesh=mesh)
+  state = process.initialize()
+  for round_num in range(1, 4):
+    ids = list(range(len(SIZES)))[round_num - 1 :] + list(range(round_num - 1))
+    steps = [fl.data.client_steps(n, 1, 2) for n in SIZES]
+    buckets = [max(steps)]
+    if mesh is None:
+      batches = fl.data.batch_cohort(data, ids, batch_size=2, round_num=round_num, buckets=buckets)
+    else:
+      start, stop, padded = multihost.cohort_block(len(ids), mesh)
+      local = fl.data.batch_cohort(
+        data, ids[start:stop], batch_size=2, round_num=round_num, buckets=buckets
+      )
+      batches = multihost.global_batches(multihost.pad_block(local, stop - start), padded, mesh)
+    state, _ = process.next(state, batches)
+  trainable = multihost.to_host(process.get_model_weights(state).trainable)
+  return [trainable['w'], trainable['b']]
+
+
+if __name__ == '__main__':
+  multihost.initialize()
+  weights = train(multihost.global_mesh())
+  np.savez(os.path.join(sys.argv[1], f'p{jax.process_index()}.npz'), *weights)
