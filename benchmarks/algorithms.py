@@ -14,7 +14,7 @@ Two tables, one run:
 
 Usage:
   python benchmarks/algorithms.py [--rounds 40] [--seeds 0 1 2]
-      [--learning-rates 0.03 0.1 0.3] [--timed-rounds 5]
+      [--learning-rates 0.03 0.1 0.3] [--timed-rounds 5] [--parts time accuracy]
       [--out benchmarks/results/algorithms.json]
 """
 
@@ -95,6 +95,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument('--learning-rates', type=float, nargs='+', default=[0.03, 0.1, 0.3])
   parser.add_argument('--timed-rounds', type=int, default=5)
   parser.add_argument('--algorithms', nargs='+', default=ALGORITHMS, choices=ALGORITHMS)
+  parser.add_argument(
+    '--parts', nargs='+', default=['time', 'accuracy'], choices=['time', 'accuracy']
+  )
   parser.add_argument('--out', default='benchmarks/results/algorithms.json')
   args = parser.parse_args(argv)
   if args.rounds < 1 or args.timed_rounds < 1:
@@ -104,14 +107,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   ids = [int(c) for c in workload.cohort_ids(0)]
   batches = jax.device_put(fl.data.batch_cohort(data, ids, batch_size=16, round_num=0))
   times = []
-  for name in args.algorithms:
+  for name in args.algorithms if 'time' in args.parts else []:
     times.append(
       {'algorithm': name, 'round_ms': 1e3 * round_time(name, batches, ids, args.timed_rounds)}
     )
     times[-1]['x_fedavg'] = times[-1]['round_ms'] / times[0]['round_ms']
     print(harness.format_table(TIME_COLUMNS, times[-1:]).splitlines()[-1], flush=True)
   accuracies = []
-  for name in args.algorithms:
+  for name in args.algorithms if 'accuracy' in args.parts else []:
     by_lr = {
       lr: [final_accuracy(name, lr, seed, args.rounds) for seed in args.seeds]
       for lr in args.learning_rates

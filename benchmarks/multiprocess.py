@@ -142,10 +142,7 @@ def centralized_bound(clients: int, rounds: int) -> float:
   for r in range(rounds + 1):
     ids = [int(c) for c in workload.cohort_ids(r, workload.POPULATION, clients)]
     batches = fl.data.batch_cohort(data, ids, batch_size=workload.BATCH_SIZE, round_num=r)
-    cohort = [
-      {'x': np.asarray(x)[m > 0], 'y': np.asarray(y)[m > 0]}
-      for x, y, m in zip(batches.batch['x'], batches.batch['y'], batches.mask, strict=True)
-    ]
+    cohort = workload.real_examples(batches)
     fn, fn_args = central.prepare(trainable, cohort, r)
     _, elapsed = harness.timed(lambda fn=fn, fn_args=fn_args: fn(trainable, *fn_args))
     seconds.append(elapsed)

@@ -108,10 +108,7 @@ def _references(model, data, population, clients, rounds) -> dict:
   for r in range(rounds + 1):
     ids = [int(c) for c in workload.cohort_ids(r, population, clients)]
     batches = fl.data.batch_cohort(data, ids, batch_size=workload.BATCH_SIZE, round_num=r)
-    cohort = [
-      {'x': np.asarray(x)[m > 0], 'y': np.asarray(y)[m > 0]}
-      for x, y, m in zip(batches.batch['x'], batches.batch['y'], batches.mask, strict=True)
-    ]
+    cohort = workload.real_examples(batches)
     fn, args = central.prepare(trainable, cohort, r)
     _, bound = harness.timed(lambda fn=fn, args=args: fn(trainable, *args))
     _, looped = harness.timed(lambda b=batches: loop.round(trainable, b))

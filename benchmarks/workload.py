@@ -215,6 +215,14 @@ class PythonStepLoopFedAvg:
     return self.finish(acc, float(mask.sum()), trainable)
 
 
+def real_examples(batches: fl.ClientBatches) -> list[dict[str, np.ndarray]]:
+  """Each client's real (unpadded) examples of a cohort's batches, `{'x', 'y'}` per client."""
+  return [
+    {'x': np.asarray(x)[m > 0], 'y': np.asarray(y)[m > 0]}
+    for x, y, m in zip(batches.batch['x'], batches.batch['y'], batches.mask, strict=True)
+  ]
+
+
 def pooled_batches(clients, batch_size: int, seed: Sequence[int]):
   """The cohort's examples pooled, shuffled, cut into `[steps, batch_size, ...]` with a mask."""
   x = np.concatenate([c['x'] for c in clients])

@@ -166,8 +166,9 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
       )
 
 
-def read_toml(path: str) -> dict[str, Any]:
-  """The options of a TOML file (keys with `_` or `-`); unknown keys are an error."""
+def read_toml_table(path: str) -> dict[str, tuple[str, Any]]:
+  """A settings file's raw values by option name, `name -> (key as written, value)` (keys with
+  `_` or `-`); an unreadable file or an unknown key is a ConfigError naming it."""
   try:
     with open(path, 'rb') as f:
       table = tomllib.load(f)
@@ -177,13 +178,21 @@ def read_toml(path: str) -> dict[str, Any]:
     raise ConfigError(f'--config: {path} is not valid TOML: {error}') from None
   except OSError as error:
     raise ConfigError(f'--config: cannot read {path!r}: {error.strerror}') from None
-  settings = {}
+  raw = {}
   for key, value in table.items():
     name = key.replace('-', '_')
     if name not in OPTION_NAMES:
       raise ConfigError(f'{path}: unknown key {key!r}; expected one of {", ".join(OPTION_NAMES)}')
-    settings[name] = parse_setting(name, value, f'{path}: {key}')
-  return settings
+    raw[name] = (key, value)
+  return raw
+
+
+def read_toml(path: str) -> dict[str, Any]:
+  """The options of a TOML file, parsed."""
+  return {
+    name: parse_setting(name, value, f'{path}: {key}')
+    for name, (key, value) in read_toml_table(path).items()
+  }
 
 
 def parse_setting(name: str, value: Any, where: str) -> Any:

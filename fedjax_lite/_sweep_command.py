@@ -15,7 +15,6 @@ import itertools
 import json
 import math
 import os
-import tomllib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -37,20 +36,8 @@ _ACCURACY = 'evaluation/accuracy'
 
 def read_grid(path: str) -> tuple[list[dict[str, Any]], list[str]]:
   """`(settings of every grid point, the names of the settings that vary)` of a sweep file."""
-  try:
-    with open(path, 'rb') as f:
-      table = tomllib.load(f)
-  except FileNotFoundError:
-    raise ConfigError(f'--config: no file {path!r}') from None
-  except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-    raise ConfigError(f'--config: {path} is not valid TOML: {error}') from None
   axes = {}
-  for key, value in table.items():
-    name = key.replace('-', '_')
-    if name not in _config.OPTION_NAMES:
-      raise ConfigError(
-        f'{path}: unknown key {key!r}; expected one of {", ".join(_config.OPTION_NAMES)}'
-      )
+  for name, (key, value) in _config.read_toml_table(path).items():
     values = value if isinstance(value, list) else [value]
     if not values:
       raise ConfigError(f'{path}: {key} is an empty list; give at least one value')

@@ -333,8 +333,8 @@ def _plot_inputs(tmp_path):
     (['train', '--seed', str(2**64)], '--seed: expected an int in [0, 4294967295]'),
     (['train', '--num-clients', '1797'], '--num-clients: 1797 clients exceed the 1438 examples'),
     (
-      ['train', '--num-clients', '1000', '--partition', 'dirichlet'],
-      '--partition dirichlet with --num-clients 1000: no Dirichlet(alpha=0.5) draw',
+      ['train', '--num-clients', '800', '--partition', 'shards'],
+      '--partition shards with --num-clients 800: 1600 shards need at least 1600 examples',
     ),
     (['train', '--data-path', 'nowhere.csv.gz'], "--data-path: 'nowhere.csv.gz' does not hold"),
     (['train', '--data-path', 'neg.csv.gz'], 'the training set of digits has label -1'),

@@ -33,6 +33,7 @@ from fedjax_lite.data import _client_batches
 
 NUM_PROCESSES_ENV = 'FEDJAX_LITE_NUM_PROCESSES'
 PROCESS_ID_ENV = 'FEDJAX_LITE_PROCESS_ID'
+CORES_ENV = 'FEDJAX_LITE_CORES'  # the cores `launch` gives a process, pinned by `initialize`
 CLIENTS_AXIS = 'clients'
 
 
@@ -47,6 +48,8 @@ def initialize(
   `FEDJAX_LITE_PROCESS_ID`, or else from JAX's cluster detection (SLURM, Open MPI, ...). On
   CPUs the processes' collectives run over gloo.
   """
+  if CORES_ENV in os.environ and hasattr(os, 'sched_setaffinity'):  # set by `launch`
+    os.sched_setaffinity(0, [int(core) for core in os.environ[CORES_ENV].split(',')])
   if num_processes is None and NUM_PROCESSES_ENV in os.environ:
     num_processes = int(os.environ[NUM_PROCESSES_ENV])
   if process_id is None and PROCESS_ID_ENV in os.environ:
@@ -176,11 +179,11 @@ def local_metrics(process: Any) -> Any:
 def launch(command: Sequence[str], num_processes: int) -> int:
   """Runs `command` as `num_processes` processes of one multi-process run on this machine.
 
-  Each process gets the coordinator's address and its rank in the environment (`initialize()`
-  reads them), and is pinned to its share of the cores, with XLA's own threading off when the
-  share is one core: clients are independent, so processes use the cores better than threads
-  on small per-client matmuls. When a process fails, the others are stopped (they would wait in
-  a collective for it).
+  Each process gets the coordinator's address, its rank and its share of the cores in the
+  environment (`initialize()` reads them and pins the process to its cores), with XLA's own
+  threading off when the share is one core: clients are independent, so processes use the
+  cores better than threads on small per-client matmuls. When a process fails, the others are
+  stopped (they would wait in a collective for it).
 
   Returns:
     The first non-zero exit status, or 0.
@@ -203,10 +206,12 @@ def launch(command: Sequence[str], num_processes: int) -> int:
       NUM_PROCESSES_ENV: str(num_processes),
       PROCESS_ID_ENV: str(rank),
     }
+    if share:
+      env[CORES_ENV] = ','.join(map(str, share))
     if len(share) == 1:
       env['XLA_FLAGS'] = f'{os.environ.get("XLA_FLAGS", "")} --xla_cpu_multi_thread_eigen=false'
-    pin = (lambda share=share: os.sched_setaffinity(0, share)) if share else None
-    workers.append(subprocess.Popen(list(command), env=env, preexec_fn=pin))
+    # No preexec_fn: forking a multithreaded (JAX) parent to run Python can deadlock.
+    workers.append(subprocess.Popen(list(command), env=env))
   try:
     while any(w.poll() is None for w in workers):
       if any(w.returncode for w in workers if w.returncode is not None):
