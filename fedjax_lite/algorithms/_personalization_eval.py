@@ -73,7 +73,7 @@ def _check_strategy(name: Any, value: Any) -> Personalization:
 
 
 def _fine_tune_loop(name: str, client_loop_fn: Callable) -> Callable:
-  """`client_loop_fn` whose clients return their fine-tuned trainables as per-client outputs."""
+  """`client_loop_fn` whose clients return their fine-tuned weights as per-client outputs."""
 
   def client_loop(model_weights, hparams):
     loop = client_loop_fn(model_weights, hparams)
@@ -86,7 +86,7 @@ def _fine_tune_loop(name: str, client_loop_fn: Callable) -> Callable:
           'ClientOutput(model_weights=<the fine-tuned weights>); got model_weights=None'
         )
       return _client_work.ClientOutput(
-        client_output=out.model_weights.trainable, model_weights=out.model_weights
+        client_output=out.model_weights, model_weights=out.model_weights
       )
 
     return loop._replace(finalize=finalize)
@@ -95,23 +95,23 @@ def _fine_tune_loop(name: str, client_loop_fn: Callable) -> Callable:
 
 
 def _evaluation_loop(evaluate_fn: Callable, personalized: bool) -> Callable:
-  """Forward-only `client_loop_fn`: each client evaluates the trainables it is handed as its
-  input (`personalized`) or the broadcast model."""
+  """Forward-only `client_loop_fn`: each client evaluates the weights it is handed as its input
+  (`personalized`: its fine-tuned `ModelWeights`) or the broadcast model."""
 
   def client_loop(model_weights, hparams):
     del hparams
 
-    def weights(trainable):
-      return model_weights._replace(trainable=trainable) if personalized else model_weights
+    def weights(carry):
+      return carry if personalized else model_weights
 
-    def step(trainable, batch, mask, key):
+    def step(carry, batch, mask, key):
       del key
-      return trainable, evaluate_fn(weights(trainable), batch, mask)
+      return carry, evaluate_fn(weights(carry), batch, mask)
 
     return _client_work.ClientLoop(
       lambda client_input, key: client_input,
       step,
-      lambda trainable: _client_work.ClientOutput(model_weights=weights(trainable)),
+      lambda carry: _client_work.ClientOutput(model_weights=weights(carry)),
     )
 
   return client_loop
@@ -160,7 +160,7 @@ def build_personalization_eval(
   for each named strategy, fine-tune a copy of the global model on its train batches and
   evaluate that copy on the same test batches. All of it runs in one compiled call: one
   `fl.templates.build_client_work` pass evaluates the baseline and, per strategy, a training
-  pass returns each client's fine-tuned trainables (stacked `[clients, ...]`) which an
+  pass returns each client's fine-tuned weights (stacked `[clients, ...]`) which an
   evaluation pass takes as per-client inputs. Padded examples, steps and clients count in no
   metric.
 

@@ -208,14 +208,14 @@ def run_sweep(
   if not isinstance(sweep, Sweep):
     raise TypeError(f'sweep must be a fl.templates.Sweep (build_sweep); got {sweep!r}')
   num_runs = len(sweep.runs)
-  loop._check_callable('training_selection_fn', training_selection_fn, 'round_num -> data')
+  loop.check_callable('training_selection_fn', training_selection_fn, 'round_num -> data')
   for name, value in [
     ('total_rounds', total_rounds),
     ('rounds_per_evaluation', rounds_per_evaluation),
     ('rounds_per_checkpoint', rounds_per_checkpoint),
     ('runs_per_program', num_runs if runs_per_program is None else runs_per_program),
   ]:
-    loop._check_positive_int(name, value)
+    loop.check_positive_int(name, value)
   run_dirs = [os.fspath(d) for d in run_dirs]
   if len(run_dirs) != num_runs or len(set(map(os.path.abspath, run_dirs))) != num_runs:
     raise ValueError(f'run_dirs must be {num_runs} distinct folders, one per run; got {run_dirs}')
@@ -238,7 +238,7 @@ def run_sweep(
       stack.callback(manager.close)
     evaluate = None
     if evaluation_fn is not None:
-      evaluate = lambda state, r: loop._evaluate(evaluation_fn, evaluation_selection_fn, state, r)
+      evaluate = lambda state, r: loop.evaluate(evaluation_fn, evaluation_selection_fn, state, r)
     _start(sweep, groups, runs, total_rounds, evaluate)
     for run in runs:
       run.write_config()
@@ -293,7 +293,7 @@ def _round_metrics(metrics: Any, timing: dict[str, float], temp_bytes: float) ->
     if reserved in metrics:
       raise ValueError(f'process metrics have a top-level {reserved!r} key, which the driver adds')
   flat = _metrics_managers.flatten_metrics(metrics)
-  num_examples = loop._num_examples(flat)
+  num_examples = loop.examples_in(flat)
   if num_examples is not None:
     timing['examples_per_second'] = num_examples / max(timing['train_seconds'], 1e-12)
   timing['round_seconds'] = timing['data_seconds'] + timing['train_seconds']
@@ -362,7 +362,7 @@ def _train(
           runs[k].release(flat, round_num)
           if saving:
             runs[k].checkpoints.save_checkpoint(state, round_num)
-          loop._warn_if_no_usable_client(flat, data if shared else data[k], round_num)
+          loop.warn_if_no_usable_client(flat, data if shared else data[k], round_num)
       bar.update(round_num, {})
     for run in runs:  # the sweep completed: its final checkpoints outlive pruning
       if total_rounds in run.checkpoints.checkpoint_rounds():

@@ -58,17 +58,17 @@ def build_evaluation_fn(
   return evaluation_fn
 
 
-def _check_positive_int(name: str, value: Any) -> None:
+def check_positive_int(name: str, value: Any) -> None:
   if not isinstance(value, int) or isinstance(value, bool) or value < 1:
     raise ValueError(f'{name} must be an int >= 1; got {value!r}')
 
 
-def _check_callable(name: str, value: Any, signature: str) -> None:
+def check_callable(name: str, value: Any, signature: str) -> None:
   if not callable(value):
     raise TypeError(f'{name} must be callable {signature}; got {value!r}')
 
 
-def _evaluate(evaluation_fn, evaluation_selection_fn, state, round_num) -> tuple[dict, float]:
+def evaluate(evaluation_fn, evaluation_selection_fn, state, round_num) -> tuple[dict, float]:
   start = time.perf_counter()
   metrics = evaluation_fn(state, evaluation_selection_fn(round_num))
   jax.block_until_ready(metrics)
@@ -78,7 +78,7 @@ def _evaluate(evaluation_fn, evaluation_selection_fn, state, round_num) -> tuple
   return dict(metrics), seconds
 
 
-def _num_examples(flat: dict[str, Any]) -> Any:
+def examples_in(flat: dict[str, Any]) -> Any:
   """The first flat process metric named `num_examples` (FedAvg: client_work/train/...)."""
   return next((v for k, v in flat.items() if k.rsplit('/', 1)[-1] == 'num_examples'), None)
 
@@ -167,10 +167,10 @@ def run_training_process(
       raise TypeError(
         f'process must have a callable .{method} (a LearningProcess); got {process!r}'
       )
-  _check_callable('training_selection_fn', training_selection_fn, 'round_num -> client data')
-  _check_positive_int('total_rounds', total_rounds)
-  _check_positive_int('rounds_per_evaluation', rounds_per_evaluation)
-  _check_positive_int('rounds_per_checkpoint', rounds_per_checkpoint)
+  check_callable('training_selection_fn', training_selection_fn, 'round_num -> client data')
+  check_positive_int('total_rounds', total_rounds)
+  check_positive_int('rounds_per_evaluation', rounds_per_evaluation)
+  check_positive_int('rounds_per_checkpoint', rounds_per_checkpoint)
   if (evaluation_fn is None) != (evaluation_selection_fn is None):
     raise ValueError(
       'evaluation_fn and evaluation_selection_fn go together; got only '
@@ -189,8 +189,8 @@ def run_training_process(
     ):
       raise ValueError(f'epsilon_budget must be a number > 0; got {epsilon_budget!r}')
   if evaluation_fn is not None:
-    _check_callable('evaluation_fn', evaluation_fn, '(state, evaluation data) -> metrics')
-    _check_callable('evaluation_selection_fn', evaluation_selection_fn, 'round_num -> data')
+    check_callable('evaluation_fn', evaluation_fn, '(state, evaluation data) -> metrics')
+    check_callable('evaluation_selection_fn', evaluation_selection_fn, 'round_num -> data')
   _check_client_states(process, client_state_store, cohort_ids_fn)
   managers = list(metrics_managers)
   for i, manager in enumerate(managers):
@@ -239,7 +239,7 @@ def run_training_process(
   if state is None:
     state = process.initialize()
     if evaluation_fn is not None:
-      evaluation, seconds = _evaluate(evaluation_fn, evaluation_selection_fn, state, 0)
+      evaluation, seconds = evaluate(evaluation_fn, evaluation_selection_fn, state, 0)
       release(
         {
           **flat_with(EVALUATION_KEY, evaluation),
@@ -282,14 +282,14 @@ def run_training_process(
           raise ValueError(f'process metrics have a top-level {key!r} key, which the driver adds')
       flat = _metrics_managers.flatten_metrics(process_metrics)
       timing = {'data_seconds': data_seconds, 'train_seconds': train_seconds}
-      num_examples = _num_examples(flat)
+      num_examples = examples_in(flat)
       if num_examples is not None:
         timing['examples_per_second'] = num_examples / max(train_seconds, 1e-12)
       round_seconds = data_seconds + train_seconds
       if evaluation_fn is not None and (
         round_num % rounds_per_evaluation == 0 or round_num == total_rounds
       ):
-        evaluation, seconds = _evaluate(evaluation_fn, evaluation_selection_fn, state, round_num)
+        evaluation, seconds = evaluate(evaluation_fn, evaluation_selection_fn, state, round_num)
         flat.update(flat_with(EVALUATION_KEY, evaluation))
         timing['evaluation_seconds'] = seconds
         round_seconds += seconds
@@ -302,7 +302,7 @@ def run_training_process(
         round_num % rounds_per_checkpoint == 0 or round_num == total_rounds
       ):
         save(state, round_num)
-      _warn_if_no_usable_client(flat, data, round_num)
+      warn_if_no_usable_client(flat, data, round_num)
       bar.update(round_num, flat)
     else:  # the run completed: its final checkpoint outlives pruning when the run is extended
       mark_kept = getattr(checkpoint_manager, 'mark_kept', None)
@@ -331,7 +331,7 @@ def _check_client_states(process: Any, store: Any, cohort_ids_fn: Any) -> None:
     )
   if not isinstance(store, _client_states.ClientStateStore):
     raise TypeError(f'client_state_store must be a ClientStateStore; got {type(store).__name__}')
-  _check_callable('cohort_ids_fn', cohort_ids_fn, 'round_num -> client ids')
+  check_callable('cohort_ids_fn', cohort_ids_fn, 'round_num -> client ids')
   mismatch = tree_lib.tree_spec_mismatch(tree_lib.tree_specs(initial), store.default)
   if mismatch is not None:
     raise ValueError(
@@ -358,7 +358,7 @@ def _cohort_ids(cohort_ids_fn: Callable[[int], Any], round_num: int, data: Any) 
   return ids
 
 
-def _warn_if_no_usable_client(flat: Mapping[str, Any], data: Any, round_num: int) -> None:
+def warn_if_no_usable_client(flat: Mapping[str, Any], data: Any, round_num: int) -> None:
   """Warns when every client of the round was excluded as non-finite (the model stood still)."""
   excluded = next((v for k, v in flat.items() if k.endswith('non_finite_clients')), None)
   mask = getattr(data, 'mask', None)
