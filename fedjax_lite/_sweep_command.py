@@ -106,12 +106,13 @@ def run_group(
     if config['seed'] not in experiments:
       experiments[config['seed']] = experiment_fn(config)
   first = experiments[configs[0]['seed']]
+  held = first.process.get_hparams(first.process.initialize())
+  in_program = {name: path for name, path in IN_PROGRAM.items() if _has(held, path)}
   runs = []
   for config in configs:
     hparams: dict = {}
-    for name, path in IN_PROGRAM.items():
-      if name in config and _has(first.process.get_hparams(first.process.initialize()), path):
-        hparams = _set(hparams, path, config[name])
+    for name, path in in_program.items():
+      hparams = _set(hparams, path, config[name])
     runs.append(templates.SweepRun(config['seed'], hparams))
   sweep = templates.build_sweep(lambda seed: experiments[seed].process, runs)
   seeds = [config['seed'] for config in configs]
