@@ -63,6 +63,40 @@ def stack_client_batches(batches: Sequence[ClientBatches]) -> ClientBatches:
   return jax.tree.map(lambda *xs: jnp.stack(xs), *padded)
 
 
+# The share of the device's free memory a sweep program may plan to use.
+MEMORY_HEADROOM = 0.8
+
+
+def _free_device_bytes() -> int | None:
+  """Free memory of the default device, or None where it reports none (CPUs)."""
+  stats = jax.devices()[0].memory_stats() or {}
+  if 'bytes_limit' not in stats:
+    return None
+  return int(stats['bytes_limit']) - int(stats.get('bytes_in_use', 0))
+
+
+def runs_that_fit(sweep: Sweep, client_batches: Any) -> int | None:
+  """The most runs of `sweep` one program holds in `MEMORY_HEADROOM` of the device's free
+  memory, or None where the device reports no memory limit (no bound).
+
+  Estimated from the program compiled for one run: per run, its state, its new state and
+  metrics, and XLA's temporaries; the round's batches once (per run when they carry a run axis).
+  """
+  free = _free_device_bytes()
+  if free is None:
+    return None
+  one_run = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct((1, *x.shape[1:]), x.dtype), jax.eval_shape(sweep.initialize)
+  )
+  memory = sweep.next.lower(one_run, client_batches).compile().memory_analysis()
+  state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(one_run))
+  shared = memory.argument_size_in_bytes - state_bytes
+  per_run = state_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
+  if not isinstance(client_batches, ClientBatches):  # one cohort per run
+    per_run, shared = per_run + shared, 0
+  return max(1, int((MEMORY_HEADROOM * free - shared) // per_run))
+
+
 class _Run:
   """One run's folder: its `config.json`, checkpoint and metrics managers."""
 
@@ -170,7 +204,7 @@ def run_sweep(
   and `checkpoints/` (a `FileCheckpointManager` of the run's own state, `configs[k]` as its
   metadata), so each run can be evaluated, plotted or extended alone.
 
-  Runs advance in groups of `runs_per_program` (default: all in one), each group one call of
+  Runs advance in groups of `runs_per_program` (default: as many as fit), each group one call of
   `sweep.next` per round; groups take turns within a round, so the data of round r is built
   once. A group resumes from the latest round all its runs have checkpointed (a sweep killed
   between two runs' saves resumes from the earlier round), and the metrics released after it
@@ -191,6 +225,8 @@ def run_sweep(
     run_dirs: K folders, one per run, in the order of `sweep.runs`.
     configs: K JSON-serializable mappings, each run's settings.
     runs_per_program: the most runs one compiled call advances (>= 1); bounds memory.
+      Default: as many as fit in the device's free memory (`runs_that_fit`); all of them on a
+      device that reports no memory limit (a CPU).
     evaluation_fn: `(run state, evaluation data) -> metrics mapping`, called for each run.
     evaluation_selection_fn: `round_num -> evaluation data`; required with `evaluation_fn`.
     rounds_per_evaluation: evaluate every this many rounds (and at the last round).
@@ -225,7 +261,10 @@ def run_sweep(
     raise ValueError(f'configs must hold {num_runs} mappings, one per run; got {len(configs)}')
   if (evaluation_fn is None) != (evaluation_selection_fn is None):
     raise ValueError('evaluation_fn and evaluation_selection_fn go together')
-  size = runs_per_program or num_runs
+  size = runs_per_program
+  if size is None and _free_device_bytes() is not None:  # an accelerator: what fits
+    size = runs_that_fit(sweep, training_selection_fn(1))
+  size = size or num_runs
   groups = [_Group(i, min(i + size, num_runs)) for i in range(0, num_runs, size)]
   with contextlib.ExitStack() as stack:
     for run_dir in run_dirs:

@@ -137,3 +137,36 @@ def test_bad_arguments(problem, tmp_path):
     fl.simulation.run_sweep(sweep, lambda r: [training_selection_fn(r)], 1, dirs)
   with pytest.raises(ValueError, match=r'per-run client data \[1\] has mask'):
     fl.simulation.stack_client_batches([training_selection_fn(1), problem[3](1)])
+
+
+def test_groups_default_to_what_fits_in_the_device_memory(problem, tmp_path, monkeypatch):
+  sweep, training_selection_fn, _, _ = problem
+  sweep_module = fl.simulation._sweep
+  assert sweep_module._free_device_bytes() is None  # a CPU reports no limit: no bound
+  assert sweep_module.runs_that_fit(sweep, training_selection_fn(1)) is None
+  # A device whose free memory holds the round's batches and 2.5 runs (at the headroom).
+  one_run = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct((1, *x.shape[1:]), x.dtype), jax.eval_shape(sweep.initialize)
+  )
+  memory = sweep.next.lower(one_run, training_selection_fn(1)).compile().memory_analysis()
+  state = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(one_run))
+  per_run = state + memory.output_size_in_bytes + memory.temp_size_in_bytes
+  shared = memory.argument_size_in_bytes - state
+  free = (shared + 2.5 * per_run) / sweep_module.MEMORY_HEADROOM
+  monkeypatch.setattr(sweep_module, '_free_device_bytes', lambda: int(free))
+  assert sweep_module.runs_that_fit(sweep, training_selection_fn(1)) == 2
+  # run_sweep without runs_per_program then runs groups of 2: the same states as asked for.
+  fitted = fl.simulation.run_sweep(
+    sweep, training_selection_fn, 2, [tmp_path / 'fit' / f'run_{k}' for k in range(len(RUNS))]
+  )
+  compiled = sweep.next._cache_size()
+  asked = fl.simulation.run_sweep(
+    sweep,
+    training_selection_fn,
+    2,
+    [tmp_path / 'asked' / f'run_{k}' for k in range(len(RUNS))],
+    runs_per_program=2,
+  )
+  assert sweep.next._cache_size() == compiled  # groups of 2 had already been compiled
+  for a, b in zip(fitted, asked, strict=True):
+    _assert_bitwise(weights(a), weights(b))
