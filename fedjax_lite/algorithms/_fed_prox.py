@@ -8,12 +8,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.sharding import Mesh
 
 from fedjax_lite import aggregators, models, optimizers
 from fedjax_lite.algorithms import _common
+from fedjax_lite.optimizers import _optimizers
 from fedjax_lite.templates import _client_work, _finalizers, _processes
 
 PROXIMAL_STRENGTH = 'proximal_strength'
@@ -38,13 +38,6 @@ def _fed_prox_client_loop(model: models.FunctionalModel, optimizer: optax.Gradie
     return _client_work.model_delta_client_loop(model, local)(model_weights, hparams)
 
   return client_loop
-
-
-def _check_strength(proximal_strength: Any) -> None:
-  if not isinstance(proximal_strength, int | float | np.number) or not (
-    np.isfinite(proximal_strength) and proximal_strength >= 0
-  ):
-    raise ValueError(f'proximal_strength must be a finite number >= 0; got {proximal_strength!r}')
 
 
 def build_weighted_fed_prox(
@@ -88,7 +81,7 @@ def build_weighted_fed_prox(
     A `LearningProcess`; client-work hparams are the client optimizer's plus
     `proximal_strength`, metrics as `build_weighted_fed_avg`'s.
   """
-  _check_strength(proximal_strength)
+  _optimizers.check_non_negative(PROXIMAL_STRENGTH, proximal_strength)
   _client_work.check_model(model)
   _client_work.check_optimizer(client_optimizer, 'client_optimizer')
   hparams = optimizers.get_hparams(client_optimizer.init(model.initial_weights.trainable))

@@ -20,13 +20,17 @@ import optax
 from fedjax_lite.optimizers import _tff_rules
 
 
+def check_non_negative(name: str, value: Any) -> None:
+  """Raises ValueError naming `name` unless `value` is a finite number >= 0."""
+  if not isinstance(value, int | float | np.number) or not (np.isfinite(value) and value >= 0):
+    raise ValueError(f'{name} must be a finite number >= 0; got {value!r}')
+
+
 def _check_non_negative(**values: float | None) -> None:
   """Checks numbers; a callable (an optax schedule of the step count) is taken as it is."""
   for name, value in values.items():
-    if value is None or callable(value):
-      continue
-    if not isinstance(value, int | float | np.number) or not (np.isfinite(value) and value >= 0):
-      raise ValueError(f'{name} must be a finite number >= 0; got {value!r}')
+    if value is not None and not callable(value):
+      check_non_negative(name, value)
 
 
 def _check_decay(**values: float) -> None:
