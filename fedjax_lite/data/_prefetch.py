@@ -86,9 +86,8 @@ class Prefetcher:
     while not halt.is_set() and (self._stop_round is None or round_num < self._stop_round):
       try:
         item = self._build_fn(round_num)
-        if self._device_put:  # arrays already placed (e.g. sharded over processes) stay put
-          item = jax.tree.map(lambda x: x if isinstance(x, jax.Array) else jax.device_put(x), item)
-          item = jax.block_until_ready(item)
+        if self._device_put and not _spans_processes(item):  # those are placed already
+          item = jax.block_until_ready(jax.device_put(item))
         entry = (round_num, item, None)
       except Exception as error:  # handed to the caller of that round
         entry = (round_num, None, error)
@@ -115,3 +114,8 @@ class Prefetcher:
 
   def __exit__(self, *exc_info) -> None:
     self.close()
+
+
+def _spans_processes(item: Any) -> bool:
+  """Whether `item` holds arrays sharded over several processes (`device_put` cannot move them)."""
+  return any(isinstance(x, jax.Array) and not x.is_fully_addressable for x in jax.tree.leaves(item))
