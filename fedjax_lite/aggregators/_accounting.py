@@ -1,5 +1,13 @@
 """Privacy accounting of DP-FedAvg rounds with `dp-accounting` (the library TFF and TF Privacy use):
-ε at a given δ after r rounds of the subsampled Gaussian mechanism."""
+ε at a given δ after r rounds of the subsampled Gaussian mechanism.
+
+dp-accounting measures a Gaussian mechanism by its noise multiplier: the noise's standard
+deviation over the L2 sensitivity of the summed value *under the neighbouring relation analysed*.
+Each client's update is clipped to `clip`, so adding or removing a client moves the clipped sum by
+at most `clip` (sensitivity `clip`), while replacing one client by another moves it by up to
+`2 · clip` (one clipped update leaves, an opposite one arrives). A noise of standard deviation
+`z · clip` is therefore a multiplier of `z` under add/remove and `z / 2` under replace-one.
+"""
 
 from __future__ import annotations
 
@@ -24,7 +32,10 @@ class PrivacyAccountant:
       `fl.data.sample_cohort` draws them; neighbouring populations differ by replacing one
       client. Only the RDP accountant supports it.
   The noise multiplier is the ratio of the noise's standard deviation to the clip (for
-  `gaussian_adaptive`, the total one: the split between value and count keeps it).
+  `gaussian_adaptive`, the total one: the split between value and count keeps it). Under
+  replace-one neighbours the sensitivity of the clipped sum is twice the clip, so dp-accounting is
+  handed `noise_multiplier / 2` there (see the module docstring); the value counts in the count
+  query of an adaptive clip scale the same way (sensitivity ½ per client, 1 for a replacement).
 
   Args:
     noise_multiplier: > 0.
@@ -68,10 +79,11 @@ class PrivacyAccountant:
     self.target_delta = float(target_delta)
     self.sampling = sampling
     self.accountant = accountant
-    gaussian = dp_accounting.GaussianDpEvent(self.noise_multiplier)
     if sampling == 'poisson':
+      gaussian = dp_accounting.GaussianDpEvent(self.noise_multiplier)
       self._event = dp_accounting.PoissonSampledDpEvent(clients_per_round / population, gaussian)
-    else:
+    else:  # replace-one: the clipped sum's sensitivity is 2 · clip
+      gaussian = dp_accounting.GaussianDpEvent(self.noise_multiplier / 2)
       self._event = dp_accounting.SampledWithoutReplacementDpEvent(
         population, clients_per_round, gaussian
       )
@@ -86,7 +98,7 @@ class PrivacyAccountant:
       )
     return (
       f'fixed-size sampling without replacement ({self.clients_per_round} of '
-      f'{self.population}), replace-one neighbours, RDP accountant'
+      f'{self.population}), replace-one neighbours (sensitivity 2 x clip), RDP accountant'
     )
 
   @functools.cache  # noqa: B019 (a few floats per accountant)

@@ -42,6 +42,50 @@ def test_pld_and_fixed_size_sampling():
   assert eps[0] == 0.0 and eps == sorted(eps)
 
 
+def _replace_one_pair_epsilon(z, clients_per_round, population, rounds, delta):
+  """A lower bound on the ε of fixed-size DP-FedAvg under replace-one neighbours, from one pair.
+
+  Every other client sends −clip·e₁; the replaced client sends +clip·e₁ in one population and
+  −clip·e₁ in the other. It is sampled with probability q = m / n, and then the clipped sums
+  differ by 2·clip; otherwise the outputs are identical. So one round is the pair
+  N(0, z²) vs (1 − q)·N(0, z²) + q·N(2, z²) (in units of the clip), exactly, and dp-accounting's
+  optimistic PLD of its r-fold composition bounds the mechanism's ε from below.
+  """
+  pair = pld.privacy_loss_distribution.from_gaussian_mechanism(
+    standard_deviation=z,
+    sensitivity=2.0,
+    sampling_prob=clients_per_round / population,
+    pessimistic_estimate=False,
+    use_connect_dots=False,
+    value_discretization_interval=1e-3,
+  )
+  return pair.self_compose(rounds).get_epsilon_for_delta(delta)
+
+
+@pytest.mark.parametrize(
+  'z, clients_per_round, population, rounds',
+  [(0.8, 10, 30, 20), (1.0, 100, 1000, 100)],  # the command's defaults; a larger population
+)
+def test_fixed_size_epsilon_is_at_least_one_neighbouring_pairs(
+  z, clients_per_round, population, rounds
+):
+  """Before the sensitivity of replace-one was counted, ε was 16.5 and 10.8 here."""
+  delta = population**-1.1  # the command's default δ
+  accountant = AGG.PrivacyAccountant(z, clients_per_round, population, delta, sampling='fixed_size')
+  lower = _replace_one_pair_epsilon(z, clients_per_round, population, rounds, delta)
+  assert lower > 20  # the pair alone is far from private at these settings
+  assert accountant.epsilon(rounds) >= lower
+  # and it is dp-accounting's replace-one analysis at multiplier z / 2 (sensitivity 2 · clip)
+  direct = rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+  direct.compose(
+    dp_accounting.SampledWithoutReplacementDpEvent(
+      population, clients_per_round, dp_accounting.GaussianDpEvent(z / 2)
+    ),
+    rounds,
+  )
+  assert accountant.epsilon(rounds) == pytest.approx(direct.get_epsilon(delta), rel=1e-12)
+
+
 @pytest.mark.parametrize(
   'kwargs',
   [
