@@ -1,32 +1,26 @@
-"""Pytree helpers shared by every module (the only place they are written)."""
+"""Pytree helpers shared by every module, in one place.
+
+The arithmetic helpers are `optax.tree_utils`' (re-exported here under the same names, so
+callers import one module); only what optax lacks is written below.
+"""
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from optax import tree_utils as _optax_tree
 
 PyTree = Any
 
-
-def tree_zeros_like(tree: PyTree) -> PyTree:
-  return jax.tree.map(jnp.zeros_like, tree)
-
-
-def tree_add(a: PyTree, b: PyTree) -> PyTree:
-  return jax.tree.map(jnp.add, a, b)
-
-
-def tree_sub(a: PyTree, b: PyTree) -> PyTree:
-  return jax.tree.map(jnp.subtract, a, b)
-
-
-def tree_where(cond: jax.Array, a: PyTree, b: PyTree) -> PyTree:
-  """Leafwise `jnp.where(cond, a, b)` for a scalar `cond`."""
-  return jax.tree.map(functools.partial(jnp.where, cond), a, b)
+# `tree_zeros_like(tree)`, `tree_add(a, b, *more)`, `tree_sub(a, b)` and
+# `tree_where(cond, a, b)` (leafwise `jnp.where` with one `cond` for every leaf).
+tree_zeros_like = _optax_tree.tree_zeros_like
+tree_add = _optax_tree.tree_add
+tree_sub = _optax_tree.tree_sub
+tree_where = _optax_tree.tree_where
 
 
 def tree_all_finite(tree: PyTree) -> jax.Array:

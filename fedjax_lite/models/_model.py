@@ -28,7 +28,7 @@ class ModelWeights(NamedTuple):
 class BatchOutput(NamedTuple):
   """What one forward pass over a batch produces.
 
-  Fields default to None as in TFF; the order is DESIGN.md's, so build it by keyword when
+  Fields default to None as in TFF; the order is docs/ARCHITECTURE.md's, so use keywords when
   porting TFF code (TFF's order is loss, predictions, num_examples).
 
   Attributes:

@@ -3,8 +3,9 @@
 Each builder returns an `optax.GradientTransformation` wrapped by `optax.inject_hyperparams`, so
 its numeric hyperparameters are arrays in the optimizer state: changing a learning rate between
 rounds changes an input of the compiled round, not the program. Builders carry
-`tff.learning.optimizers`' names and follow its math (`_tff_rules`); hyperparameter names are
-optax's. Any plain optax transformation is accepted wherever a builder's is, with optax's math.
+`tff.learning.optimizers`' names and follow its math (`_tff_rules`) and its defaults;
+hyperparameter names are optax's. Any plain optax transformation is accepted wherever a
+builder's is, with optax's math.
 """
 
 from __future__ import annotations
@@ -39,18 +40,31 @@ def _check_decay(**values: float) -> None:
       raise ValueError(f'{name} must be in [0, 1); got {value!r}')
 
 
-def build_sgdm(learning_rate: float = 0.01, momentum: float | None = None):
-  """SGD, with heavy-ball momentum when `momentum` is given (hparams: learning_rate[, momentum])."""
+def build_sgdm(learning_rate: float = 0.01, momentum: float | None = None, nesterov: bool = False):
+  """SGD, with heavy-ball momentum when `momentum` is given (`tff.learning.optimizers.build_sgdm`,
+  same defaults).
+
+  `v ← momentum·v + g` from 0, then `w ← w − lr·v`, or `w ← w − lr·(g + momentum·v)` with
+  `nesterov` (TFF's and `optax.sgd`'s rules agree). Hparams: learning_rate[, momentum];
+  `nesterov` is static.
+  """
   _check_non_negative(learning_rate=learning_rate, momentum=momentum)
   if momentum is not None:
     _check_decay(momentum=momentum)
+  if not isinstance(nesterov, bool):
+    raise TypeError(f'nesterov must be a bool; got {nesterov!r}')
   if momentum is None:
+    if nesterov:
+      raise ValueError('nesterov=True needs a momentum; got momentum=None')
     return optax.inject_hyperparams(optax.sgd)(learning_rate=learning_rate)
-  return optax.inject_hyperparams(optax.sgd)(learning_rate=learning_rate, momentum=momentum)
+  return optax.inject_hyperparams(optax.sgd, static_args=('nesterov',))(
+    learning_rate=learning_rate, momentum=momentum, nesterov=nesterov
+  )
 
 
 def build_adam(learning_rate: float = 0.001, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-7):
-  """Adam (Kingma & Ba, 2015) with TFF's update rule (`tff.learning.optimizers.build_adam`).
+  """Adam (Kingma & Ba, 2015) with TFF's update rule and defaults
+  (`tff.learning.optimizers.build_adam`; TFF has no default learning rate).
 
   `m ← b1·m + (1−b1)·g`, `v ← b2·v + (1−b2)·g²` (both from 0), then
   `w ← w − lr·√(1−b2ᵗ)/(1−b1ᵗ) · m/(√v + eps)`: eps is added to the uncorrected `√v`, where
@@ -66,7 +80,8 @@ def build_adam(learning_rate: float = 0.001, b1: float = 0.9, b2: float = 0.999,
 def build_adagrad(
   learning_rate: float = 0.01, initial_accumulator_value: float = 0.1, eps: float = 1e-7
 ):
-  """Adagrad (Duchi et al., 2011) with TFF's update rule (`build_adagrad`).
+  """Adagrad (Duchi et al., 2011) with TFF's update rule and defaults (`build_adagrad`; TFF
+  has no default learning rate).
 
   `s ← s + g²` from `initial_accumulator_value` (TFF's `initial_preconditioner_value`), then
   `w ← w − lr·g/√(s + eps)`. Hparams: learning_rate, eps; `initial_accumulator_value` only
@@ -81,7 +96,8 @@ def build_adagrad(
 
 
 def build_rmsprop(learning_rate: float = 0.01, decay: float = 0.9, eps: float = 1e-7):
-  """RMSprop (Tieleman & Hinton, 2012) with TFF's update rule (`build_rmsprop`).
+  """RMSprop (Tieleman & Hinton, 2012) with TFF's update rule and defaults (`build_rmsprop`;
+  TFF has no default learning rate).
 
   `s ← decay·s + (1−decay)·g²` from 0, then `w ← w − lr·g/(√s + eps)` (`optax.rmsprop` divides
   by `√(s + eps)`). Hparams: learning_rate, decay, eps.
@@ -100,8 +116,9 @@ def build_yogi(
   eps: float = 1e-3,
   initial_accumulator_value: float = 1e-6,
 ):
-  """Yogi (Zaheer et al., 2018), the server optimizer of Reddi et al.'s adaptive FL, with TFF's
-  update rule (`build_yogi`).
+  """Yogi (Zaheer et al., 2018) with TFF's update rule and defaults (`build_yogi`; TFF has no
+  default learning rate). `fl.algorithms.build_fed_yogi` puts it on the server with Reddi et
+  al.'s (2021) settings instead.
 
   `m ← b1·m + (1−b1)·g` from 0, `v ← v + (1−b2)·sign(g² − v)·g²` from
   `initial_accumulator_value` (TFF's `initial_preconditioner_value`), then Adam's step

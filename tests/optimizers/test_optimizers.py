@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
+
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -65,12 +68,6 @@ def run_updates(optimizer, state, grads=GRADS):
   return updates_seen, state
 
 
-def assert_trees_close(a, b, rtol=1e-6, atol=1e-7):
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
-
-
 # Arguments that only seed the state at init are static, not hyperparameters.
 STATIC_ARGS = {'adagrad': {'initial_accumulator_value'}, 'yogi': {'initial_accumulator_value'}}
 
@@ -97,7 +94,60 @@ def test_sgdm_without_momentum_has_only_a_learning_rate():
 def test_updates_follow_tff_rule(name, kwargs):
   optimizer = BUILDERS[name](**kwargs)
   ours, _ = jax.jit(lambda state: run_updates(optimizer, state))(optimizer.init(PARAMS))
-  assert_trees_close(ours, tff_updates(name, kwargs), rtol=1e-5, atol=1e-7)
+  chex.assert_trees_all_close(ours, tff_updates(name, kwargs), rtol=1e-5, atol=1e-7)
+
+
+# The defaults of tff.learning.optimizers' builders, read from TFF's sources (main branch,
+# tensorflow_federated/python/learning/optimizers/{sgdm,adam,adagrad,rmsprop,yogi}.py), in
+# optax's names: beta_1/beta_2 -> b1/b2, epsilon -> eps, initial_preconditioner_value ->
+# initial_accumulator_value. TFF's adaptive builders have no default learning rate.
+TFF_DEFAULTS = {
+  'sgdm': dict(learning_rate=0.01, momentum=None, nesterov=False),
+  'adam': dict(b1=0.9, b2=0.999, eps=1e-7),
+  'adagrad': dict(initial_accumulator_value=0.1, eps=1e-7),
+  'rmsprop': dict(decay=0.9, eps=1e-7),
+  'yogi': dict(b1=0.9, b2=0.999, eps=1e-3, initial_accumulator_value=1e-6),
+}
+
+
+@pytest.mark.parametrize('name', sorted(TFF_DEFAULTS))
+def test_defaults_are_tffs(name):
+  builder = BUILDERS[name]
+  params = inspect.signature(builder).parameters
+  for arg, value in TFF_DEFAULTS[name].items():
+    assert params[arg].default == value, (name, arg)
+  # And they are what the state holds: hyperparameters, and the accumulator's start.
+  state = builder().init(PARAMS)
+  hparams = optimizers.get_hparams(state)
+  for arg, value in TFF_DEFAULTS[name].items():
+    if arg in hparams:
+      np.testing.assert_allclose(hparams[arg], value, rtol=1e-6)
+  if 'initial_accumulator_value' in TFF_DEFAULTS[name]:
+    start = TFF_DEFAULTS[name]['initial_accumulator_value']
+    chex.assert_trees_all_close(
+      state.inner_state.nu, jax.tree.map(lambda p: np.full_like(p, start), PARAMS)
+    )
+
+
+def test_nesterov_follows_tff_rule():
+  """TFF's Nesterov SGD: `v <- m·v + g`, `w <- w - lr·(g + m·v)`."""
+  lr, m = 0.3, 0.8
+  optimizer = optimizers.build_sgdm(lr, momentum=m, nesterov=True)
+  ours, state = run_updates(optimizer, optimizer.init(PARAMS))
+  assert set(optimizers.get_hparams(state)) == {'learning_rate', 'momentum'}
+  for key in PARAMS:
+    v = np.zeros(PARAMS[key].shape)
+    for t, g in enumerate(GRADS):
+      g = np.asarray(g[key], np.float64)
+      v = m * v + g
+      np.testing.assert_allclose(ours[t][key], -lr * (g + m * v), rtol=1e-5, atol=1e-7)
+
+
+def test_nesterov_needs_momentum():
+  with pytest.raises(ValueError, match='nesterov=True needs a momentum'):
+    optimizers.build_sgdm(0.1, nesterov=True)
+  with pytest.raises(TypeError, match='nesterov must be a bool'):
+    optimizers.build_sgdm(0.1, momentum=0.9, nesterov=1)
 
 
 PLAIN_OPTAX = {
@@ -133,7 +183,7 @@ def test_set_hparams_changes_the_update_like_a_fresh_builder(name, kwargs):
   for key, value in new.items():
     np.testing.assert_allclose(optimizers.get_hparams(state)[key], value, rtol=1e-6)
   ours, _ = run_updates(optimizer, state)
-  assert_trees_close(ours, tff_updates(name, {**kwargs, **new}), rtol=1e-5, atol=1e-7)
+  chex.assert_trees_all_close(ours, tff_updates(name, {**kwargs, **new}), rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize('name, kwargs', CASES, ids=IDS)
@@ -142,7 +192,7 @@ def test_get_set_round_trip(name, kwargs):
   hparams = optimizers.get_hparams(state)
   again = optimizers.set_hparams(state, hparams)
   assert jax.tree.structure(again) == jax.tree.structure(state)
-  assert_trees_close(optimizers.get_hparams(again), hparams, rtol=0, atol=0)
+  chex.assert_trees_all_equal(optimizers.get_hparams(again), hparams)
   # A partial set changes only what it names.
   partial = optimizers.set_hparams(state, {'learning_rate': 0.125})
   for key, value in optimizers.get_hparams(partial).items():
@@ -171,20 +221,22 @@ def test_set_hparams_keeps_strong_float32(value):
   np.testing.assert_allclose(lr, float(np.asarray(value)), rtol=1e-6)
 
 
-def test_set_hparams_does_not_retrace_the_step():
-  optimizer = optimizers.build_sgdm(0.1, momentum=0.9)
-  traces = []
+@pytest.mark.parametrize('name, kwargs', CASES, ids=IDS)
+def test_set_hparams_does_not_retrace_the_step(name, kwargs):
+  chex.clear_trace_counter()  # chex counts traces per function definition, across cases
+  optimizer = BUILDERS[name](**kwargs)
 
   @jax.jit
+  @chex.assert_max_traces(n=1)
   def step(state, grads):
-    traces.append(1)
     return optimizer.update(grads, state, PARAMS)
 
   state = optimizer.init(PARAMS)
-  for lr in (0.1, 0.2, 3):
-    state = optimizers.set_hparams(state, {'learning_rate': lr, 'momentum': 0.5})
+  hparams = optimizers.get_hparams(state)
+  for scale in (1, 2, 3):  # ints, then floats: all cast to the stored float32
+    new = {k: (0.1 * scale if k in ('b1', 'b2', 'decay', 'momentum') else scale) for k in hparams}
+    state = optimizers.set_hparams(state, new)
     _, state = step(state, GRADS[0])
-  assert len(traces) == 1
 
 
 def test_set_hparams_rejects_unknown_keys():
