@@ -9,6 +9,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh
 
@@ -126,6 +127,41 @@ def _repeat_epochs(
   return batches._replace(batch=jax.tree.map(repeat, batches.batch), mask=repeat(batches.mask))
 
 
+def _check_same_clients(
+  train_batches: _client_batches.ClientBatches, test_batches: _client_batches.ClientBatches
+) -> None:
+  """Raises a ValueError unless both cohorts name the same client at every position.
+
+  Checked when both carry `client_ids` and they are concrete on this host (not traced inside a
+  caller's jit, nor spread over processes). A position with no example on either side is
+  padding (e.g. the empty clients that fill a multi-process cohort): its ids are not compared.
+  """
+  ids = (train_batches.client_ids, test_batches.client_ids)
+  if any(
+    x is None or isinstance(x, jax.core.Tracer) or not getattr(x, 'is_fully_addressable', True)
+    for x in ids
+  ):
+    return
+  train_ids, test_ids = (np.asarray(jax.device_get(x)) for x in ids)
+  differ = np.flatnonzero(train_ids != test_ids)
+  if not differ.size:
+    return
+  masks = (train_batches.mask, test_batches.mask)
+  if any(isinstance(m, jax.core.Tracer) for m in masks):
+    return
+  has_data = [np.asarray(jax.device_get(m))[differ].reshape(len(differ), -1).any(1) for m in masks]
+  differ = differ[has_data[0] | has_data[1]]
+  if differ.size:
+    i = int(differ[0])
+    raise ValueError(
+      f'train_batches and test_batches hold different clients at position {i}: '
+      f'train_batches.client_ids[{i}] is {int(train_ids[i])} and test_batches.client_ids[{i}] '
+      f'is {int(test_ids[i])} ({differ.size} of {len(train_ids)} positions differ); expected '
+      'the same clients in the same order, since each client is fine-tuned on its train part '
+      'and evaluated on its own test part. Tip: batch both parts from one list of client ids.'
+    )
+
+
 def _with_client_metrics(metrics_aggregator: Callable | None, max_num_clients: int) -> Callable:
   """A metrics aggregator returning `(aggregate, the first clients' own finalized metrics)`."""
   aggregator = metrics_aggregator or metrics_lib.sum_then_finalize
@@ -192,9 +228,13 @@ def build_personalization_eval(
     seed: seeds the clients' keys (a model's `rng` during fine-tuning).
 
   Returns:
-    A jitted `evaluate(model_weights, train_batches, test_batches) ->
-    PersonalizationEvalOutput`; `train_batches` and `test_batches` hold the same clients in the
-    same order (`[clients, steps, batch_size, ...]`, step counts may differ).
+    `evaluate(model_weights, train_batches, test_batches) -> PersonalizationEvalOutput`, one
+    jitted program per shape (its `lower` and `_cache_size` are the program's); `train_batches`
+    and `test_batches` hold the same clients in the same order (`[clients, steps, batch_size,
+    ...]`, step counts may differ). Before running, `evaluate` checks the client counts and,
+    when both carry `client_ids`, that they match position by position (positions with no
+    example on either side are padding, not compared), and raises a `ValueError` naming the
+    first position that differs and both ids.
   """
   _client_work.check_model(model)
   if not isinstance(personalize_fns, Mapping) or not personalize_fns:
@@ -239,8 +279,7 @@ def build_personalization_eval(
       model, _fine_tune_loop(name, loop_fn), hparams, **options
     )
 
-  @jax.jit
-  def evaluate(model_weights, train_batches, test_batches):
+  def check(train_batches, test_batches):
     for name, batches in (('train_batches', train_batches), ('test_batches', test_batches)):
       _client_batches.check_client_batches(batches, model.input_spec, name)
     if train_batches.mask.shape[0] != test_batches.mask.shape[0]:
@@ -248,6 +287,10 @@ def build_personalization_eval(
         f'train_batches has {train_batches.mask.shape[0]} clients and test_batches '
         f'{test_batches.mask.shape[0]}; expected the same clients in the same order'
       )
+
+  @jax.jit
+  def run(model_weights, train_batches, test_batches):
+    check(train_batches, test_batches)
     outputs = {BASELINE: baseline.next(baseline.initialize(), model_weights, test_batches)}
     for name, work in fine_tunes.items():
       repeated = _repeat_epochs(train_batches, strategies[name].num_epochs)
@@ -260,4 +303,10 @@ def build_personalization_eval(
       {k: r[0] for k, r in results.items()}, {k: r[1] for k, r in results.items()}
     )
 
+  def evaluate(model_weights, train_batches, test_batches):
+    check(train_batches, test_batches)  # the ids' values are known here, not inside `run`
+    _check_same_clients(train_batches, test_batches)
+    return run(model_weights, train_batches, test_batches)
+
+  evaluate.lower, evaluate._cache_size = run.lower, run._cache_size
   return evaluate

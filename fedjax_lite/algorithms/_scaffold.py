@@ -8,6 +8,11 @@ keyed by client id (`fl.simulation.InMemoryClientStateStore`, `SQLiteClientState
 `fl.simulation.run_training_process` threads through the rounds. The server control variate c
 lives in the client work's state; the Δc sum streams through the cohort loop beside the
 aggregator's Δy contributions.
+
+The c_i and c belong together: a run resumed with c from its checkpoint and the c_i restarted at
+zero (a store deleted, emptied or older than the checkpoint) trains a different algorithm. The
+stores record the rounds they committed and check every state's checksum, so such a resume, or
+a damaged state, is refused (`fl.simulation.ClientStateStoreError`), never run.
 """
 
 from __future__ import annotations

@@ -12,16 +12,19 @@ module's methods follow TFF's protocol:
   `report_local_outputs()` (the older one); either may read every variable, weights included.
 
 Pure functions of the weights are made with `nnx.split` / `nnx.merge`: local variables become
-the `FunctionalModel`'s metric state, so they start from the module's values for every client
-every round, stay inside the client work, and what a client reports from them is summed over
-clients, then finalized (TFF's `sum_then_finalize`).
+the `FunctionalModel`'s metric state, so they start from their initial values (what each
+`LocalVariable` was constructed with, TFF's initializer: a module called before wrapping starts no
+client from what that call accumulated) for every client every round, stay inside the client
+work, and what a client reports from them is summed over clients, then finalized (TFF's
+`sum_then_finalize`).
 
 Padding: `forward_pass` knows nothing of masks, so it runs on each example alone (vmapped) and
 padded examples are dropped: the batch loss is the mean of the real examples' losses and every
 local variable moves by the sum of their changes. That is exact when the loss is a mean over
 examples, the layers treat examples independently, and local variables are sums over examples
-(TFF's metric variables: totals and counts); a per-batch counter would count examples and a
-layer that mixes examples (BatchNorm in training mode) sees one example at a time.
+(TFF's metric variables: totals and counts); a per-batch counter would count examples. A layer
+that mixes examples (BatchNorm in training mode) would see one example at a time, normalize it by
+itself to zero and never learn: such a module is refused at construction.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+import numpy as np
+from flax import nnx, traverse_util
 
 from fedjax_lite import tree as tree_lib
 from fedjax_lite.models import _losses, _model
@@ -39,8 +43,26 @@ from fedjax_lite.models import _losses, _model
 
 class LocalVariable(nnx.Variable):
   """A TFF local variable: an accumulator `forward_pass` adds to, e.g. a loss total or an
-  example count. Reset for every client every round, never sent to the server; fixed shape and
-  dtype. Writes to `nnx.Param`s are not allowed and writes to other weights are dropped."""
+  example count. Reset for every client every round to the value it was constructed with (its
+  `initial_value`, TFF's initializer), never sent to the server; fixed shape and dtype. Writes to
+  `nnx.Param`s are not allowed and writes to other weights are dropped."""
+
+  __slots__ = ('_initial_value',)
+
+  def __init__(self, value: Any, **metadata: Any):
+    super().__init__(value, **metadata)
+    initial = self.get_value()
+    if isinstance(initial, jax.core.Tracer):  # made inside a trace: no value to keep
+      initial = None
+    elif isinstance(initial, np.ndarray):  # numpy values may be written in place
+      initial = initial.copy()
+    object.__setattr__(self, '_initial_value', initial)
+
+  @property
+  def initial_value(self) -> Any:
+    """The value this variable was constructed with; None when unknown (a copy made by
+    `nnx.clone` or `copy.deepcopy`, or a variable made inside a trace)."""
+    return getattr(self, '_initial_value', None)
 
 
 def _with_values(module: nnx.Module, local_variables, trainable, non_trainable) -> nnx.Module:
@@ -54,6 +76,18 @@ def _with_values(module: nnx.Module, local_variables, trainable, non_trainable) 
 def _values(module: nnx.Module) -> tuple[Any, Any, Any]:
   """`(local variables, trainable, non-trainable)` of `module` as pure dicts."""
   return tuple(nnx.to_pure_dict(s) for s in nnx.split(module, LocalVariable, nnx.Param, ...)[1:])
+
+
+def _initial_locals(module: nnx.Module, current: Any) -> Any:
+  """The local variables' initial values as a pure dict like `current` (their values now):
+  each `LocalVariable.initial_value` of the same shape, else its value now."""
+  flat = traverse_util.flatten_dict(current)
+  for path, node in nnx.iter_graph(module):
+    if isinstance(node, LocalVariable) and path in flat:
+      initial = node.initial_value
+      if initial is not None and np.shape(initial) == np.shape(flat[path]):
+        flat[path] = initial
+  return traverse_util.unflatten_dict(flat) if flat else current
 
 
 def _reporting(module: nnx.Module) -> tuple[Callable, Callable]:
@@ -114,12 +148,13 @@ def from_variable_model(module: nnx.Module) -> _model.FunctionalModel:
     >>> model = fl.models.from_variable_model(Model(nnx.Rngs(0)))
 
   Args:
-    module: the nnx module, its variables at their initial values.
+    module: the nnx module, its weights at their initial values. Its local variables start
+      from the values they were constructed with, whatever the module has been called on since.
 
   Returns:
     A `FunctionalModel` with `initial_weights = ModelWeights(nnx.Param values, other weight
     values)` as pure dicts; local variables are its metric state (`initialize_metrics_state()`:
-    their values now), `report_local_outputs(weights, local variables)` reads the merged module,
+    their initial values), `report_local_outputs(weights, local variables)` reads the merged module,
     and training and evaluation run the module's `forward_pass` (`uses_forward_pass`).
     `predict_on_batch` is `forward_pass`'s predictions (labels zero); the model has no loss of
     predictions alone (`loss` raises), so builders take no `loss_fn` for it.
@@ -128,7 +163,9 @@ def from_variable_model(module: nnx.Module) -> _model.FunctionalModel:
     TypeError: the module is not an nnx module, has no `forward_pass` or `input_spec`, or its
       `forward_pass` returns no `BatchOutput` with a `[]` loss.
     ValueError: `forward_pass` writes an `nnx.Param` or changes a local variable's shape or
-      dtype; the module holds rng streams; it defines `federated_output_computation`.
+      dtype; it runs a BatchNorm in training mode (batch statistics, which one example at a
+      time cannot give); the module holds rng streams; it defines
+      `federated_output_computation`.
   """
   if not isinstance(module, nnx.Module):
     raise TypeError(f'module must be an nnx.Module; got {type(module).__name__}')
@@ -151,22 +188,24 @@ def from_variable_model(module: nnx.Module) -> _model.FunctionalModel:
       'rng reaches every stream.'
     )
   report, finalize = _reporting(module)
-  initial_locals, trainable, non_trainable = _values(module)
+  current_locals, trainable, non_trainable = _values(module)
+  # Every client starts from the initial values, even if the module was called before wrapping.
+  initial_locals = _initial_locals(module, current_locals)
   x_spec, y_spec = _model.split_batch(input_spec)
 
   def run_one(weights, example, training):
-    """The module's forward pass on one example (leaves without a batch axis)."""
+    """The module's forward pass on one example (leaves without a batch axis); returns
+    `(BatchOutput, new local variables, new trainable, new non-trainable)`."""
     model = _with_values(module, initial_locals, weights.trainable, weights.non_trainable)
     out = model.forward_pass(jax.tree.map(lambda v: v[None], example), training=training)
-    new_locals, new_trainable, _ = _values(model)
-    return out, new_locals, new_trainable
+    return out, *_values(model)
 
   def forward_pass(weights, batch, training=True, mask=None):
     num = jax.tree.leaves(batch)[0].shape[0]
     mask = jnp.ones((num,), jnp.float32) if mask is None else mask
 
     def one(example):
-      out, new_locals, _ = run_one(weights, example, training)
+      out, new_locals, _, _ = run_one(weights, example, training)
       predictions = jax.tree.map(lambda p: p[0], out.predictions)
       return predictions, out.loss, tree_lib.tree_sub(new_locals, initial_locals)
 
@@ -196,7 +235,7 @@ def from_variable_model(module: nnx.Module) -> _model.FunctionalModel:
     return tree_lib.tree_add(state, batch_output.local_updates)
 
   weights = _model.ModelWeights(trainable, non_trainable)
-  _check_forward_pass(run_one, weights, initial_locals, x_spec, y_spec, input_spec)
+  _check_forward_pass(module, run_one, weights, initial_locals, x_spec, y_spec, input_spec)
   return _model.FunctionalModel(
     initial_weights=weights,
     predict_on_batch_fn=predict,
@@ -217,7 +256,26 @@ def _no_loss_of_predictions(predictions, labels, sample_weight=None):
   )
 
 
-def _check_forward_pass(run_one, weights, initial_locals, x_spec, y_spec, input_spec) -> None:
+def _batch_norms(module: nnx.Module) -> list[tuple[tuple, nnx.Module]]:
+  """`(path, layer)` of every layer that normalizes by batch statistics: nnx's BatchNorm and
+  any module class named like one."""
+  return [
+    (path, node)
+    for path, node in nnx.iter_modules(module)
+    if isinstance(node, nnx.BatchNorm) or 'batchnorm' in type(node).__name__.lower()
+  ]
+
+
+def _written(before: Any, after: Any) -> list[tuple]:
+  """Key paths of the leaves of `after` (a pure dict like `before`) that are not `before`'s."""
+  paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(before)[0]]
+  leaves = zip(paths, jax.tree.leaves(before), jax.tree.leaves(after), strict=True)
+  return [p for p, a, b in leaves if a is not b]
+
+
+def _check_forward_pass(
+  module, run_one, weights, initial_locals, x_spec, y_spec, input_spec
+) -> None:
   """Traces `forward_pass` on one example (nothing is computed) and raises on what breaks it."""
   example = _batch_of(
     input_spec,
@@ -226,23 +284,34 @@ def _check_forward_pass(run_one, weights, initial_locals, x_spec, y_spec, input_
       for s in (x_spec, y_spec)
     ),
   )
-  written = []
+  written, written_non_trainable = [], []
 
   def probe(weights, example):
-    out, new_locals, new_trainable = run_one(weights, example, True)
-    paths = jax.tree_util.tree_flatten_with_path(weights.trainable)[0]
-    new_leaves = jax.tree.leaves(new_trainable)
-    written.extend(
-      tree_lib.keystr(p) for (p, a), b in zip(paths, new_leaves, strict=True) if a is not b
-    )
+    out, new_locals, new_trainable, new_non_trainable = run_one(weights, example, True)
+    written.extend(_written(weights.trainable, new_trainable))
+    written_non_trainable.extend(_written(weights.non_trainable, new_non_trainable))
     return out, new_locals
 
   out, new_locals = jax.eval_shape(probe, weights, example)
   if written:
     raise ValueError(
-      f'forward_pass writes the nnx.Param {", ".join(written)}; trainable weights change only '
-      'by the optimizer. Tip: keep what forward_pass accumulates in fl.models.LocalVariable.'
+      f'forward_pass writes the nnx.Param {", ".join(map(tree_lib.keystr, written))}; trainable '
+      'weights change only by the optimizer. Tip: keep what forward_pass accumulates in '
+      'fl.models.LocalVariable.'
     )
+  for path, layer in _batch_norms(module):
+    updated = [p for p in written_non_trainable if tuple(k.key for k in p[: len(path)]) == path]
+    if updated:
+      raise ValueError(
+        f'{".".join([type(module).__name__, *map(str, path)])} is a {type(layer).__name__} that '
+        f'forward_pass(training=True) runs on batch statistics (it updates '
+        f"{', '.join(map(tree_lib.keystr, updated))}). A variable model's forward_pass runs on one "
+        'example at a time (to drop padded examples), so the layer would normalize each example '
+        'by itself to zero and the model could not learn. Tip: give the module a __call__(x) -> '
+        "predictions and wrap it with fl.models.from_flax, which masks BatchNorm's statistics; "
+        'or use a per-example normalization (nnx.LayerNorm, nnx.GroupNorm); or freeze the layer '
+        '(use_running_average=True).'
+      )
   if not isinstance(out, _model.BatchOutput) or getattr(out.loss, 'shape', None) != ():
     raise TypeError(
       'forward_pass must return fl.BatchOutput(predictions=..., loss=[] mean loss, '

@@ -22,7 +22,8 @@ def from_variable_model(module: nnx.Module, *, local: Any) -> _model.Reconstruct
   The four groups are TFF's: `global_trainable_variables` (`nnx.Param`s not matched by `local`),
   `global_non_trainable_variables` (other weights not matched), `local_trainable_variables` and
   `local_non_trainable_variables` (those matched); `fl.models.LocalVariable`s are metric
-  accumulators, in none of them. Every client starts its local weights from the module's values.
+  accumulators, in none of them. Every client starts its local weights from the module's values
+  and its local variables from their initial values (as `fl.models.from_variable_model`).
 
   Example:
     >>> class UserParam(nnx.Param):  # a local trainable weight
@@ -36,7 +37,8 @@ def from_variable_model(module: nnx.Module, *, local: Any) -> _model.Reconstruct
       `nnx.PathContains`, or a predicate `(path, variable) -> bool`.
 
   Raises:
-    ValueError: `local` matches no weight of the module.
+    ValueError: `local` matches no weight of the module; or `fl.models.from_variable_model`
+      refuses the module (e.g. a BatchNorm that training updates).
   """
   model = models.from_variable_model(module)
   local_weights = nnx.state(module, nnx.All(nnx.Not(models.LocalVariable), local))

@@ -5,6 +5,7 @@ from fedjax_lite.simulation import _multihost as multihost
 from fedjax_lite.simulation._checkpoint import FileCheckpointManager
 from fedjax_lite.simulation._client_states import (
   ClientStateStore,
+  ClientStateStoreError,
   InMemoryClientStateStore,
   SQLiteClientStateStore,
 )
@@ -25,6 +26,7 @@ from fedjax_lite.simulation._training_loop import build_evaluation_fn, run_train
 __all__ = [
   'CSVMetricsManager',
   'ClientStateStore',
+  'ClientStateStoreError',
   'FileCheckpointManager',
   'InMemoryClientStateStore',
   'InMemoryMetricsManager',

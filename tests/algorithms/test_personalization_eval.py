@@ -190,6 +190,41 @@ def test_bad_batches_are_named():
     evaluate(model.initial_weights, train, test.batch)
 
 
+def _with_ids(batches, ids):
+  return batches._replace(client_ids=np.asarray(ids, np.uint32))
+
+
+def test_clients_in_another_order_are_refused_naming_the_first_position():
+  """Only the counts used to be compared: the same clients in another order evaluated each
+  client's fine-tuned model on another client's test part, silently."""
+  model = ref.linear_model(5, 3)
+  evaluate = fl.algorithms.build_personalization_eval(model, {'sgd': fl.optimizers.build_sgdm()})
+  train, test = _batches()
+  ids = [11, 12, 13, 14, 15]
+  evaluate(model.initial_weights, _with_ids(train, ids), _with_ids(test, ids))  # same order
+  swapped = [11, 12, 13, 15, 14]
+  message = (
+    r'hold different clients at position 3: train_batches.client_ids\[3\] is 14 and '
+    r'test_batches.client_ids\[3\] is 15 \(2 of 5 positions differ\)'
+  )
+  with pytest.raises(ValueError, match=message):
+    evaluate(model.initial_weights, _with_ids(train, ids), _with_ids(test, swapped))
+  # Ids on one side only: nothing to compare them with.
+  evaluate(model.initial_weights, _with_ids(train, ids), test._replace(client_ids=None))
+
+
+def test_padding_clients_ids_are_not_compared():
+  """A position with no example on either side is padding (e.g. zeros that fill a
+  multi-process cohort); one with data on either side is a client and must match."""
+  model = ref.linear_model(5, 3)
+  evaluate = fl.algorithms.build_personalization_eval(model, {'sgd': fl.optimizers.build_sgdm()})
+  train = fl.data.build_client_batches(ref.random_clients([7, 0, 0], seed=1), batch_size=4)
+  test = fl.data.build_client_batches(ref.random_clients([5, 3, 0], seed=2), batch_size=3)
+  evaluate(model.initial_weights, _with_ids(train, [1, 2, 0]), _with_ids(test, [1, 2, 9]))
+  with pytest.raises(ValueError, match=r'at position 1: train_batches.client_ids\[1\] is 0'):
+    evaluate(model.initial_weights, _with_ids(train, [1, 0, 0]), _with_ids(test, [1, 2, 0]))
+
+
 def test_a_custom_loop_must_return_its_fine_tuned_weights():
   model = ref.linear_model(5, 3)
 

@@ -208,6 +208,20 @@ class FederatedOutput(LinearClassifier):
   federated_output_computation = staticmethod(lambda outputs: outputs)
 
 
+class WithBatchNorm(LinearClassifier):
+  """Logits through a BatchNorm, nested in a Sequential as a layer would be."""
+
+  def __init__(self, use_running_average=False):
+    super().__init__()
+    bn = nnx.BatchNorm(C, use_running_average=use_running_average, rngs=nnx.Rngs(0))
+    self.head = nnx.Sequential(lambda h: h, bn)
+
+  def forward_pass(self, batch, training=True):
+    logits = self.head(batch['x'] @ self.w[...] + self.b[...])
+    loss = fl.models.softmax_cross_entropy(logits, batch['y'])
+    return fl.BatchOutput(predictions=logits, loss=loss, num_examples=batch['y'].shape[0])
+
+
 @pytest.mark.parametrize(
   ('module', 'error', 'match'),
   [
@@ -215,6 +229,12 @@ class FederatedOutput(LinearClassifier):
     (WritesParam, ValueError, r"writes the nnx.Param \['b'\]"),
     (GrowingLocal, ValueError, r"\['seen_labels'\] is int32\[1\]; expected int32\[0\]"),
     (FederatedOutput, ValueError, 'federated_output_computation'),
+    (
+      WithBatchNorm,
+      ValueError,
+      r'WithBatchNorm\.head\.layers\.1 is a BatchNorm that forward_pass\(training=True\) runs on '
+      r"batch statistics \(it updates \['head'\]\['layers'\]\[1\]\['mean'\].*Tip: .*from_flax",
+    ),
   ],
 )
 def test_bad_modules_fail_at_construction(module, error, match):
@@ -230,3 +250,38 @@ def test_loss_of_predictions_alone_is_refused():
   expected = np.ones((2, F)) @ model.initial_weights.trainable['w']
   np.testing.assert_allclose(predictions, expected + model.initial_weights.trainable['b'], 1e-6)
   assert tree_lib.tree_spec_mismatch(predictions, jnp.zeros((2, C))) is None
+
+
+def test_a_frozen_batch_norm_is_per_example_and_accepted():
+  """Normalizing by running statistics treats examples independently: nothing to refuse."""
+  model = fl.models.from_variable_model(WithBatchNorm(use_running_average=True))
+  batch = ref.random_clients([4], F, C)[0]
+  out = model.forward_pass(model.initial_weights, batch)
+  expected = (
+    batch['x'] @ model.initial_weights.trainable['w'] + model.initial_weights.trainable['b']
+  )
+  np.testing.assert_allclose(out.predictions, expected / np.sqrt(1 + 1e-5), rtol=1e-5)
+
+
+def test_a_module_called_before_wrapping_starts_every_client_from_the_initial_values():
+  """Its local variables hold what the call accumulated; every client must start from the
+  values they were constructed with, as with a fresh module."""
+  called = LinearClassifier()
+  called.forward_pass(ref.random_clients([8], F, C, seed=9)[0])
+  assert int(called.examples_seen[...]) == 8 and called.examples_seen.initial_value == 0
+  fresh = fl.models.from_variable_model(LinearClassifier())
+  wrapped = fl.models.from_variable_model(called)
+  for got, expected in zip(
+    jax.tree.leaves(wrapped.initialize_metrics_state()),
+    jax.tree.leaves(fresh.initialize_metrics_state()),
+    strict=True,
+  ):
+    np.testing.assert_array_equal(got, expected)
+  cb = _batches(3)
+  metrics = []
+  for model in (wrapped, fresh):
+    evaluation = fl.algorithms.build_fed_eval(model)
+    metrics.append(evaluation.next(evaluation.initialize(), cb)[1])
+  jax.tree.map(np.testing.assert_array_equal, *metrics)
+  train = [fl.algorithms.build_fed_sgd(m, fl.optimizers.build_sgdm(0.5)) for m in (wrapped, fresh)]
+  jax.tree.map(np.testing.assert_array_equal, *(p.next(p.initialize(), cb)[1] for p in train))

@@ -138,3 +138,38 @@ def test_fed_recon_eval_equals_numpy():
 def test_local_marker_matching_nothing_is_refused():
   with pytest.raises(ValueError, match='matches no weight'):
     fl.reconstruction.from_variable_model(LinearRegression(), local=nnx.PathContains('user'))
+
+
+class WithBatchNorm(LinearRegression):
+  """Predictions through a BatchNorm in training mode: one example at a time it outputs 0."""
+
+  def __init__(self):
+    super().__init__()
+    self.bn = nnx.BatchNorm(1, rngs=nnx.Rngs(0))
+
+  def forward_pass(self, batch, training=True):
+    out = super().forward_pass(batch, training)
+    predictions = self.bn(out.predictions[:, None])[:, 0]
+    loss = fl.models.mean_squared_error(predictions, batch['y'])
+    return out._replace(predictions=predictions, loss=loss)
+
+
+def test_a_batch_norm_in_training_mode_is_refused():
+  with pytest.raises(ValueError, match=r'WithBatchNorm\.bn is a BatchNorm .*batch statistics'):
+    fl.reconstruction.from_variable_model(WithBatchNorm(), local=(UserParam, UserOffset))
+
+
+def test_a_module_called_before_wrapping_evaluates_as_a_fresh_one():
+  """The call's squared error and count stay out of every client's metrics."""
+  called = LinearRegression()
+  cb = recon_ref._client_batches(1)
+  called.forward_pass(jax.tree.map(lambda x: x[0, 0], cb.batch))
+  assert float(called.num_examples[...]) > 0
+  metrics = []
+  for module in (called, LinearRegression()):
+    recon = fl.reconstruction.from_variable_model(module, local=(UserParam, UserOffset))
+    evaluation = fl.reconstruction.build_fed_recon_eval(
+      recon, reconstruction_optimizer=fl.optimizers.build_sgdm(0.3)
+    )
+    metrics.append(evaluation.next(evaluation.initialize(), cb)[1])
+  jax.tree.map(np.testing.assert_array_equal, *metrics)

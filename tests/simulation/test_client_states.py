@@ -2,6 +2,7 @@
 and resumed, in memory and in SQLite, over a million-client population."""
 
 import os
+import re
 import warnings
 
 import jax
@@ -10,7 +11,10 @@ import numpy_reference as ref
 import pytest
 
 import fedjax_lite as fl
+from fedjax_lite.simulation import _client_states
 
+# Exported as fl.simulation.ClientStateStoreError once the package's __init__ lists it.
+StoreError = _client_states.ClientStateStoreError
 DEFAULT = {'w': np.zeros((2, 3), np.float32), 'n': np.zeros((), np.int32)}
 
 
@@ -100,8 +104,156 @@ def test_bad_get_ids_and_a_file_of_another_shape_are_refused(tmp_path):
   with pytest.raises(ValueError, match='holds client states shaped'):
     fl.simulation.SQLiteClientStateStore(path, {'w': np.zeros(3, np.float32)})
   memory = fl.simulation.InMemoryClientStateStore(DEFAULT)
-  with pytest.raises(FileNotFoundError, match='no client states committed for round 2'):
+  with pytest.raises(StoreError, match='no client states committed for round 2'):
     memory.rollback(2)
+
+
+# Integrity: every stored state under a checksum, and a store in step with the checkpoints.
+
+MARKED = 123456  # a state whose bytes are easy to find in a file
+
+
+def _committed_store(make_store, name='states', clients=3):
+  """A store with `clients` clients committed as rounds 1 and 2 (client 'marked' at round 2)."""
+  store = make_store(name=name)
+  store.put([f'c{i}' for i in range(clients)], _states(range(1, clients + 1)))
+  store.commit(1)
+  store.put(['marked'], _states([MARKED]))
+  store.commit(2, [1])
+  return store
+
+
+def _store_file(tmp_path, kind, name='states', round_num=2):
+  if kind == 'memory':
+    return tmp_path / name / f'client_states_{round_num}.npz'
+  return tmp_path / f'{name}.sqlite'
+
+
+def _close(store):
+  """Closes an SQLite store (as a process that exits); an in-memory store has its files."""
+  if isinstance(store, fl.simulation.SQLiteClientStateStore):
+    store.close()
+
+
+def _kind(make_store):
+  return (
+    'memory'
+    if isinstance(make_store(name='probe'), fl.simulation.InMemoryClientStateStore)
+    else 'sqlite'
+  )
+
+
+def _flip_marked_state(path):
+  """Flips a bit in the middle of the marked client's stored bytes (every copy in the file)."""
+  data = bytearray(path.read_bytes())
+  marker = np.int32(MARKED).tobytes() + np.full(6, MARKED, np.float32).tobytes()  # leaves n, w
+  starts = [i for i in range(len(data)) if data.startswith(marker, i)]
+  assert starts, f'the marked state is not stored raw in {path}'
+  for start in starts:
+    data[start + len(marker) // 2] ^= 0x10
+  path.write_bytes(bytes(data))
+
+
+def test_a_flipped_byte_in_a_stored_state_is_an_error_naming_the_file_and_client(
+  make_store, tmp_path
+):
+  kind = _kind(make_store)
+  _close(_committed_store(make_store))
+  path = _store_file(tmp_path, kind)
+  _flip_marked_state(path)
+  store = make_store()
+  if kind == 'memory':  # the snapshot is read whole when a run resumes: refused then
+    with pytest.raises(StoreError, match=f'{re.escape(str(path))} is damaged'):
+      store.rollback(2)
+    return
+  store.rollback(2)  # the index (keys, versions, checksums) is intact
+  np.testing.assert_array_equal(store.get(['c0', 'c2'])['n'], [1, 3])  # undamaged states
+  damaged = f"{re.escape(str(path))} is damaged: the state of client 'marked' does not match"
+  with pytest.raises(StoreError, match=damaged):
+    store.get(['c1', 'marked'])
+  with pytest.raises(StoreError, match=r'the state of the client with key \d+ does not match'):
+    store.verify()
+
+
+@pytest.mark.parametrize('how', ['truncated', 'emptied', 'garbage'])
+def test_a_truncated_or_overwritten_file_is_a_clear_error(make_store, tmp_path, how):
+  kind = _kind(make_store)
+  _close(_committed_store(make_store, clients=500))  # several pages
+  path = _store_file(tmp_path, kind)
+  data = path.read_bytes()
+  path.write_bytes(
+    {'truncated': data[: len(data) // 2], 'emptied': b'', 'garbage': b'x' * 5000}[how]
+  )
+  if kind == 'sqlite' and how == 'emptied':  # an empty file is a new store: it has no round 2
+    with pytest.raises(StoreError, match='has no client states committed'):
+      make_store().rollback(2)
+    return
+  with pytest.raises(StoreError, match=f'{re.escape(str(path))} (is damaged|cannot be used)'):
+    make_store().rollback(2)
+
+
+@pytest.mark.parametrize('how', ['deleted', 'emptied', 'behind'])
+def test_rolling_back_to_a_round_the_file_never_committed_is_refused(make_store, tmp_path, how):
+  kind = _kind(make_store)
+  store = _committed_store(make_store)
+  store.put(['c0'], _states([7]))
+  store.commit(3, [1, 2])
+  _close(store)
+  path = _store_file(tmp_path, kind, round_num=3)
+  if how == 'deleted':
+    path.unlink()
+  elif how == 'emptied':
+    path.write_bytes(b'')
+  elif kind == 'sqlite':  # behind: the file as it was after round 2
+    path.unlink()
+    _close(_committed_store(make_store))
+  else:
+    path.unlink()  # the snapshots of rounds 1 and 2 remain
+  with pytest.raises(StoreError) as refused:
+    make_store().rollback(3)
+  message = str(refused.value)
+  assert str(path if kind == 'sqlite' else path.parent) in message
+  expected = {
+    ('sqlite', 'deleted'): 'has no client states committed',
+    ('sqlite', 'emptied'): 'has no client states committed',
+    ('sqlite', 'behind'): 'holds client states up to round 2 only',
+    ('memory', 'emptied'): 'is damaged',
+  }.get((kind, how), 'no client states committed for round 3')
+  assert expected in message and 'Tip:' in message
+  if how == 'behind':
+    make_store().rollback(2)  # a round it holds is fine
+
+
+def test_committing_a_round_older_than_the_file_is_refused(tmp_path):
+  """A run started over (no checkpoint) on a store of another run would read its later rows."""
+  _committed_store(
+    lambda name: fl.simulation.SQLiteClientStateStore(tmp_path / f'{name}.sqlite', DEFAULT)
+  ).close()
+  store = fl.simulation.SQLiteClientStateStore(tmp_path / 'states.sqlite', DEFAULT)
+  assert store.committed_rounds == [1, 2]
+  with pytest.raises(StoreError, match='committed as round 2; committing round 0 would leave'):
+    store.commit(0)
+  store.commit(2)  # the same round again (e.g. after a rollback) is fine
+  memory = fl.simulation.InMemoryClientStateStore(DEFAULT)
+  memory.commit(3)
+  with pytest.raises(StoreError, match='committed as round 3; committing round 1'):
+    memory.commit(1)
+
+
+def test_a_file_of_the_earlier_format_is_refused(tmp_path):
+  import sqlite3
+
+  path = tmp_path / 'old.sqlite'
+  db = sqlite3.connect(path)
+  db.execute('CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT)')
+  db.execute(
+    'CREATE TABLE states (key INTEGER, version INTEGER, value BLOB, PRIMARY KEY (key, version))'
+  )
+  db.execute("INSERT INTO meta VALUES ('spec', '[]')")
+  db.commit()
+  db.close()
+  with pytest.raises(StoreError, match='written by an earlier fedjax_lite, without checksums'):
+    fl.simulation.SQLiteClientStateStore(path, DEFAULT)
 
 
 # SCAFFOLD through run_training_process.
@@ -213,6 +365,39 @@ def test_killed_after_round_2_and_resumed_equals_an_uninterrupted_run(
   _assert_bitwise(resumed, reference)
   _assert_bitwise(resumed_store.get(ALL_IDS), reference_store.get(ALL_IDS))
   assert len(resumed_store) == len(reference_store)
+
+
+@pytest.mark.parametrize('how', ['deleted', 'emptied', 'behind', 'started_over'])
+def test_a_run_refuses_client_states_out_of_step_with_its_checkpoints(process, tmp_path, how):
+  """Resuming with the store deleted, emptied or older than the checkpoint would restart every
+  control variate at zero while the server's carries on; starting over (no checkpoint) on a
+  store of rounds 1..4 would read its later rows. Each is refused, naming the file."""
+  path, run_dir = tmp_path / 's.sqlite', tmp_path / 'run'
+  store = fl.simulation.SQLiteClientStateStore(path, process.initial_client_state)
+  _run(process, store, run_dir, 2)
+  store.close()
+  after_round_2 = path.read_bytes()
+  store = fl.simulation.SQLiteClientStateStore(path, process.initial_client_state)
+  _run(process, store, run_dir, 4)
+  store.close()
+  if how == 'deleted':
+    path.unlink()
+  elif how == 'emptied':
+    path.write_bytes(b'')
+  elif how == 'behind':
+    path.write_bytes(after_round_2)
+  else:
+    for checkpoint in run_dir.iterdir():
+      checkpoint.unlink()
+  expected = {
+    'deleted': 'has no client states committed .* the checkpoint being resumed is of round 4',
+    'emptied': 'has no client states committed .* the checkpoint being resumed is of round 4',
+    'behind': 'holds client states up to round 2 only, but the checkpoint .* of round 4',
+    'started_over': 'holds client states committed as round 4; committing round 0 would leave',
+  }[how]
+  store = fl.simulation.SQLiteClientStateStore(path, process.initial_client_state)
+  with pytest.raises(StoreError, match=f'{re.escape(str(path))} {expected}'):
+    _run(process, store, run_dir, 5)
 
 
 def test_a_million_client_population_stores_only_the_sampled_clients(tmp_path):
