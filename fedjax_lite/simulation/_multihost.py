@@ -16,10 +16,18 @@ Launch (`docs/simulation.md` has the commands):
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import json
 import os
+import queue
+import shutil
+import signal
 import socket
 import subprocess
+import sys
+import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -34,6 +42,10 @@ from fedjax_lite.data import _client_batches
 NUM_PROCESSES_ENV = 'FEDJAX_LITE_NUM_PROCESSES'
 PROCESS_ID_ENV = 'FEDJAX_LITE_PROCESS_ID'
 CORES_ENV = 'FEDJAX_LITE_CORES'  # the cores `launch` gives a process, pinned by `initialize`
+# Set by `launch` for `initialize`: a pipe whose end means the launcher is gone, and the file
+# that gets what the process's C/C++ code writes.
+LAUNCHER_FD_ENV = 'FEDJAX_LITE_LAUNCHER_FD'
+LOG_ENV = 'FEDJAX_LITE_LOG'
 CLIENTS_AXIS = 'clients'
 
 
@@ -47,7 +59,13 @@ def initialize(
   Arguments left None come from `JAX_COORDINATOR_ADDRESS`, `FEDJAX_LITE_NUM_PROCESSES` and
   `FEDJAX_LITE_PROCESS_ID`, or else from JAX's cluster detection (SLURM, Open MPI, ...). On
   CPUs the processes' collectives run over gloo.
+
+  What C and C++ code writes (gloo's connection banner, XLA's logs) goes to stderr, or to the
+  process's log file under `launch`, so stdout carries only what Python prints. A process started
+  by `launch` also ends as soon as the launcher does, however it ends (`SIGKILL` included).
   """
+  _follow_launcher()
+  _native_output_off_stdout(os.environ.pop(LOG_ENV, None))
   if CORES_ENV in os.environ and hasattr(os, 'sched_setaffinity'):  # set by `launch`
     os.sched_setaffinity(0, [int(core) for core in os.environ[CORES_ENV].split(',')])
   if num_processes is None and NUM_PROCESSES_ENV in os.environ:
@@ -176,20 +194,50 @@ def local_metrics(process: Any) -> Any:
   return process._replace(next=next_fn)
 
 
-def launch(command: Sequence[str], num_processes: int) -> int:
+def launch(
+  command: Sequence[str],
+  num_processes: int,
+  *,
+  name: str = 'fedjax-lite',
+  stop_timeout: float = 10.0,
+) -> int:
   """Runs `command` as `num_processes` processes of one multi-process run on this machine.
 
   Each process gets the coordinator's address, its rank and its share of the cores in the
   environment (`initialize()` reads them and pins the process to its cores), with XLA's own
   threading off when the share is one core: clients are independent, so processes use the
-  cores better than threads on small per-client matmuls. When a process fails, the others are
-  stopped (they would wait in a collective for it).
+  cores better than threads on small per-client matmuls.
+
+  Stopping and failures:
+  - `SIGINT` (Ctrl-C) or `SIGTERM` to this process is passed on as `SIGINT` to the processes
+    (each in its own process group, so a terminal's Ctrl-C reaches them once, through here);
+    those not gone after `stop_timeout` seconds are killed (a process whose peer already stopped
+    waits in a collective). Then `KeyboardInterrupt` is raised here. Checkpoints are written
+    atomically, so the latest one on disk is whole and a resumed run continues from it.
+  - The processes end when this process ends, however it ends (`SIGKILL` included): each holds
+    the read end of a pipe whose write end only this process holds (see `_follow_launcher`).
+  - When a process fails (a non-zero status, or a signal) and the others do not end on their
+    own within a second (they would wait in a collective for it), they are killed and one line
+    on stderr names the failed process and its status.
+  - What C/C++ code writes (gloo's banner, XLA's logs) goes to one log file per process, in a
+    temporary folder kept (and named) only when a process fails. Process 0's stdout is this
+    process's; its stderr reaches this process's stderr half a second late (`_Relay`), so what a
+    process prints because another one just died stays in its log. The other processes' Python
+    output (the same lines as process 0's) goes to their logs only.
+
+  Args:
+    command: the program every process runs; it calls `initialize()` first.
+    num_processes: how many processes, at most one per core.
+    name: the program name that starts the line naming a failed process.
+    stop_timeout: seconds the processes get to stop after an interrupt before they are killed.
 
   Returns:
-    The first non-zero exit status, or 0.
+    0 when every process succeeds; else the failed process's exit status (128 + the signal's
+    number when a signal ended it), or the first non-zero status when all ended on their own.
 
   Raises:
     ValueError: more processes than cores.
+    KeyboardInterrupt: on `SIGINT` or `SIGTERM`, once the processes are gone.
   """
   cores = sorted(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else []
   if num_processes > max(len(cores), 1):
@@ -197,29 +245,257 @@ def launch(command: Sequence[str], num_processes: int) -> int:
   with socket.socket() as probe:  # a free port for the coordinator
     probe.bind(('127.0.0.1', 0))
     port = probe.getsockname()[1]
-  workers = []
-  for rank in range(num_processes):
-    share = cores[rank::num_processes]
-    env = {
-      **os.environ,
-      'JAX_COORDINATOR_ADDRESS': f'127.0.0.1:{port}',
-      NUM_PROCESSES_ENV: str(num_processes),
-      PROCESS_ID_ENV: str(rank),
-    }
-    if share:
-      env[CORES_ENV] = ','.join(map(str, share))
-    if len(share) == 1:
-      env['XLA_FLAGS'] = f'{os.environ.get("XLA_FLAGS", "")} --xla_cpu_multi_thread_eigen=false'
-    # No preexec_fn: forking a multithreaded (JAX) parent to run Python can deadlock.
-    workers.append(subprocess.Popen(list(command), env=env))
+  log_dir = tempfile.mkdtemp(prefix='fedjax-lite-processes-')
+  alive_read, alive_write = os.pipe()  # both ends are not inherited unless passed
+  workers: list[subprocess.Popen] = []
+  relay = None
+  keep_logs = False
+  restore_sigterm = _sigterm_raises_keyboard_interrupt()
   try:
-    while any(w.poll() is None for w in workers):
-      if any(w.returncode for w in workers if w.returncode is not None):
-        break
-      time.sleep(0.05)
+    for rank in range(num_processes):
+      log_path = os.path.join(log_dir, f'process-{rank}.log')
+      share = cores[rank::num_processes]
+      env = {
+        **os.environ,
+        'JAX_COORDINATOR_ADDRESS': f'127.0.0.1:{port}',
+        NUM_PROCESSES_ENV: str(num_processes),
+        PROCESS_ID_ENV: str(rank),
+        LAUNCHER_FD_ENV: str(alive_read),
+        LOG_ENV: log_path,
+      }
+      if share:
+        env[CORES_ENV] = ','.join(map(str, share))
+      if len(share) == 1:
+        env['XLA_FLAGS'] = f'{os.environ.get("XLA_FLAGS", "")} --xla_cpu_multi_thread_eigen=false'
+      with open(log_path, 'ab') as log:
+        output = {'stderr': subprocess.PIPE} if rank == 0 else {'stdout': log, 'stderr': log}
+        # No preexec_fn: forking a multithreaded (JAX) parent to run Python can deadlock;
+        # `process_group` and `pass_fds` need none.
+        worker = subprocess.Popen(
+          list(command),
+          env=env,
+          stdin=subprocess.DEVNULL,
+          pass_fds=(alive_read,),
+          process_group=0,
+          **output,
+        )
+      workers.append(worker)
+      if rank == 0:
+        relay = _Relay(worker.stderr, log_path)
+    os.close(alive_read)
+    alive_read = -1
+    failed, stopped = _supervise(workers, relay)
+    if failed is None:
+      relay.close(forward=True)
+      return 0
+    rank, status = failed
+    if status > 0 and not stopped:  # every process ended on its own: each said why
+      relay.close(forward=True)
+      return status
+    relay.close(forward=rank == 0)  # process 0's own last words, or noise about the dead one
+    keep_logs = True
+    what = f'exited with status {status}'
+    if status < 0:
+      what = f'was killed by {_signal_name(-status)}'
+    if stopped:
+      what += f'; stopped process{"es" * (len(stopped) > 1)} {", ".join(map(str, stopped))}'
+    print(
+      f'{name}: error: process {rank} of {num_processes} {what} (logs: {log_dir})',
+      file=sys.stderr,
+      flush=True,
+    )
+    return status if status > 0 else 128 - status
+  except KeyboardInterrupt:
+    _stop(workers, stop_timeout)
+    _kill(workers)
+    if relay is not None:
+      relay.close(forward=False)  # what the processes print as they stop says nothing new
+    raise
   finally:
+    _kill(workers)  # none left, unless something unexpected was raised
+    for fd in (alive_read, alive_write):
+      if fd >= 0:
+        os.close(fd)
+    restore_sigterm()
+    if not keep_logs:
+      shutil.rmtree(log_dir, ignore_errors=True)
+
+
+_POLL_S = 0.05
+_FAILED_GRACE_S = 1.0  # how long the others may take to end on their own after one fails
+
+
+def _supervise(
+  workers: list[subprocess.Popen], relay: _Relay
+) -> tuple[tuple[int, int] | None, list[int]]:
+  """Waits for the processes; returns the first failed `(rank, status)` (None if none failed)
+  and the ranks killed because they were still running a second after it failed."""
+  failed, failed_at = None, None
+  while True:
+    statuses = [w.poll() for w in workers]
+    if failed is None:
+      bad = [(rank, s) for rank, s in enumerate(statuses) if s]  # non-zero, or a signal (< 0)
+      if bad:  # a signal first (its cause is outside the run), then the lowest rank
+        failed, failed_at = min(bad, key=lambda b: (b[1] > 0, b[0])), time.monotonic()
+      else:
+        relay.forward()
+    if all(s is not None for s in statuses):
+      return failed, []
+    if failed_at is not None and time.monotonic() - failed_at > _FAILED_GRACE_S:
+      running = [rank for rank, worker in enumerate(workers) if worker.poll() is None]
+      _kill(workers)
+      return failed, running
+    time.sleep(_POLL_S)
+
+
+def _stop(workers: list[subprocess.Popen], timeout: float) -> None:
+  """Passes an interrupt on to the processes and waits up to `timeout` seconds for them to end
+  (the caller kills those left; a second interrupt stops the wait)."""
+  try:
     for worker in workers:
       if worker.poll() is None:
-        worker.terminate()
-        worker.wait()
-  return next((w.returncode for w in workers if w.returncode), 0)
+        _signal_group(worker, signal.SIGINT)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(w.poll() is None for w in workers):
+      time.sleep(_POLL_S)
+  except KeyboardInterrupt:
+    pass
+
+
+def _kill(workers: list[subprocess.Popen]) -> None:
+  """Kills the processes still running and waits for them."""
+  for worker in workers:
+    if worker.poll() is None:
+      _signal_group(worker, signal.SIGKILL)
+      worker.wait()
+
+
+def _signal_name(signum: int) -> str:
+  try:
+    return signal.Signals(signum).name
+  except ValueError:
+    return f'signal {signum}'
+
+
+def _signal_group(worker: subprocess.Popen, sig: int) -> None:
+  """Sends `sig` to the process group `worker` leads (the worker and anything it started)."""
+  with contextlib.suppress(ProcessLookupError):  # already gone
+    os.killpg(worker.pid, sig)
+
+
+def _sigterm_raises_keyboard_interrupt():
+  """Makes SIGTERM raise `KeyboardInterrupt` here, so `launch` stops its processes; returns a
+  function restoring the previous handler (nothing changes outside the main thread)."""
+  if threading.current_thread() is not threading.main_thread():
+    return lambda: None
+
+  def handler(signum, frame):
+    raise KeyboardInterrupt
+
+  previous = signal.signal(signal.SIGTERM, handler)
+  return lambda: signal.signal(signal.SIGTERM, previous)
+
+
+class _Relay:
+  """Copies process 0's stderr to its log file at once, and to this process's stderr
+  `hold` seconds late: when a process dies, what the others print about it (a collective's
+  traceback reaches process 0 within milliseconds, before the death is seen here) can still
+  be withheld, and one line names the dead process instead."""
+
+  def __init__(self, pipe: Any, log_path: str, hold: float = 0.5):
+    self._pipe, self._hold = pipe, hold
+    self._log = open(log_path, 'ab')  # noqa: SIM115 (closed by `close`, after the thread)
+    self._lines: queue.SimpleQueue = queue.SimpleQueue()
+    self._held: collections.deque = collections.deque()
+    self._thread = threading.Thread(target=self._read, name='stderr-relay', daemon=True)
+    self._thread.start()
+
+  def _read(self) -> None:
+    try:
+      for line in iter(self._pipe.readline, b''):
+        self._log.write(line)
+        self._log.flush()
+        self._lines.put((time.monotonic(), line))
+    except (OSError, ValueError):  # the pipe or the log closed under us: nothing more to copy
+      pass
+
+  def _take(self) -> None:
+    while True:
+      try:
+        self._held.append(self._lines.get_nowait())
+      except queue.Empty:
+        return
+
+  def _write(self, line: bytes) -> None:
+    sys.stderr.write(line.decode(errors='replace'))
+
+  def forward(self) -> None:
+    """Writes the lines read at least `hold` seconds ago."""
+    self._take()
+    now = time.monotonic()
+    while self._held and now - self._held[0][0] >= self._hold:
+      self._write(self._held.popleft()[1])
+    sys.stderr.flush()
+
+  def close(self, forward: bool) -> None:
+    """Waits for the pipe's end (the process is gone), then writes the held lines if `forward`
+    (else they are only in the log)."""
+    self._thread.join(timeout=5)
+    self._take()
+    while forward and self._held:
+      self._write(self._held.popleft()[1])
+    self._held.clear()
+    sys.stderr.flush()
+    if not self._thread.is_alive():
+      self._log.close()
+      self._pipe.close()
+
+
+def _follow_launcher() -> None:
+  """In a process `launch` started: ends the process when the launcher is gone.
+
+  The launcher passes the read end of a pipe whose write end only it holds, and never writes:
+  a read returns end-of-file once the launcher has ended, however it ended (`SIGKILL`
+  included). A pipe rather than Linux's `PR_SET_PDEATHSIG` (that fires when the *thread* that
+  started the process ends, so a launcher on a worker thread would lose its processes early,
+  and it is Linux only) or polling `os.getppid()` (a delay, and a pid a subreaper may hold).
+  The waiting thread holds no lock while it waits; JAX releases the GIL while it computes.
+  """
+  fd = os.environ.pop(LAUNCHER_FD_ENV, None)
+  if fd is None:
+    return
+
+  def exit_when_launcher_ends():
+    try:
+      while os.read(int(fd), 1):
+        pass
+    except OSError:
+      pass
+    os._exit(1)  # no clean-up: it could wait forever in a collective; checkpoints are atomic
+
+  threading.Thread(target=exit_when_launcher_ends, name='launcher-watch', daemon=True).start()
+
+
+def _native_output_off_stdout(log_path: str | None) -> None:
+  """Points file descriptor 1 (and 2, given `log_path`) at `log_path` or else at stderr, while
+  Python's `sys.stdout` (and `sys.stderr`) keep writing where they did: gloo's banner and XLA's
+  logs, written by C++ straight to the descriptors, leave the user's stdout."""
+  target = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644) if log_path else None
+  sys.stdout = _on_own_descriptor(sys.stdout, 1)
+  os.dup2(2 if target is None else target, 1)
+  if target is not None:
+    sys.stderr = _on_own_descriptor(sys.stderr, 2)
+    os.dup2(target, 2)
+    os.close(target)
+
+
+def _on_own_descriptor(stream: Any, fd: int) -> Any:
+  """`stream`, or a copy of it on a duplicate of `fd` when it writes to `fd` (so `fd` can be
+  pointed elsewhere without moving it)."""
+  try:
+    if stream.fileno() != fd:
+      return stream
+  except (AttributeError, OSError, ValueError):  # None, or no descriptor (a notebook's stream)
+    return stream
+  stream.flush()
+  return os.fdopen(os.dup(fd), 'w', buffering=1, encoding=stream.encoding, errors=stream.errors)

@@ -1,9 +1,16 @@
-"""One process of the two-process test run (tests/simulation/test_multihost.py): three FedAvg
-rounds of a linear model on clients of uneven sizes, each process batching its block of every
-cohort; every process saves the final weights it holds to `OUT/p<rank>.npz`."""
+"""One process of the two-process test runs (tests/simulation/test_multihost.py).
+
+`multihost_worker.py OUT`: three FedAvg rounds of a linear model on clients of uneven sizes, each
+process batching its block of every cohort; every process saves the final weights it holds to
+`OUT/p<rank>.npz`.
+
+`multihost_worker.py --hold OUT`: writes its pid to `OUT/pid<rank>`, then runs one collective
+after another until it is stopped (a process that never ends by itself).
+"""
 
 import os
 import sys
+import time
 
 import jax
 import numpy as np
@@ -41,7 +48,20 @@ def train(mesh=None):
   return [trainable['w'], trainable['b']]
 
 
+def hold(out):
+  """Collectives until stopped, once `OUT/pid<rank>` holds this process's pid."""
+  path = os.path.join(out, f'pid{jax.process_index()}')
+  with open(path + '.tmp', 'w') as f:
+    f.write(str(os.getpid()))
+  os.replace(path + '.tmp', path)  # whole when it appears
+  while True:
+    multihost.broadcast_from_primary(np.int32(0))
+    time.sleep(0.05)
+
+
 if __name__ == '__main__':
   multihost.initialize()
+  if sys.argv[1] == '--hold':
+    hold(sys.argv[2])
   weights = train(multihost.global_mesh())
   np.savez(os.path.join(sys.argv[1], f'p{jax.process_index()}.npz'), *weights)

@@ -1,10 +1,15 @@
 """Multi-process runs (`fedjax-lite train --processes N`): every process holds the one-process
-weights, and a resumed run continues from process 0's checkpoint."""
+weights, a resumed run continues from process 0's checkpoint, and stopping the launcher (or
+losing a process) stops the whole run promptly."""
 
 import json
 import os
+import re
+import signal
+import socket
 import subprocess
 import sys
+import time
 
 import multihost_worker
 import numpy as np
@@ -34,6 +39,7 @@ def _train(out, *extra, processes=2):
     [sys.executable, '-m', 'fedjax_lite.cli', *argv], capture_output=True, text=True, timeout=300
   )
   assert result.returncode == 0, result.stderr[-2000:]
+  assert '[Gloo]' not in result.stdout  # gloo's banner is C++ output: in the processes' logs
   return result.stdout
 
 
@@ -72,3 +78,165 @@ def test_both_processes_hold_the_one_process_weights(tmp_path):
   for i, expected in enumerate(one_process):
     np.testing.assert_array_equal(first[f'arr_{i}'], second[f'arr_{i}'])  # identical states
     np.testing.assert_allclose(first[f'arr_{i}'], expected, rtol=1e-6, atol=1e-7)
+
+
+WORKER = os.path.join(os.path.dirname(__file__), 'multihost_worker.py')
+# A launcher of two `multihost_worker.py --hold` processes, as `fedjax-lite train` launches.
+LAUNCHER = """
+import sys
+from fedjax_lite.simulation import multihost
+try:
+  sys.exit(multihost.launch(sys.argv[1:], 2, name='fedjax-lite train', stop_timeout=5))
+except KeyboardInterrupt:
+  print('interrupted', file=sys.stderr)
+  sys.exit(130)
+"""
+
+
+def _alive(pid):
+  """Whether `pid` runs (a zombie, an ended process nobody reaped yet, does not)."""
+  try:
+    with open(f'/proc/{pid}/stat') as f:
+      return f.read().rsplit(')', 1)[1].split()[0] not in ('Z', 'X')
+  except FileNotFoundError:
+    return False
+
+
+def _wait_for(condition, timeout, what):
+  deadline = time.monotonic() + timeout
+  while not condition():
+    if time.monotonic() > deadline:
+      pytest.fail(f'no {what} after {timeout} s')
+    time.sleep(0.1)
+
+
+def _kill_left(*pids):
+  for pid in pids:
+    if _alive(pid):
+      os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def hold_run(tmp_path):
+  """`(launcher, worker_pids, logs_parent)`: two `--hold` processes under a launcher, both
+  started (their temporary log folders go under `logs_parent`); all killed after the test."""
+  logs_parent = tmp_path / 'tmp'
+  logs_parent.mkdir()
+  launcher = subprocess.Popen(
+    [sys.executable, '-c', LAUNCHER, sys.executable, WORKER, '--hold', str(tmp_path)],
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+    env={**os.environ, 'TMPDIR': str(logs_parent)},
+  )
+  pids = []
+  try:
+    started = lambda: all((tmp_path / f'pid{r}').exists() for r in (0, 1))
+    _wait_for(lambda: started() or launcher.poll() is not None, 180, 'processes started')
+    assert launcher.poll() is None, launcher.communicate()
+    pids = [int((tmp_path / f'pid{r}').read_text()) for r in (0, 1)]
+    yield launcher, pids, logs_parent
+  finally:
+    _kill_left(launcher.pid, *pids)
+    launcher.communicate()
+
+
+def test_a_dead_process_stops_the_run_at_once_with_one_line_naming_it(hold_run):
+  launcher, pids, logs_parent = hold_run
+  os.kill(pids[1], signal.SIGKILL)
+  started = time.monotonic()
+  stdout, stderr = launcher.communicate(timeout=60)
+  # Before: the launcher waited ~84 s for process 0, which then printed ~100 lines of C++ log.
+  assert time.monotonic() - started < 20
+  assert launcher.returncode == 128 + signal.SIGKILL
+  lines = stderr.splitlines()
+  assert len(lines) == 1, stderr  # no traceback from process 0, whose collective failed
+  match = re.fullmatch(
+    r'fedjax-lite train: error: process 1 of 2 was killed by SIGKILL'
+    r'(; stopped process 0)? \(logs: (.+)\)',
+    lines[0],
+  )
+  assert match, lines[0]
+  assert os.path.dirname(match[2]) == str(logs_parent)  # kept, since a process failed
+  assert sorted(os.listdir(match[2])) == ['process-0.log', 'process-1.log']
+  assert stdout == ''
+  assert not _alive(pids[0])
+
+
+@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGKILL], ids=['SIGTERM', 'SIGKILL'])
+def test_a_stopped_launcher_leaves_no_process(hold_run, sig):
+  launcher, pids, logs_parent = hold_run
+  launcher.send_signal(sig)
+  _, stderr = launcher.communicate(timeout=60)
+  if sig == signal.SIGTERM:  # passed on as SIGINT; those stuck in a collective killed after 5 s
+    assert (launcher.returncode, stderr) == (130, 'interrupted\n')
+    assert not any(_alive(pid) for pid in pids)
+    assert os.listdir(logs_parent) == []  # nothing failed: the logs are gone
+  else:  # before: the processes went on; now they see the launcher's pipe close
+    _wait_for(lambda: not any(_alive(pid) for pid in pids), 30, 'processes ended')
+
+
+def _checkpoint_rounds(out):
+  names = os.listdir(out / 'checkpoints') if (out / 'checkpoints').is_dir() else []
+  return [int(m[1]) for m in map(re.compile(r'ckpt_(\d+)\.').match, names) if m]
+
+
+def _children(pid):
+  children = []
+  for task in os.listdir(f'/proc/{pid}/task'):
+    with open(f'/proc/{pid}/task/{task}/children') as f:
+      children += [int(child) for child in f.read().split()]
+  return children
+
+
+def test_ctrl_c_stops_every_process_and_a_resume_continues(tmp_path, capsys):
+  out = tmp_path / 'run'
+  argv = ['train', '--clients-per-round', '5', '--eval-every', '1000', '--out', str(out)]
+  launcher = subprocess.Popen(
+    [sys.executable, '-m', 'fedjax_lite.cli', *argv, '--rounds', '1000', '--processes', '2'],
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  workers = []
+  try:
+    trained = lambda: max(_checkpoint_rounds(out), default=0) >= 2
+    _wait_for(lambda: trained() or launcher.poll() is not None, 240, 'round 2 checkpoint')
+    workers = _children(launcher.pid)
+    assert len(workers) == 2
+    launcher.send_signal(signal.SIGINT)  # the launcher alone, as a terminal's Ctrl-C now
+    stdout, stderr = launcher.communicate(timeout=60)
+  finally:
+    _kill_left(launcher.pid, *workers)
+  # Before: the launcher waited while its processes trained all 1,000 rounds.
+  assert (launcher.returncode, stderr) == (130, 'fedjax-lite train: interrupted\n')
+  assert not any(_alive(pid) for pid in workers)
+  assert '[Gloo]' not in stdout
+  last = max(_checkpoint_rounds(out))
+  assert last < 1000
+  # Resumed here, in one process (a few seconds; the checkpoint is the same either way).
+  capsys.readouterr()
+  assert cli.main([*argv, '--rounds', str(last + 1)]) == 0
+  assert f'resuming after round {last}' in capsys.readouterr().out
+  assert max(_rows(out)) == last + 1
+
+
+def test_native_output_leaves_stdout_without_a_launcher():
+  # `fedjax-lite train --distributed` on each machine: gloo's banner (C++, on descriptor 1) goes
+  # to stderr; what Python prints stays on stdout.
+  with socket.socket() as probe:
+    probe.bind(('127.0.0.1', 0))
+    port = probe.getsockname()[1]
+  program = (
+    'import os\n'
+    'from fedjax_lite.simulation import multihost\n'
+    f'multihost.initialize("127.0.0.1:{port}", 1, 0)\n'
+    'os.write(1, b"[Gloo] native\\n")\n'
+    'print("python")\n'
+  )
+  result = subprocess.run(
+    [sys.executable, '-c', program], capture_output=True, text=True, timeout=120
+  )
+  assert result.returncode == 0, result.stderr
+  assert result.stdout == 'python\n'
+  assert '[Gloo] native' in result.stderr
