@@ -124,7 +124,9 @@ OPTIONS = (
   Option(
     'noise_multiplier', _optional(_number(0, low_inclusive=True)), None, 'DP noise / clip (dp)'
   ),
-  Option('target_delta', _optional(_number(0, 1)), None, 'DP delta; none: clients^-1.1'),
+  Option(
+    'target_delta', _optional(_number(0, 1)), None, 'DP delta, below 1/clients; none: 0.1/clients'
+  ),
   Option('epsilon_budget', _optional(_positive_float), None, 'stop before epsilon exceeds it'),
   Option(
     'trim_fraction', _number(0, 0.5, low_inclusive=True), 0.1, 'trimmed per side (trimmed_mean)'

@@ -209,11 +209,12 @@ def _aggregator(config: Mapping[str, Any]) -> Any:
       return aggregators.secure_aggregator(weighted=not unweighted)
     if name == 'compression':
       return aggregators.compression_aggregator(weighted=not unweighted, bits=config['bits'])
-    if name == 'dp':
-      noise, cohort = config['noise_multiplier'], config['clients_per_round']
+    if name == 'dp':  # the run's seed keys the noise: each seed of a sweep draws its own
+      noise, cohort, seed = config['noise_multiplier'], config['clients_per_round'], config['seed']
       if clip is None:
-        return aggregators.dp_aggregator(noise, cohort)
-      return aggregators.DifferentiallyPrivateFactory.gaussian_fixed(noise, cohort, clip)
+        _check_adaptive_clip(noise, cohort)
+        return aggregators.dp_aggregator(noise, cohort, seed=seed)
+      return aggregators.DifferentiallyPrivateFactory.gaussian_fixed(noise, cohort, clip, seed)
     if name == 'median':
       return aggregators.median_factory()
     if name == 'trimmed_mean':
@@ -225,18 +226,57 @@ def _aggregator(config: Mapping[str, Any]) -> Any:
   return mean
 
 
+def _check_adaptive_clip(noise: float, cohort: int) -> None:
+  """Raises ConfigError when the adaptive clip cannot keep the total noise multiplier at `noise`
+  with `cohort` clients a round (its count's noise, 0.05 · cohort, must exceed noise / 2)."""
+  if noise and not 2 * (0.05 * cohort) > noise:  # as gaussian_adaptive computes it
+    raise ConfigError(
+      f'{flag("aggregator")} dp with the adaptive clip (no {flag("clip")}) needs more than '
+      f'{10 * noise:g} clients a round for {flag("noise_multiplier")} {noise:g} (10 per unit of '
+      f'noise: counting the clipped clients takes a share of the noise); got '
+      f'{flag("clients_per_round")} {cohort}. Tip: pass a fixed clip ({flag("clip")} 1.0, '
+      f'sized to the update norms), or raise {flag("clients_per_round")}.'
+    )
+
+
+def default_target_delta(population: int) -> float:
+  """The command's δ without `--target-delta`: 0.1 / population, well below TF Privacy's
+  bound δ < 1 / population (a δ near 1 / N allows a mechanism that reveals a whole client's
+  data with that probability: about one of N clients; 0.1 / N, one in ten runs)."""
+  return 0.1 / population
+
+
 def _accountant(config: Mapping[str, Any], population: int):
-  """The privacy accountant of a DP run with noise; None otherwise."""
+  """The privacy accountant of a DP run with noise; None otherwise. Refuses a δ of at least
+  1 / population and an ε budget below one round's ε."""
   if config['aggregator'] != 'dp' or not config['noise_multiplier']:
     return None
-  delta = config['target_delta'] or population**-1.1
-  return aggregators.PrivacyAccountant(
+  delta = config['target_delta']
+  if delta is None:
+    delta = default_target_delta(population)
+  elif delta >= 1 / population:
+    raise ConfigError(
+      f'{flag("target_delta")} {delta:g} is not below 1/{population} = {1 / population:.3g} '
+      f'(1 over the {population} training clients): such a delta allows revealing a whole '
+      f"client's data. Tip: pass {flag('target_delta')} {default_target_delta(population):.3g} "
+      '(0.1 / clients, the default) or less.'
+    )
+  accountant = aggregators.PrivacyAccountant(
     config['noise_multiplier'],
     config['clients_per_round'],
     population,
     delta,
     sampling='fixed_size',  # fl.data.sample_cohort draws a fixed-size cohort without replacement
   )
+  budget = config['epsilon_budget']
+  if budget and accountant.epsilon(1) > budget:
+    raise ConfigError(
+      f'{flag("epsilon_budget")} {budget:g} is below the epsilon of one round '
+      f'({accountant.epsilon(1):.4g} at delta={delta:.3g}), so no round could run. Tip: raise '
+      f'{flag("epsilon_budget")} or {flag("noise_multiplier")}, or lower '
+      f'{flag("clients_per_round")}.'
+    )
+  return accountant
 
 
 def _fed_recon(config: Mapping[str, Any], mesh: Any = None):

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import json
+import math
 import os
 import sys
 import time
@@ -31,24 +33,41 @@ CLIENT_STATES_FILE = 'client_states.sqlite'
 
 class _PrintMetrics(simulation.MetricsManager):
   """One line per round on stdout (used when no progress bar is shown): the training metrics
-  of the clients (`client_work/train/*`), the evaluation (`evaluation/*`), ε, throughput and the
-  clients excluded as non-finite, whatever the algorithm reports of them."""
+  of the clients (`client_work/train/*`), the evaluation (`evaluation/*`), ε, seconds per round
+  and throughput (compilation excluded: a round that compiled says how long it took instead of
+  its examples/s) and the clients excluded as non-finite, whatever the algorithm reports.
+
+  A training metric of a round in which no client contributed (`num_examples` 0, e.g. all
+  excluded as non-finite) is undefined and shows as nan."""
+
+  def __init__(self):
+    self._compile = simulation.CompileTimer()
 
   def release(self, metrics: Mapping[str, Any], round_num: int) -> None:
     parts = [f'round {round_num:4d}']
     for prefix, label in [('client_work/train/', ''), ('evaluation/', 'test ')]:
       names = [k[len(prefix) :] for k in metrics if k.startswith(prefix)]
       names = [n for n in names if n != 'num_examples' and '/' not in n]
+      no_data = metrics.get(prefix + 'num_examples') == 0
       for name in sorted(names, key=lambda n: (n != 'loss', n)):  # loss first
-        parts.append(f'{label}{name} {metrics[prefix + name]:.4f}')
+        value = math.nan if no_data else metrics[prefix + name]
+        parts.append(f'{label}{name} {value:.4f}')
     if 'privacy/epsilon' in metrics:
       parts.append(f'epsilon {metrics["privacy/epsilon"]:.4f}')
-    if 'timing/examples_per_second' in metrics:
+    compiled = self._compile.take()
+    if 'timing/round_seconds' in metrics:
+      parts.append(f's/round {max(metrics["timing/round_seconds"] - compiled, 0.0):.3f}')
+    if compiled >= 0.01:
+      parts.append(f'compiled in {compiled:.2f} s')
+    elif 'timing/examples_per_second' in metrics:
       parts.append(f'examples/s {metrics["timing/examples_per_second"]:.0f}')
     excluded = metrics.get('client_work/non_finite_clients')
     if excluded:
       parts.append(f'excluded {excluded:.0f} non-finite clients')
     print('  '.join(parts), flush=True)
+
+  def close(self) -> None:
+    self._compile.close()
 
 
 def _read_run_config(path: str) -> dict[str, Any]:
@@ -202,6 +221,7 @@ def _train_locked(args, out: str, config: dict[str, Any], experiment: Any, *, pr
       os.path.join(out, CLIENT_STATES_FILE), process.initial_client_state
     )
   start = time.perf_counter()
+  compiling = simulation.CompileTimer()
   try:
     with data.Prefetcher(experiment.training_data_fn, stop=config['rounds'] + 1) as prefetch:
       state = simulation.run_training_process(
@@ -221,6 +241,7 @@ def _train_locked(args, out: str, config: dict[str, Any], experiment: Any, *, pr
         cohort_ids_fn=experiment.cohort_ids_fn if store is not None else None,
       )
   finally:
+    compiling.close()
     for manager in managers:
       manager.close()
     if store is not None:
@@ -244,7 +265,8 @@ def _train_locked(args, out: str, config: dict[str, Any], experiment: Any, *, pr
   scores = '  '.join(f'test {k} {v:.4f}' for k, v in final.items() if k != 'num_examples')
   if accountant is not None:
     scores += f'  epsilon {accountant.epsilon(rounds_run):.3f} after {rounds_run} rounds'
-  print(f'final: {scores}  ({time.perf_counter() - start:.1f}s; metrics and checkpoints in {out})')
+  seconds = f'{time.perf_counter() - start:.1f}s, {compiling.take():.1f}s of it compiling'
+  print(f'final: {scores}  ({seconds}; metrics and checkpoints in {out})')
   return 0
 
 
@@ -253,7 +275,7 @@ def _launch_processes(args: argparse.Namespace) -> int:
   machine (`multihost.launch`); returns the first non-zero exit status (0 if all succeed)."""
   command = [sys.executable, '-m', 'fedjax_lite.cli', *_without_processes(args.argv)]
   try:
-    return multihost.launch([*command, '--distributed'], args.processes)
+    return multihost.launch([*command, '--distributed'], args.processes, name='fedjax-lite train')
   except ValueError as error:
     raise ConfigError(f'--processes: {error}') from None
 
@@ -304,35 +326,65 @@ def _sweep(args: argparse.Namespace) -> int:
       f'{len(groups)} program{"s" * (len(groups) > 1)}; writing to {out}'
     )
   progress = not args.quiet and sys.stdout.isatty()
+  diverged = []
   for number, group in enumerate(groups, 1):
     if not args.quiet and not progress:
       names = ', '.join(_sweep_command.run_name(configs[i], varying) for i in group)
       print(f'program {number}/{len(groups)}: {names}', flush=True)
+    start = time.perf_counter()
     try:
-      _sweep_command.run_group(
-        [configs[i] for i in group],
-        [run_dirs[i] for i in group],
-        experiment_fn,
-        runs_per_program=args.runs_per_program,
-        progress=progress,
-      )
+      with simulation.CompileTimer() as compiling:
+        states = _sweep_command.run_group(
+          [configs[i] for i in group],
+          [run_dirs[i] for i in group],
+          experiment_fn,
+          runs_per_program=args.runs_per_program,
+          progress=progress,
+        )
     except simulation.RunFolderInUseError as error:
       raise ConfigError(f'--out: {error}') from None
     except ValueError as error:  # run folders that cannot resume these settings
       raise ConfigError(f'--out: {error}') from None
-  rows = _sweep_command.summarize(configs, run_dirs, varying)
+    process = experiment_fn(configs[group[0]]).process
+    for i, state in zip(group, states, strict=True):
+      if _non_finite_leaves(process.get_model_weights(state)):
+        diverged.append(i)
+    if not args.quiet:
+      seconds = time.perf_counter() - start
+      print(
+        f'program {number}/{len(groups)} done in {seconds:.1f} s, {compiling.total:.1f} s of '
+        'it compiling',
+        flush=True,
+      )
+    accountant = experiment_fn(configs[group[0]]).privacy_accountant  # the program's runs share it
+    if accountant is not None and not args.quiet:  # as `train` ends, for the program's runs
+      checkpoints = simulation.FileCheckpointManager(
+        os.path.join(run_dirs[group[0]], CHECKPOINT_DIR)
+      )
+      rounds_run = max(checkpoints.checkpoint_rounds() or [0])
+      print(
+        f'program {number}/{len(groups)}: epsilon {accountant.epsilon(rounds_run):.3f} after '
+        f'{rounds_run} rounds at delta={accountant.target_delta:.3g} under {accountant.assumption}'
+      )
+  rows = _sweep_command.summarize(configs, run_dirs, varying, diverged)
   _sweep_command.write_summary(os.path.join(out, _sweep_command.SUMMARY_FILE), rows)
   plotted = _sweep_command.plot(
     configs, run_dirs, varying, os.path.join(out, _sweep_command.PLOT_FILE)
   )
   print(_sweep_command.format_summary(rows))
-  diverged = _sweep_command.check_finite(rows)
-  if diverged:
-    print(f'diverged (non-finite test loss): {", ".join(diverged)}')
   print(
     f'summary in {os.path.join(out, _sweep_command.SUMMARY_FILE)}'
     + (f', plot in {os.path.join(out, _sweep_command.PLOT_FILE)}' if plotted else '')
   )
+  diverged = _sweep_command.diverged_runs(rows)
+  if diverged:
+    print(
+      f'fedjax-lite sweep: error: {len(diverged)} of {len(configs)} runs diverged (non-finite '
+      f'weights or test loss): {", ".join(diverged)}. Tip: lower --client-lr or --server-lr, '
+      f'or clip updates with --aggregator clip. Their folders are in {out}',
+      file=sys.stderr,
+    )
+    return 1
   return 0
 
 
@@ -376,8 +428,15 @@ def _datasets(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
+  from fedjax_lite import _sweep_command
+
   try:
-    paths = simulation.plot_run(args.run_dir, args.out)
+    if _sweep_command.is_sweep(args.run_dir):
+      paths = _sweep_command.plot_sweep(args.run_dir, args.out, args.metric)
+    else:
+      paths = simulation.plot_run(args.run_dir, args.out, metric=args.metric)
+  except LookupError as error:  # no such metric
+    raise ConfigError(f'--metric: {error.args[0]}') from None
   except (FileNotFoundError, ValueError) as error:
     raise ConfigError(f'RUN_DIR: {error}') from None
   for path in paths:
@@ -399,9 +458,53 @@ def _int_at_least_0(text: str) -> int:
   return value
 
 
+class _ArgumentError(Exception):
+  """A command line argparse refused: the parser that refused it and its message."""
+
+  def __init__(self, parser: argparse.ArgumentParser, message: str):
+    super().__init__(message)
+    self.parser, self.message = parser, message
+
+
+class _Parser(argparse.ArgumentParser):
+  """An ArgumentParser whose errors are one line (`fedjax-lite train: error: ...`, no usage) and
+  that takes no abbreviated flags (`--rou 2` is not `--rounds 2`); its subcommands are the same."""
+
+  def __init__(self, *args, **kwargs):
+    self.flags: list[str] = []  # its long flags, for suggestions
+    super().__init__(*args, allow_abbrev=False, **kwargs)
+    self.set_defaults(parser=self)  # the namespace names the (sub)command's parser
+
+  def add_argument(self, *args, **kwargs):
+    action = super().add_argument(*args, **kwargs)
+    self.flags += [s for s in action.option_strings if s.startswith('--')]
+    return action
+
+  def error(self, message: str):
+    raise _ArgumentError(self, message)
+
+
+def _suggestion(word: str, choices: Sequence[str]) -> str:
+  """` Did you mean X?`: the one choice `word` abbreviates, else the closest (difflib), or ''."""
+  close = [c for c in choices if c.startswith(word)]
+  if len(close) != 1:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+  return f' Did you mean {close[0]}?' if close else ''
+
+
+def _unknown_arguments(parser: _Parser, extras: Sequence[str]) -> str:
+  """The one-line error of the arguments `parser` does not know, with the closest flag."""
+  unknown = [a for a in extras if a.startswith('-')]
+  if not unknown:
+    return f'unexpected argument {extras[0]!r} ({parser.prog} --help lists the arguments)'
+  name = unknown[0].split('=', 1)[0]
+  hint = _suggestion(name, parser.flags)
+  return f'unknown flag {name}.{hint} ({parser.prog} --help lists the flags)'
+
+
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog='fedjax-lite', description=__doc__.splitlines()[0])
-  commands = parser.add_subparsers(dest='command', required=True)
+  parser = _Parser(prog='fedjax-lite', description=__doc__.splitlines()[0])
+  commands = parser.add_subparsers(dest='command', required=True, parser_class=_Parser)
   train = commands.add_parser(
     'train',
     help='train a federated model (default: FedAvg on the digits data)',
@@ -444,9 +547,20 @@ def build_parser() -> argparse.ArgumentParser:
   evaluate.set_defaults(run=_eval)
   datasets = commands.add_parser('datasets', help='list the datasets and which are here')
   datasets.set_defaults(run=_datasets)
-  plot = commands.add_parser('plot', help="write PNG curves of a run's metrics")
+  plot = commands.add_parser(
+    'plot',
+    help="write PNG curves of a run's metrics, or compare a sweep's runs",
+    description='RUN_DIR: a run folder (loss.png, accuracy.png, and epsilon.png for a DP run) '
+    'or a sweep folder (comparison.png: the runs of each configuration as mean ± std).',
+  )
   plot.add_argument('run_dir', metavar='RUN_DIR')
   plot.add_argument('--out', metavar='DIR', help='default: RUN_DIR')
+  plot.add_argument(
+    '--metric',
+    metavar='NAME',
+    help='plot this metric only: a key of metrics.jsonl (evaluation/loss) or a short name '
+    '(accuracy, loss, epsilon: test first, then train); default: loss and accuracy',
+  )
   plot.set_defaults(run=_plot)
   return parser
 
@@ -462,9 +576,37 @@ def _one_line_warnings(command: str):
     warnings.formatwarning = original
 
 
+def _stdout_to_devnull() -> None:
+  """Points stdout at /dev/null: its reader left (`| head`), so no later write or flush, the
+  interpreter's own at exit included, may fail with a BrokenPipeError trace."""
+  try:
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+  except (AttributeError, OSError, ValueError):  # a stdout without a file (tests capture it)
+    sys.stdout = open(os.devnull, 'w')  # noqa: SIM115 (stdout for the rest of the process)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-  """Runs a command; user errors are one line on stderr and exit status 2 (130 for Ctrl-C)."""
-  args = build_parser().parse_args(argv)
+  """Runs a command; user errors are one line on stderr and exit status 2 (130 for Ctrl-C).
+  Output to a pipe whose reader left (`fedjax-lite datasets | head -1`) ends quietly, status 0."""
+  try:
+    try:
+      return _main(argv)
+    finally:
+      sys.stdout.flush()  # a reader that left is seen here, not at interpreter exit
+  except BrokenPipeError:
+    _stdout_to_devnull()
+    return 0
+
+
+def _main(argv: Sequence[str] | None) -> int:
+  parser = build_parser()
+  try:
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+      raise _ArgumentError(args.parser, _unknown_arguments(args.parser, extras))
+  except _ArgumentError as error:
+    print(f'{error.parser.prog}: error: {error.message}', file=sys.stderr)
+    return 2
   args.argv = list(sys.argv[1:] if argv is None else argv)
   try:
     with _one_line_warnings(args.command):
@@ -474,8 +616,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
   except OSError as error:
     if isinstance(error, BrokenPipeError):  # `fedjax-lite datasets | head`: the reader left
-      sys.stdout = open(os.devnull, 'w')  # noqa: SIM115 (no more output may reach the pipe)
-      return 0
+      raise
     detail = f'{error.filename}: {error.strerror}' if error.filename and error.strerror else error
     print(f'fedjax-lite {args.command}: error: {detail}', file=sys.stderr)
     return 2

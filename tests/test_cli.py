@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import os
 import pathlib
 import re
 import runpy
@@ -9,6 +10,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -108,7 +110,7 @@ def test_resumed_run_equals_an_uninterrupted_one(capsys):
     (['train', '--target-delta', '2'], '--target-delta: expected a number in (0, 1)'),
     (
       ['train', '--aggregator', 'dp', '--noise-multiplier', '1', '--clients-per-round', '5'],
-      '--aggregator dp: clipped_count_stddev (0.25) must be more than half the noise_multiplier',
+      '--aggregator dp with the adaptive clip (no --clip) needs more than 10 clients a round',
     ),
     (['fly'], 'invalid choice'),
   ],
@@ -236,11 +238,11 @@ def test_aggregators_train_and_dp_stops_at_the_epsilon_budget(capsys):
     assert re.search(r'final: test accuracy 0\.\d+', capsys.readouterr().out)
   dp = ['--aggregator', 'dp', '--clip', '0.5', '--noise-multiplier', '1.0']
   argv = ['train', '--rounds', '30', '--eval-every', '10', '--out', 'dp', *dp]
-  assert cli.main([*argv, '--epsilon-budget', '5']) == 0
+  assert cli.main([*argv, '--epsilon-budget', '20']) == 0
   out = capsys.readouterr().out
   assert 'fixed-size sampling without replacement (10 of 30)' in out
-  accountant = fl.aggregators.PrivacyAccountant(1.0, 10, 30, 30**-1.1, sampling='fixed_size')
-  last_round = max(r for r in range(31) if accountant.epsilon(r) <= 5)
+  accountant = fl.aggregators.PrivacyAccountant(1.0, 10, 30, 0.1 / 30, sampling='fixed_size')
+  last_round = max(r for r in range(31) if accountant.epsilon(r) <= 20)
   assert 0 < last_round < 30
   last = _last_metrics('dp')
   assert last['round_num'] == last_round
@@ -428,6 +430,8 @@ def test_divergence_is_reported_per_round_and_fails_the_run(tmp_path, capsys):
   assert any('round 1: no usable client; all 5 clients with data' in m for m in messages)
   out = capsys.readouterr()
   assert 'excluded 5 non-finite clients' in out.out
+  # No client contributed: the round's training loss is undefined (nan), not 0.
+  assert re.search(r'^round +1 +loss nan +accuracy nan +s/round [\d.]+ +compiled in', out.out, re.M)
   rows = [
     json.loads(line) for line in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()
   ]
@@ -446,3 +450,73 @@ def test_the_example_is_the_main_job_written_out(capsys):
   assert cli.main(['train', '--rounds', '3', '--quiet']) == 0
   out = capsys.readouterr().out
   assert re.search(rf'final: test accuracy {accuracy:.4f}  test loss', out)
+
+
+@pytest.mark.parametrize(
+  ('argv', 'buffered'),
+  [(['datasets'], True), (['datasets'], False), (['sweep', '--help'], True)],
+)
+def test_a_reader_that_leaves_early_gets_no_trace(argv, buffered):
+  # `fedjax-lite datasets | head -1`, with the reader gone before the command writes anything.
+  env = {k: v for k, v in os.environ.items() if k != 'PYTHONUNBUFFERED'}
+  if not buffered:
+    env['PYTHONUNBUFFERED'] = '1'
+  command = subprocess.Popen(
+    [sys.executable, '-m', 'fedjax_lite.cli', *argv],
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    env=env,
+  )
+  command.stdout.close()
+  err = command.stderr.read().decode()
+  assert command.wait() == 0
+  assert err == ''
+
+
+@pytest.mark.parametrize(
+  ('argv', 'message'),
+  [
+    (
+      ['train', '--roundz', '3'],
+      'fedjax-lite train: error: unknown flag --roundz. Did you mean --rounds?',
+    ),
+    (
+      ['train', '--rou', '2'],
+      'fedjax-lite train: error: unknown flag --rou. Did you mean --rounds?',
+    ),
+    (['train', '--rou=2'], 'fedjax-lite train: error: unknown flag --rou. Did you mean --rounds?'),
+    (
+      ['sweep', '--config', 'grid.toml', '--runs-per', '1'],
+      'fedjax-lite sweep: error: unknown flag --runs-per. Did you mean --runs-per-program?',
+    ),
+    (['train', '--rounds'], 'fedjax-lite train: error: argument --rounds: expected one argument'),
+    (['train', 'extra'], "fedjax-lite train: error: unexpected argument 'extra'"),
+    (['fly'], "fedjax-lite: error: argument command: invalid choice: 'fly'"),
+  ],
+)
+def test_argument_errors_are_one_line_and_abbreviations_are_refused(argv, message, capsys):
+  assert cli.main(argv) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(message)
+  assert err.count('\n') == 1 and 'usage:' not in err
+  assert not pathlib.Path('runs').exists()  # nothing ran
+
+
+def test_round_lines_show_seconds_per_round_without_compilation(capsys):
+  printer = cli._PrintMetrics()
+  try:
+    x = jnp.arange(64.0).reshape(8, 8)
+    jax.block_until_ready(jax.jit(lambda x: jnp.linalg.qr(x @ x.T + 1.0)[0])(x))  # compiles
+    timing = {'timing/round_seconds': 30.0, 'timing/examples_per_second': 5.0}
+    printer.release({'client_work/train/loss': 0.5, **timing}, 1)
+    timing = {'timing/round_seconds': 0.25, 'timing/examples_per_second': 40.0}
+    printer.release({'client_work/train/loss': 0.25, **timing}, 2)
+  finally:
+    printer.close()
+  first, second = capsys.readouterr().out.splitlines()
+  compiled = float(re.search(r'compiled in ([\d.]+) s$', first).group(1))
+  assert 0 < compiled < 30
+  seconds = float(re.search(r's/round ([\d.]+)', first).group(1))
+  assert seconds == pytest.approx(30.0 - compiled, abs=0.01)
+  assert 'examples/s' not in first  # that round's rate includes compiling
+  assert second == 'round    2  loss 0.2500  s/round 0.250  examples/s 40'

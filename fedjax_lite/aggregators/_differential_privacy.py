@@ -19,7 +19,8 @@ class DPState(NamedTuple):
   """State of the DP aggregation.
 
   Attributes:
-    rng: `[2] uint32` key of this round's noise, advanced every round (reproducible, resumable).
+    rng: `[2] uint32` key of this round's noise, advanced every round (reproducible, resumable);
+      from the factory's `seed`.
     clip: the clip's `EstimationProcess` state (`()` for a fixed clip).
   """
 
@@ -38,9 +39,13 @@ class DifferentiallyPrivateFactory:
 
   Build it with `gaussian_fixed` or `gaussian_adaptive`. Use it where an unweighted aggregator
   is expected (`build_unweighted_fed_avg(..., model_aggregator=...)`). Measurements:
-  `{'dp_query_metrics': {'clip', 'clipped_count'}, 'dp': {}}`; the noise is keyed from the
-  process state. The privacy guarantee is the accountant's business (ε from the noise
-  multiplier, the sampling rate and the rounds), not this factory's.
+  `{'dp_query_metrics': {'clip', 'clipped_count'}, 'dp': {}}`: `clip` is the clip after the
+  round's update (what TFF's `derive_metrics` reports of the new query state; the round itself
+  clipped at the clip before it), `clipped_count` the clients whose norm exceeded the round's
+  clip. The noise is keyed from the process state, which starts from `seed`: give each run
+  (each seed of a sweep) its own, or every run draws the same noise. The privacy guarantee is
+  the accountant's business (ε from the noise multiplier, the sampling rate and the rounds),
+  not this factory's.
   """
 
   def __init__(
@@ -54,13 +59,14 @@ class DifferentiallyPrivateFactory:
     self._value_noise_multiplier = float(value_noise_multiplier)
     self._clients_per_round = float(clients_per_round)
     self._clip = clip_process
-    self._seed = seed
+    self._seed = _quantile.check_seed(seed)
 
   @classmethod
   def gaussian_fixed(
     cls, noise_multiplier: float, clients_per_round: float, clip: float, seed: int = 0
   ) -> DifferentiallyPrivateFactory:
-    """A fixed L2 clip; the noise standard deviation is `noise_multiplier * clip`."""
+    """A fixed L2 clip; the noise standard deviation is `noise_multiplier * clip`; `seed`
+    keys the noise."""
     _check(noise_multiplier=noise_multiplier, clients_per_round=clients_per_round, clip=clip)
     if noise_multiplier < 0:
       raise ValueError(f'noise_multiplier must be >= 0; got {noise_multiplier}')
@@ -85,6 +91,9 @@ class DifferentiallyPrivateFactory:
     2021), its below-clip count privatized with `clipped_count_stddev` (default
     `0.05 * clients_per_round`, TFF's). Part of the privacy budget goes to the count, so the
     value's noise multiplier is raised to `(z⁻² − (2σ_b)⁻²)^(-1/2)` to keep the total at `z`.
+    With `noise_multiplier` 0 the default count noise is 0 too (TFF's rule); the below-clip
+    fraction is over `clients_per_round` whatever the noise, as TF Privacy's quantile query
+    has it. `seed` keys both noises (independent streams).
     """
     _check(noise_multiplier=noise_multiplier, clients_per_round=clients_per_round)
     if noise_multiplier < 0 or clients_per_round <= 0:
@@ -92,25 +101,31 @@ class DifferentiallyPrivateFactory:
         'noise_multiplier must be >= 0 and clients_per_round > 0; got '
         f'{noise_multiplier} and {clients_per_round}'
       )
-    if clipped_count_stddev is None:
-      clipped_count_stddev = 0.05 * clients_per_round
-    _check(clipped_count_stddev=clipped_count_stddev)
-    if noise_multiplier > 0:
+    if clipped_count_stddev is not None:
+      _check(clipped_count_stddev=clipped_count_stddev)
+      if clipped_count_stddev < 0:
+        raise ValueError(f'clipped_count_stddev must be >= 0; got {clipped_count_stddev}')
+    if noise_multiplier > 0:  # TFF's adaptive_clip_noise_params
+      if clipped_count_stddev is None:
+        clipped_count_stddev = 0.05 * clients_per_round
       if not 2 * clipped_count_stddev > noise_multiplier:
         raise ValueError(
           f'clipped_count_stddev ({clipped_count_stddev}) must be more than half the '
-          f'noise_multiplier ({noise_multiplier}): the count would use the whole budget'
+          f'noise_multiplier ({noise_multiplier}): the count would use the whole budget. '
+          'Tip: raise clients_per_round (the default clipped_count_stddev is 0.05 * '
+          'clients_per_round) or clipped_count_stddev, or use gaussian_fixed (a fixed clip)'
         )
       value_noise = (noise_multiplier**-2 - (2 * clipped_count_stddev) ** -2) ** -0.5
     else:
-      value_noise, clipped_count_stddev = 0.0, 0.0
+      value_noise = 0.0
+      clipped_count_stddev = clipped_count_stddev or 0.0
     clip = _quantile.build_quantile_estimator(
       initial_l2_norm_clip,
       target_unclipped_quantile,
       learning_rate,
       below_count_stddev=clipped_count_stddev,
       expected_clients=clients_per_round,
-      seed=seed + 1,
+      seed=seed,
     )
     return cls(value_noise, clients_per_round, clip, seed)
 
@@ -120,7 +135,7 @@ class DifferentiallyPrivateFactory:
     denominator, seed = self._clients_per_round, self._seed
 
     def initialize():
-      return DPState(jax.random.PRNGKey(seed), clip_process.initialize())
+      return DPState(_quantile.noise_key(seed, _quantile.VALUE_STREAM), clip_process.initialize())
 
     def client_part(state, value, client_id):
       del client_id
@@ -140,7 +155,11 @@ class DifferentiallyPrivateFactory:
       ]
       mean = jax.tree.map(lambda x: x / denominator, jax.tree.unflatten(treedef, noised))
       new_state = DPState(next_key, clip_process.server_part(state.clip, clip_sum))
-      measurements = {'dp_query_metrics': {'clip': limit, 'clipped_count': clipped_count}, 'dp': {}}
+      new_limit = clip_process.report(new_state.clip)  # TFF: derive_metrics(new query state)
+      measurements = {
+        'dp_query_metrics': {'clip': new_limit, 'clipped_count': clipped_count},
+        'dp': {},
+      }
       return _processes.MeasuredProcessOutput(new_state, mean, measurements)
 
     return _processes.AggregationProcess(

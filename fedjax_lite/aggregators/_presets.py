@@ -57,17 +57,21 @@ def robust_aggregator(zeroing: bool = True, clipping: bool = True, weighted: boo
   return _guarded_mean(None, zeroing, clipping, weighted)
 
 
-def dp_aggregator(noise_multiplier: float, clients_per_round: float, zeroing: bool = True) -> Any:
+def dp_aggregator(
+  noise_multiplier: float, clients_per_round: float, zeroing: bool = True, *, seed: int = 0
+) -> Any:
   """DP-FedAvg with an adaptive clip (`DifferentiallyPrivateFactory.gaussian_adaptive`, TFF's
   defaults: clip from 0.1 toward the median norm at rate 0.2), zeroing outliers first. An
   unweighted aggregator: use it with `build_unweighted_fed_avg`. Account for it with
-  `PrivacyAccountant(noise_multiplier, clients_per_round, population, delta)`."""
+  `PrivacyAccountant(noise_multiplier, clients_per_round, population, delta)`. `seed` keys the
+  noise (TFF draws it from a fresh seed): give each run its own."""
   factory = _differential_privacy.DifferentiallyPrivateFactory.gaussian_adaptive(
     noise_multiplier=noise_multiplier,
     clients_per_round=clients_per_round,
     initial_l2_norm_clip=0.1,
     target_unclipped_quantile=0.5,
     learning_rate=0.2,
+    seed=seed,
   )
   return default_zeroing(factory) if zeroing else factory
 

@@ -20,6 +20,7 @@ from fedjax_lite.simulation._metrics_managers import (
   load_metrics,
 )
 from fedjax_lite.simulation._plot import plot_run
+from fedjax_lite.simulation._progress import CompileTimer
 from fedjax_lite.simulation._sweep import run_sweep, stack_client_batches
 from fedjax_lite.simulation._training_loop import build_evaluation_fn, run_training_process
 
@@ -27,6 +28,7 @@ __all__ = [
   'CSVMetricsManager',
   'ClientStateStore',
   'ClientStateStoreError',
+  'CompileTimer',
   'FileCheckpointManager',
   'InMemoryClientStateStore',
   'InMemoryMetricsManager',

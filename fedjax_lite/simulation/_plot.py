@@ -1,4 +1,5 @@
-"""`plot_run`: PNG curves of a run's metrics file (loss and accuracy against round).
+"""`plot_run`: PNG curves of a run's metrics file (loss, accuracy and, for a DP run, ε against
+round; or any one metric).
 
 Needs matplotlib (`pip install 'fedjax_lite[plot]'`). Figures are drawn on matplotlib's Agg
 canvas directly, so plotting never changes the user's pyplot backend.
@@ -12,7 +13,9 @@ from typing import Any
 from fedjax_lite.simulation import _metrics_managers
 
 METRICS_FILES = ('metrics.jsonl', 'metrics.csv')
-_COLORS = {'train': 'tab:blue', 'eval': 'tab:orange'}  # the same in every figure
+# The same in every figure.
+_COLORS = {'train': 'tab:blue', 'eval': 'tab:orange', 'privacy': 'tab:green', 'other': 'tab:gray'}
+EPSILON_KEY = 'privacy/epsilon'  # what the training loop releases with a privacy accountant
 
 
 def _metrics_file(run_dir_or_metrics_file: str) -> str:
@@ -47,25 +50,57 @@ def _curve(rows: dict[int, dict[str, Any]], key: str) -> tuple[list[int], list[f
   return [r for r, _ in points], [float(v) for _, v in points]
 
 
-def plot_run(run_dir_or_metrics_file: str | os.PathLike, out_dir: str | os.PathLike | None = None):
-  """Writes `loss.png` (train loss, and evaluation loss if any) and `accuracy.png` (evaluation
-  accuracy, and train accuracy if any) against round, titled with the run folder's name; train
-  curves are blue and evaluation curves orange in both.
+def _kind(key: str) -> str:
+  if key.startswith('evaluation/'):
+    return 'eval'
+  if key.startswith('privacy/'):
+    return 'privacy'
+  return 'train' if '/train/' in f'/{key}' else 'other'
+
+
+def _metric_curves(keys: list[str], metric: str) -> list[tuple[str, str]]:
+  """`(key, kind)` of the curves of `metric`: the key itself, or the train and evaluation (and
+  privacy) metrics of that name."""
+  if metric in keys:
+    return [(metric, _kind(metric))]
+  named = [_pick(keys, metric, False), _pick(keys, metric, True), f'privacy/{metric}']
+  found = [(key, _kind(key)) for key in dict.fromkeys(named) if key in keys]
+  if not found:
+    plottable = [k for k in keys if not k.startswith(('timing/', 'memory/'))]
+    raise LookupError(f'no metric {metric!r}; the metrics are {", ".join(plottable)}')
+  return found
+
+
+def plot_run(
+  run_dir_or_metrics_file: str | os.PathLike,
+  out_dir: str | os.PathLike | None = None,
+  *,
+  metric: str | None = None,
+):
+  """Writes `loss.png` (train loss, and evaluation loss if any), `accuracy.png` (evaluation
+  accuracy, and train accuracy if any) and, for a DP run (metrics with `privacy/epsilon`),
+  `epsilon.png` (ε against round), titled with the run folder's name; train curves are blue,
+  evaluation curves orange, ε green. Rounds are integer ticks.
 
   Args:
     run_dir_or_metrics_file: a run folder holding `metrics.jsonl` (preferred) or `metrics.csv`,
       or one such file.
     out_dir: where to write the PNGs (created if needed); default the run folder (the metrics
       file's folder).
+    metric: plot only this metric, to `<metric>.png` (`/` as `-`): a flat key
+      (`evaluation/loss`), or a name whose train, evaluation and privacy metrics are drawn
+      (`loss`, `epsilon`).
 
   Returns:
     The paths of the PNG files written (a figure with no curve to draw is skipped).
 
   Raises:
     FileNotFoundError: no metrics file.
-    ValueError: the file is damaged, or holds no loss or accuracy value to plot.
+    LookupError: the metrics have no `metric`.
+    ValueError: the file is damaged, or holds no value to plot.
   """
   try:
+    from matplotlib import ticker
     from matplotlib.backends import backend_agg
     from matplotlib.figure import Figure
   except ImportError as e:
@@ -85,7 +120,10 @@ def plot_run(run_dir_or_metrics_file: str | os.PathLike, out_dir: str | os.PathL
       'accuracy',
       [(_pick(keys, 'accuracy', True), 'eval'), (_pick(keys, 'accuracy', False), 'train')],
     ),
+    ('epsilon.png', 'epsilon', [(EPSILON_KEY if EPSILON_KEY in keys else None, 'privacy')]),
   ]
+  if metric is not None:
+    figures = [(f'{metric.replace("/", "-")}.png', metric, _metric_curves(keys, metric))]
   run_name = os.path.basename(os.path.dirname(os.path.abspath(path)))
   written = []
   for filename, ylabel, curves in figures:
@@ -99,6 +137,7 @@ def plot_run(run_dir_or_metrics_file: str | os.PathLike, out_dir: str | os.PathL
     for key, label, points in curves:
       axes.plot(*points, marker='.', color=_COLORS[label], label=f'{label} ({key})')
     axes.set_title(f'{run_name}: {ylabel}')
+    axes.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
     axes.set_xlabel('round')
     axes.set_ylabel(ylabel)
     axes.grid(alpha=0.3)
@@ -109,7 +148,6 @@ def plot_run(run_dir_or_metrics_file: str | os.PathLike, out_dir: str | os.PathL
     figure.savefig(out_path, format='png')
     written.append(out_path)
   if not written:
-    raise ValueError(
-      f'{path} has no loss or accuracy values to plot ({len(rows)} rows; keys {keys})'
-    )
+    what = 'loss or accuracy' if metric is None else repr(metric)
+    raise ValueError(f'{path} has no {what} values to plot ({len(rows)} rows; keys {keys})')
   return written

@@ -63,7 +63,8 @@ def stack_client_batches(batches: Sequence[ClientBatches]) -> ClientBatches:
   return jax.tree.map(lambda *xs: jnp.stack(xs), *padded)
 
 
-# The share of the device's free memory a sweep program may plan to use.
+# The share of the free memory (the device's, or the host's on a CPU) a sweep program may plan
+# to use.
 MEMORY_HEADROOM = 0.8
 
 
@@ -75,16 +76,44 @@ def _free_device_bytes() -> int | None:
   return int(stats['bytes_limit']) - int(stats.get('bytes_in_use', 0))
 
 
+def _free_host_bytes() -> int | None:
+  """The host memory a new allocation can take (Linux's MemAvailable, else the free pages), or
+  None where the system reports neither."""
+  try:
+    with open('/proc/meminfo') as f:
+      for line in f:
+        if line.startswith('MemAvailable:'):
+          return int(line.split()[1]) * 1024
+  except (OSError, ValueError, IndexError):
+    pass
+  try:
+    return os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+  except (AttributeError, OSError, ValueError):
+    return None
+
+
+def _free_memory_bytes() -> int | None:
+  """The free memory a sweep program runs in: the default device's, or on a CPU (which reports
+  none) the host's; None where neither is known."""
+  free = _free_device_bytes()
+  if free is None and jax.devices()[0].platform == 'cpu':
+    free = _free_host_bytes()
+  return free
+
+
 def runs_that_fit(sweep: Sweep, client_batches: Any) -> int | None:
-  """The most runs of `sweep` one program holds in `MEMORY_HEADROOM` of the device's free
-  memory, or None where the device reports no memory limit (no bound).
+  """The most runs of `sweep` one program holds in `MEMORY_HEADROOM` of the free memory (the
+  device's; on a CPU the host's available memory), or None where none is reported (no bound).
 
   Estimated from the program compiled for one run: per run, its state, its new state and
-  metrics, and XLA's temporaries; the round's batches once (per run when they carry a run axis).
+  metrics, and XLA's temporaries; the round's batches once (per run when they carry a run axis,
+  estimated from the first run's cohort).
   """
-  free = _free_device_bytes()
+  free = _free_memory_bytes()
   if free is None:
     return None
+  if not isinstance(client_batches, ClientBatches):  # one cohort per run: the first one's
+    client_batches = stack_client_batches(list(client_batches)[:1])
   one_run = jax.tree.map(
     lambda x: jax.ShapeDtypeStruct((1, *x.shape[1:]), x.dtype), jax.eval_shape(sweep.initialize)
   )
@@ -92,7 +121,7 @@ def runs_that_fit(sweep: Sweep, client_batches: Any) -> int | None:
   state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(one_run))
   shared = memory.argument_size_in_bytes - state_bytes
   per_run = state_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
-  if not isinstance(client_batches, ClientBatches):  # one cohort per run
+  if np.ndim(client_batches.mask) == 4:  # one cohort per run
     per_run, shared = per_run + shared, 0
   return max(1, int((MEMORY_HEADROOM * free - shared) // per_run))
 
@@ -195,6 +224,8 @@ def run_sweep(
   metrics_managers_fn: Callable[[str], Sequence[Any]] = default_metrics_managers,
   progress: bool = False,
   resumable: Sequence[str] = (),
+  privacy_accountant: Any = None,
+  epsilon_budget: float | None = None,
 ) -> list[Any]:
   """Runs every run of `sweep` for rounds 1..`total_rounds`, resuming from its checkpoints.
 
@@ -213,8 +244,14 @@ def run_sweep(
   Each run releases its flat process metrics, `evaluation/<key>` (evaluated run by run), and
   per run: `timing/train_seconds` (its group's `next` over the group's size; compilation is not
   included), `timing/data_seconds` (the round's data over the number of runs),
-  `timing/evaluation_seconds`, `timing/round_seconds`, `timing/examples_per_second`, and
-  `memory/temp_bytes_per_run` (XLA's temporaries of its group's program over the group's size).
+  `timing/evaluation_seconds`, `timing/round_seconds`, `timing/examples_per_second`,
+  `memory/temp_bytes_per_run` (XLA's temporaries of its group's program over the group's size),
+  and with a `privacy_accountant` `privacy/epsilon` (its ε after the round).
+
+  With `epsilon_budget`, each run stops as `run_training_process` stops it: after the last round
+  whose ε (its own accountant's) is within the budget, that round evaluated, checkpointed and
+  kept as a finished run's last round. A run that stops before the others of its group no
+  longer changes (its group's later rounds leave its state as it was and release nothing).
 
   Args:
     sweep: from `fl.templates.build_sweep`.
@@ -225,8 +262,8 @@ def run_sweep(
     run_dirs: K folders, one per run, in the order of `sweep.runs`.
     configs: K JSON-serializable mappings, each run's settings.
     runs_per_program: the most runs one compiled call advances (>= 1); bounds memory.
-      Default: as many as fit in the device's free memory (`runs_that_fit`); all of them on a
-      device that reports no memory limit (a CPU).
+      Default: as many as fit in `MEMORY_HEADROOM` of the free memory (`runs_that_fit`): the
+      device's, or on a CPU the host's available memory; all of them where none is reported.
     evaluation_fn: `(run state, evaluation data) -> metrics mapping`, called for each run.
     evaluation_selection_fn: `round_num -> evaluation data`; required with `evaluation_fn`.
     rounds_per_evaluation: evaluate every this many rounds (and at the last round).
@@ -237,6 +274,11 @@ def run_sweep(
     resumable: the keys of `configs` that may differ from a run folder's saved `config.json`
       when it resumes (e.g. the number of rounds); any other difference is an error and the
       folder is left as it was.
+    privacy_accountant: e.g. `fl.aggregators.PrivacyAccountant`, for every run, or a sequence
+      of K (one per run, e.g. for runs of different noise multipliers); `epsilon(round_num)` is
+      released every round as `privacy/epsilon`.
+    epsilon_budget: stop each run before the first round whose ε would exceed it; needs
+      `privacy_accountant`. A budget below one round's ε is a ValueError.
 
   Returns:
     The final state of each run, in the order of `sweep.runs`.
@@ -261,8 +303,18 @@ def run_sweep(
     raise ValueError(f'configs must hold {num_runs} mappings, one per run; got {len(configs)}')
   if (evaluation_fn is None) != (evaluation_selection_fn is None):
     raise ValueError('evaluation_fn and evaluation_selection_fn go together')
+  accountants = _accountants(privacy_accountant, num_runs)
+  for k, accountant in enumerate(accountants):
+    name = 'privacy_accountant' + (f'[{k}]' if len(set(map(id, accountants))) > 1 else '')
+    loop.check_privacy(name, accountant, epsilon_budget)
+  last_rounds = [total_rounds] * num_runs
+  if epsilon_budget is not None:
+    last_rounds = [
+      loop.last_round_within_budget(accountant, epsilon_budget, total_rounds)
+      for accountant in accountants
+    ]
   size = runs_per_program
-  if size is None and _free_device_bytes() is not None:  # an accelerator: what fits
+  if size is None:  # what fits in the device's (a CPU: the host's) memory
     size = runs_that_fit(sweep, training_selection_fn(1))
   size = size or num_runs
   groups = [_Group(i, min(i + size, num_runs)) for i in range(0, num_runs, size)]
@@ -286,13 +338,26 @@ def run_sweep(
       groups,
       runs,
       training_selection_fn,
-      total_rounds,
+      last_rounds,
+      accountants,
       evaluate=evaluate,
       rounds_per_evaluation=rounds_per_evaluation,
       rounds_per_checkpoint=rounds_per_checkpoint,
       progress=progress,
     )
     return [state for group in groups for state in sweep.unstack(group.state)]
+
+
+def _accountants(privacy_accountant: Any, num_runs: int) -> list[Any]:
+  """One accountant (or None) per run from one for every run or a sequence of them."""
+  if isinstance(privacy_accountant, Sequence) and not isinstance(privacy_accountant, str):
+    if len(privacy_accountant) != num_runs:
+      raise ValueError(
+        f'privacy_accountant must be one accountant or {num_runs}, one per run; got a sequence '
+        f'of {len(privacy_accountant)}'
+      )
+    return list(privacy_accountant)
+  return [privacy_accountant] * num_runs
 
 
 def _flat(prefix: str, metrics: Mapping[str, Any]) -> dict[str, Any]:
@@ -328,7 +393,7 @@ _ROUND = f'{loop.TIMING_KEY}/round_seconds'
 
 def _round_metrics(metrics: Any, timing: dict[str, float], temp_bytes: float) -> dict[str, Any]:
   """One run's flat process metrics with its `timing/*` and `memory/temp_bytes_per_run`."""
-  for reserved in (loop.EVALUATION_KEY, loop.TIMING_KEY, MEMORY_KEY):
+  for reserved in (loop.EVALUATION_KEY, loop.TIMING_KEY, loop.PRIVACY_KEY, MEMORY_KEY):
     if reserved in metrics:
       raise ValueError(f'process metrics have a top-level {reserved!r} key, which the driver adds')
   flat = _metrics_managers.flatten_metrics(metrics)
@@ -337,6 +402,15 @@ def _round_metrics(metrics: Any, timing: dict[str, float], temp_bytes: float) ->
     timing['examples_per_second'] = num_examples / max(timing['train_seconds'], 1e-12)
   timing['round_seconds'] = timing['data_seconds'] + timing['train_seconds']
   return {**flat, **_flat(loop.TIMING_KEY, timing), f'{MEMORY_KEY}/temp_bytes_per_run': temp_bytes}
+
+
+def _keep_stopped(running: np.ndarray, new: Any, old: Any) -> Any:
+  """`new` for the runs `running` (`[runs] bool`), `old` for the others (leaves `[runs, ...]`)."""
+
+  def select(n, o):
+    return jnp.where(running.reshape(-1, *[1] * (n.ndim - 1)), n, o)
+
+  return jax.tree.map(select, new, old)
 
 
 def _round_data(data: Any, num_runs: int, round_num: int) -> Any:
@@ -355,27 +429,30 @@ def _train(
   groups,
   runs,
   selection_fn,
-  total_rounds,
+  last_rounds,
+  accountants,
   *,
   evaluate,
   rounds_per_evaluation,
   rounds_per_checkpoint,
   progress,
 ) -> None:
-  """Rounds from the earliest group's next one; in each, every group behind it advances."""
+  """Rounds from the earliest group's next one; in each, every group behind it advances, until
+  each run's last round (`last_rounds[k]`: the total, or the last within its ε budget)."""
   memory: dict[Any, float] = {}
   first_round = min(group.round for group in groups) + 1
-  bar = _progress.RoundProgress(total_rounds, first_round, progress)
+  final_round = max(last_rounds)
+  bar = _progress.RoundProgress(final_round, first_round, progress)
   try:
-    for round_num in range(first_round, total_rounds + 1):
+    for round_num in range(first_round, final_round + 1):
+      advancing = [g for g in groups if g.round < round_num <= max(last_rounds[g.start : g.stop])]
+      if not advancing:
+        continue
       start = time.perf_counter()
       data = _round_data(selection_fn(round_num), len(runs), round_num)
       data_seconds = (time.perf_counter() - start) / len(runs)
       shared = isinstance(data, ClientBatches)
-      last = round_num == total_rounds
-      evaluating = evaluate is not None and (round_num % rounds_per_evaluation == 0 or last)
-      saving = round_num % rounds_per_checkpoint == 0 or last
-      for group in (g for g in groups if g.round < round_num):
+      for group in advancing:
         group_data = data if shared else stack_client_batches(data[group.start : group.stop])
         size = group.stop - group.start
         specs = tree_lib.tree_specs(group_data)
@@ -383,28 +460,46 @@ def _train(
         if key not in memory:  # compiles `next` for these shapes; the call below reuses it
           memory[key] = sweep.temp_bytes_per_run(group.state, group_data)
         start = time.perf_counter()
+        previous = group.state
         group.state, metrics = sweep.next(group.state, group_data)
         jax.block_until_ready((group.state, metrics))
         train_seconds = (time.perf_counter() - start) / size
         group.round = round_num
-        states = sweep.unstack(group.state) if evaluating or saving else [None] * size
-        per_run = sweep.unstack(jax.device_get(metrics))
         runs_of_group = range(group.start, group.stop)
-        for k, run_metrics, state in zip(runs_of_group, per_run, states, strict=True):
+        running = np.array([round_num <= last_rounds[k] for k in runs_of_group])
+        if not running.all():  # runs past their budget keep their state
+          group.state = _keep_stopped(running, group.state, previous)
+        ends = [round_num == last_rounds[k] for k in runs_of_group]
+        evaluating = [
+          evaluate is not None and (round_num % rounds_per_evaluation == 0 or end) for end in ends
+        ]
+        saving = [round_num % rounds_per_checkpoint == 0 or end for end in ends]
+        needed = any(e or c for e, c, r in zip(evaluating, saving, running, strict=True) if r)
+        states = sweep.unstack(group.state) if needed else [None] * size
+        per_run = sweep.unstack(jax.device_get(metrics))
+        for i, (k, run_metrics, state) in enumerate(
+          zip(runs_of_group, per_run, states, strict=True)
+        ):
+          if not running[i]:
+            continue
           timing = {'data_seconds': data_seconds, 'train_seconds': train_seconds}
           flat = _round_metrics(run_metrics, timing, memory[key])
-          if evaluating:
+          if evaluating[i]:
             evaluation, seconds = evaluate(state, round_num)
             flat.update(_flat(loop.EVALUATION_KEY, evaluation))
             timing = {'evaluation_seconds': seconds, 'round_seconds': flat[_ROUND] + seconds}
             flat.update(_flat(loop.TIMING_KEY, timing))
+          if accountants[k] is not None:
+            flat.update(_flat(loop.PRIVACY_KEY, {'epsilon': accountants[k].epsilon(round_num)}))
           runs[k].release(flat, round_num)
-          if saving:
+          if saving[i]:
             runs[k].checkpoints.save_checkpoint(state, round_num)
           loop.warn_if_no_usable_client(flat, data if shared else data[k], round_num)
       bar.update(round_num, {})
-    for run in runs:  # the sweep completed: its final checkpoints outlive pruning
-      if total_rounds in run.checkpoints.checkpoint_rounds():
-        run.checkpoints.mark_kept(total_rounds)
+    # The sweep completed (every run its rounds, or what its budget allows): the final
+    # checkpoints outlive pruning.
+    for run, last in zip(runs, last_rounds, strict=True):
+      if last in run.checkpoints.checkpoint_rounds():
+        run.checkpoints.mark_kept(last)
   finally:
     bar.close()

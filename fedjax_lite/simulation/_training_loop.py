@@ -83,6 +83,48 @@ def examples_in(flat: dict[str, Any]) -> Any:
   return next((v for k, v in flat.items() if k.rsplit('/', 1)[-1] == 'num_examples'), None)
 
 
+def check_privacy(name: str, privacy_accountant: Any, epsilon_budget: Any) -> None:
+  """Raises unless `privacy_accountant` (argument `name`) is None or has a callable `epsilon`
+  and `epsilon_budget` is None or a number > 0 with an accountant to measure it."""
+  if privacy_accountant is not None and not callable(getattr(privacy_accountant, 'epsilon', None)):
+    raise TypeError(f'{name} must have a callable .epsilon(rounds); got {privacy_accountant!r}')
+  if epsilon_budget is not None:
+    if privacy_accountant is None:
+      raise ValueError('epsilon_budget needs a privacy_accountant to measure ε')
+    if isinstance(epsilon_budget, bool) or not (
+      isinstance(epsilon_budget, int | float) and epsilon_budget > 0
+    ):
+      raise ValueError(f'epsilon_budget must be a number > 0; got {epsilon_budget!r}')
+
+
+def last_round_within_budget(
+  privacy_accountant: Any, epsilon_budget: float, total_rounds: int
+) -> int:
+  """The last round, at most `total_rounds`, whose ε (`privacy_accountant.epsilon(round)`, which
+  grows with the rounds) is at most `epsilon_budget`: where a run with that budget stops.
+
+  Raises:
+    ValueError: when even one round exceeds the budget (a run would train nothing).
+  """
+  one_round = privacy_accountant.epsilon(1)
+  if one_round > epsilon_budget:
+    raise ValueError(
+      f'epsilon_budget={epsilon_budget:g} is below the epsilon of one round ({one_round:.4g}), '
+      'so no round could run. Tip: raise epsilon_budget or the noise multiplier, or sample '
+      'fewer clients a round.'
+    )
+  low, high = 1, total_rounds  # epsilon(low) <= budget; a binary search over the rounds
+  if privacy_accountant.epsilon(high) <= epsilon_budget:
+    return high
+  while high - low > 1:
+    middle = (low + high) // 2
+    if privacy_accountant.epsilon(middle) <= epsilon_budget:
+      low = middle
+    else:
+      high = middle
+  return low
+
+
 def run_training_process(
   process: Any,
   training_selection_fn: Callable[[int], Any],
@@ -114,7 +156,10 @@ def run_training_process(
   Round r: `data = training_selection_fn(r)`; `state, metrics = process.next(state, data)`,
   waited for with `jax.block_until_ready`; evaluation when `r % rounds_per_evaluation == 0` or
   r is the last round; `release(metrics, r)` to each manager; a checkpoint when
-  `r % rounds_per_checkpoint == 0` or r is the last round.
+  `r % rounds_per_checkpoint == 0` or r is the last round. The last round is `total_rounds`, or
+  with `epsilon_budget` the last round whose ε is within it (`last_round_within_budget`): a run
+  stopped by its budget ends as a finished one, evaluated and checkpointed at its last round,
+  that checkpoint kept.
 
   A stateful process (`process.initial_client_state`, e.g. SCAFFOLD) needs
   `client_state_store` and `cohort_ids_fn`: round r runs `process.next(state, data,
@@ -147,8 +192,9 @@ def run_training_process(
     progress: show a progress bar over rounds (only on a terminal; needs rich).
     privacy_accountant: e.g. `fl.aggregators.PrivacyAccountant`: its `epsilon(round_num)` is
       released every round as `privacy/epsilon`.
-    epsilon_budget: stop before the first round whose ε would exceed it (the state of the last
-      round run is checkpointed and returned); needs `privacy_accountant`.
+    epsilon_budget: stop before the first round whose ε would exceed it (the last round run is
+      evaluated, checkpointed and returned, as the last round of a finished run); needs
+      `privacy_accountant`. A budget below the ε of one round is a ValueError.
     client_state_store: the per-client states of a stateful process, e.g.
       `fl.simulation.SQLiteClientStateStore(path, process.initial_client_state)`.
     donate_state: the driver owns the state between rounds, so each round's `next` reuses
@@ -160,7 +206,7 @@ def run_training_process(
       `fl.data.batch_cohort`); checked against the data's `client_ids` when it has them.
 
   Returns:
-    The state after round `total_rounds` (or after the last round the ε budget allowed).
+    The state after round `total_rounds` (or after the last round the ε budget allows).
   """
   for method in ('initialize', 'next'):
     if not callable(getattr(process, method, None)):
@@ -177,21 +223,14 @@ def run_training_process(
       + ('evaluation_fn' if evaluation_fn is not None else 'evaluation_selection_fn')
       + '. Tip: for fixed evaluation data use evaluation_selection_fn=lambda round_num: data.'
     )
-  if privacy_accountant is not None and not callable(getattr(privacy_accountant, 'epsilon', None)):
-    raise TypeError(
-      f'privacy_accountant must have a callable .epsilon(rounds); got {privacy_accountant!r}'
-    )
-  if epsilon_budget is not None:
-    if privacy_accountant is None:
-      raise ValueError('epsilon_budget needs a privacy_accountant to measure ε')
-    if isinstance(epsilon_budget, bool) or not (
-      isinstance(epsilon_budget, int | float) and epsilon_budget > 0
-    ):
-      raise ValueError(f'epsilon_budget must be a number > 0; got {epsilon_budget!r}')
+  check_privacy('privacy_accountant', privacy_accountant, epsilon_budget)
   if evaluation_fn is not None:
     check_callable('evaluation_fn', evaluation_fn, '(state, evaluation data) -> metrics')
     check_callable('evaluation_selection_fn', evaluation_selection_fn, 'round_num -> data')
   _check_client_states(process, client_state_store, cohort_ids_fn)
+  last_round = total_rounds
+  if epsilon_budget is not None:
+    last_round = last_round_within_budget(privacy_accountant, epsilon_budget, total_rounds)
   managers = list(metrics_managers)
   for i, manager in enumerate(managers):
     if not callable(getattr(manager, 'release', None)):
@@ -236,6 +275,14 @@ def run_training_process(
       client_state_store.commit(round_num, rounds)
     checkpoint_manager.save_checkpoint(state, round_num)
 
+  if state is not None and resumed_round > last_round:
+    warnings.warn(
+      f'the checkpoint of round {resumed_round} is past round {last_round}, the last within '
+      f'epsilon_budget={epsilon_budget:g} (epsilon {privacy_accountant.epsilon(resumed_round):.4g}'
+      '); no round was run',
+      RuntimeWarning,
+      stacklevel=2,
+    )
   if state is None:
     state = process.initialize()
     if evaluation_fn is not None:
@@ -254,13 +301,9 @@ def run_training_process(
   next_fn = process.next
   if donate_state and hasattr(next_fn, 'lower'):  # a jitted next (every built process)
     next_fn = jax.jit(next_fn, donate_argnums=0)
-  bar = _progress.RoundProgress(total_rounds, first_round, progress)
+  bar = _progress.RoundProgress(last_round, first_round, progress)
   try:
-    for round_num in range(first_round, total_rounds + 1):
-      if epsilon_budget is not None and privacy_accountant.epsilon(round_num) > epsilon_budget:
-        if checkpoint_manager is not None and (round_num - 1) % rounds_per_checkpoint:
-          save(state, round_num - 1)
-        break
+    for round_num in range(first_round, last_round + 1):
       start = time.perf_counter()
       data = training_selection_fn(round_num)
       data_seconds = time.perf_counter() - start
@@ -287,7 +330,7 @@ def run_training_process(
         timing['examples_per_second'] = num_examples / max(train_seconds, 1e-12)
       round_seconds = data_seconds + train_seconds
       if evaluation_fn is not None and (
-        round_num % rounds_per_evaluation == 0 or round_num == total_rounds
+        round_num % rounds_per_evaluation == 0 or round_num == last_round
       ):
         evaluation, seconds = evaluate(evaluation_fn, evaluation_selection_fn, state, round_num)
         flat.update(flat_with(EVALUATION_KEY, evaluation))
@@ -299,15 +342,17 @@ def run_training_process(
         flat.update(flat_with(PRIVACY_KEY, {'epsilon': privacy_accountant.epsilon(round_num)}))
       release(flat, round_num)
       if checkpoint_manager is not None and (
-        round_num % rounds_per_checkpoint == 0 or round_num == total_rounds
+        round_num % rounds_per_checkpoint == 0 or round_num == last_round
       ):
         save(state, round_num)
       warn_if_no_usable_client(flat, data, round_num)
       bar.update(round_num, flat)
-    else:  # the run completed: its final checkpoint outlives pruning when the run is extended
-      mark_kept = getattr(checkpoint_manager, 'mark_kept', None)
-      if mark_kept is not None and total_rounds in checkpoint_manager.checkpoint_rounds():
-        mark_kept(total_rounds)
+    # The run completed (all its rounds, or all its budget allows): its final checkpoint
+    # outlives pruning when the run is extended.
+    final_round = max(last_round, first_round - 1)
+    mark_kept = getattr(checkpoint_manager, 'mark_kept', None)
+    if mark_kept is not None and final_round in checkpoint_manager.checkpoint_rounds():
+      mark_kept(final_round)
   finally:
     bar.close()
   return state

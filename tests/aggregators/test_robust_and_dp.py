@@ -175,9 +175,78 @@ def test_dp_adaptive_splits_the_noise_between_value_and_count():
   process = factory.create(SPEC)
   state = process.initialize()
   out = process.next(state, VALUES)
-  assert float(out.measurements['dp_query_metrics']['clip']) == pytest.approx(0.1)
-  next_clip = float(process.next(out.state, VALUES).measurements['dp_query_metrics']['clip'])
-  assert next_clip != pytest.approx(0.1)
+  # The clip reported is the one after the round's update (TFF's), the next round's clip.
+  clip = float(out.measurements['dp_query_metrics']['clip'])
+  assert clip == float(out.state.clip.estimate) and clip != pytest.approx(0.1)
+
+
+def _adaptive_dp_reference(clip, clients_per_round, rounds):
+  """TF Privacy's QuantileAdaptiveClipSumQuery in a NormalizedQuery, without noise, in numpy:
+  per round (result, clip after the round's update). The below-clip fraction sums the clients'
+  `below - 1/2` over `clients_per_round` (QuantileEstimatorQuery), + 1/2, clipped to [0, 1]."""
+  clients = [_client(c) for c in range(5)]
+  norms = np.array([_norm(c) for c in clients])
+  out = []
+  for _ in range(rounds):
+    clipped = [
+      {k: x * min(1.0, clip / n) for k, x in c.items()} for c, n in zip(clients, norms, strict=True)
+    ]
+    result = {k: sum(c[k] for c in clipped) / clients_per_round for k in VALUES}
+    below = np.clip(np.sum((norms <= clip) - 0.5) / clients_per_round + 0.5, 0.0, 1.0)
+    clip = clip * math.exp(-0.2 * (below - 0.5))
+    out.append((result, clip))
+  return out
+
+
+@pytest.mark.parametrize('clipped_count_stddev', [None, 1e-7], ids=['no_noise', 'tiny_noise'])
+def test_dp_adaptive_clip_is_tf_privacys_over_the_expected_clients_whatever_the_noise(
+  clipped_count_stddev,
+):
+  """With zero noise (and with a tiny one, no jump between them), 5 clients of an expected 10:
+  the fraction below the clip divides by 10, and `clip` reports the clip after the update."""
+  factory = AGG.DifferentiallyPrivateFactory.gaussian_adaptive(
+    0.0, 10, initial_l2_norm_clip=1.0, clipped_count_stddev=clipped_count_stddev
+  )
+  process = factory.create(SPEC)
+  state = process.initialize()
+  norms = np.array([_norm(_client(c)) for c in range(5)])
+  clip = 1.0
+  for result, next_clip in _adaptive_dp_reference(1.0, 10, rounds=4):
+    out = process.next(state, VALUES)
+    _assert_tree_close(out.result, result, rtol=1e-5, atol=1e-6)
+    measured = out.measurements['dp_query_metrics']
+    assert float(measured['clip']) == pytest.approx(next_clip, rel=1e-5)
+    assert int(measured['clipped_count']) == int(np.sum(norms > clip))
+    state, clip = out.state, next_clip
+  assert clip != pytest.approx(1.0)
+
+
+def test_dp_noise_is_keyed_by_the_seed():
+  """Two seeds draw different noise, one seed the same; an adaptive clip's count noise is a
+  stream of its own (not the value noise of the next seed)."""
+  zeros = {'w': jnp.zeros((4, 1000), jnp.float32)}
+  spec = {'w': jax.ShapeDtypeStruct((1000,), jnp.float32)}
+
+  def noise(seed):
+    process = AGG.DifferentiallyPrivateFactory.gaussian_fixed(1.0, 4, 0.5, seed=seed).create(spec)
+    return np.asarray(process.next(process.initialize(), zeros).result['w'])
+
+  np.testing.assert_array_equal(noise(3), noise(3))
+  assert not np.allclose(noise(3), noise(4))
+
+  def adaptive(seed):
+    factory = AGG.DifferentiallyPrivateFactory.gaussian_adaptive(1.0, 100, seed=seed)
+    return factory.create(SPEC).initialize()
+
+  first, again, second = adaptive(0), adaptive(0), adaptive(1)
+  for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(again), strict=True):
+    np.testing.assert_array_equal(a, b)
+  keys = [np.asarray(k) for k in (first.rng, first.clip.rng, second.rng, second.clip.rng)]
+  assert len({k.tobytes() for k in keys}) == 4  # four independent streams
+  with pytest.raises(ValueError, match=r'seed must be an int in \[0, 2\*\*32\); got 4294967296'):
+    AGG.DifferentiallyPrivateFactory.gaussian_fixed(1.0, 4, 0.5, seed=2**32)
+  with pytest.raises(TypeError, match="seed must be an int; got '1'"):
+    AGG.dp_aggregator(1.0, 100, seed='1')
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,9 @@ import os
 import pathlib
 import struct
 
+import numpy as np
 import pytest
+import simulation_problem as sp
 
 import fedjax_lite as fl
 
@@ -61,3 +63,65 @@ def test_plot_run_skips_a_figure_without_curves_and_reports_missing_input(tmp_pa
     ValueError, match=r"no loss or accuracy values to plot \(1 rows; keys \['throughput'\]\)"
   ):
     fl.simulation.plot_run(tmp_path / 'other.jsonl')
+
+
+class _Accountant:
+  """ε = 0.5 per round, as a PrivacyAccountant's `epsilon(rounds)` reports it."""
+
+  def epsilon(self, rounds):
+    return 0.5 * rounds
+
+
+def _figures(monkeypatch):
+  """The figures plot_run saves, by file name (savefig still writes them)."""
+  from matplotlib.figure import Figure
+
+  saved = {}
+  original = Figure.savefig
+
+  def savefig(self, path, **kwargs):
+    saved[os.path.basename(path)] = self
+    return original(self, path, **kwargs)
+
+  monkeypatch.setattr(Figure, 'savefig', savefig)
+  return saved
+
+
+def test_a_dp_run_gets_an_epsilon_plot_with_integer_rounds(tmp_path, monkeypatch):
+  # The key the training loop releases ε under, from a run with a privacy accountant.
+  process, training_selection_fn, _, _ = sp.make_problem()
+  fl.simulation.run_training_process(
+    process,
+    training_selection_fn,
+    3,
+    metrics_managers=[fl.simulation.JSONLMetricsManager(tmp_path / 'metrics.jsonl')],
+    privacy_accountant=_Accountant(),
+  )
+  saved = _figures(monkeypatch)
+  paths = fl.simulation.plot_run(tmp_path)
+  assert [os.path.basename(p) for p in paths] == ['loss.png', 'accuracy.png', 'epsilon.png']
+  _assert_png(paths[2])
+  (line,) = saved['epsilon.png'].axes[0].lines
+  np.testing.assert_allclose(line.get_xydata(), [[1, 0.5], [2, 1.0], [3, 1.5]])
+  for figure in saved.values():
+    axes = figure.axes[0]
+    ticks = [t for t in axes.get_xticks() if axes.get_xlim()[0] <= t <= axes.get_xlim()[1]]
+    assert ticks and all(float(t).is_integer() for t in ticks), ticks
+
+
+def test_plot_run_draws_one_metric_by_key_or_name(tmp_path, monkeypatch):
+  _write_run(fl.simulation.JSONLMetricsManager(tmp_path / 'metrics.jsonl'))
+  saved = _figures(monkeypatch)
+  assert fl.simulation.plot_run(tmp_path, metric='evaluation/loss') == [
+    str(tmp_path / 'evaluation-loss.png')
+  ]
+  assert [line.get_label() for line in saved['evaluation-loss.png'].axes[0].lines] == [
+    'eval (evaluation/loss)'
+  ]
+  assert fl.simulation.plot_run(tmp_path, metric='accuracy') == [str(tmp_path / 'accuracy.png')]
+  assert [line.get_label() for line in saved['accuracy.png'].axes[0].lines] == [
+    'train (client_work/train/accuracy)',
+    'eval (evaluation/accuracy)',
+  ]
+  with pytest.raises(LookupError, match=r"no metric 'f1'; the metrics are evaluation/accuracy, "):
+    fl.simulation.plot_run(tmp_path, metric='f1')

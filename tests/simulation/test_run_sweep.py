@@ -139,22 +139,30 @@ def test_bad_arguments(problem, tmp_path):
     fl.simulation.stack_client_batches([training_selection_fn(1), problem[3](1)])
 
 
-def test_groups_default_to_what_fits_in_the_device_memory(problem, tmp_path, monkeypatch):
+@pytest.mark.parametrize('memory', ['device', 'host'])
+def test_groups_default_to_what_fits_in_the_free_memory(problem, tmp_path, monkeypatch, memory):
+  """An accelerator's free memory bounds a group; a CPU (no device limit) is bounded by the
+  host's available memory."""
   sweep, training_selection_fn, _, _ = problem
   sweep_module = fl.simulation._sweep
-  assert sweep_module._free_device_bytes() is None  # a CPU reports no limit: no bound
-  assert sweep_module.runs_that_fit(sweep, training_selection_fn(1)) is None
-  # A device whose free memory holds the round's batches and 2.5 runs (at the headroom).
+  assert sweep_module._free_device_bytes() is None  # a CPU reports no device limit
+  assert sweep_module._free_host_bytes() > 0  # but the host has a bound
+  monkeypatch.setattr(sweep_module, '_free_host_bytes', lambda: None)
+  assert sweep_module.runs_that_fit(sweep, training_selection_fn(1)) is None  # nothing known
+  # Free memory that holds the round's batches and 2.5 runs (at the headroom).
   one_run = jax.tree.map(
     lambda x: jax.ShapeDtypeStruct((1, *x.shape[1:]), x.dtype), jax.eval_shape(sweep.initialize)
   )
-  memory = sweep.next.lower(one_run, training_selection_fn(1)).compile().memory_analysis()
+  memory_analysis = sweep.next.lower(one_run, training_selection_fn(1)).compile().memory_analysis()
   state = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(one_run))
-  per_run = state + memory.output_size_in_bytes + memory.temp_size_in_bytes
-  shared = memory.argument_size_in_bytes - state
+  per_run = state + memory_analysis.output_size_in_bytes + memory_analysis.temp_size_in_bytes
+  shared = memory_analysis.argument_size_in_bytes - state
   free = (shared + 2.5 * per_run) / sweep_module.MEMORY_HEADROOM
-  monkeypatch.setattr(sweep_module, '_free_device_bytes', lambda: int(free))
+  monkeypatch.setattr(sweep_module, f'_free_{memory}_bytes', lambda: int(free))
   assert sweep_module.runs_that_fit(sweep, training_selection_fn(1)) == 2
+  # Per-run cohorts (a sequence, one per run) count once per run: no more runs fit.
+  per_run_cohorts = [training_selection_fn(1)] * len(RUNS)
+  assert 1 <= sweep_module.runs_that_fit(sweep, per_run_cohorts) <= 2
   # run_sweep without runs_per_program then runs groups of 2: the same states as asked for.
   fitted = fl.simulation.run_sweep(
     sweep, training_selection_fn, 2, [tmp_path / 'fit' / f'run_{k}' for k in range(len(RUNS))]
@@ -170,3 +178,87 @@ def test_groups_default_to_what_fits_in_the_device_memory(problem, tmp_path, mon
   assert sweep.next._cache_size() == compiled  # groups of 2 had already been compiled
   for a, b in zip(fitted, asked, strict=True):
     _assert_bitwise(weights(a), weights(b))
+
+
+class _Accountant:
+  """ε grows by `per_round` a round (a stand-in with a readable schedule)."""
+
+  def __init__(self, per_round):
+    self.per_round = per_round
+
+  def epsilon(self, rounds):
+    return self.per_round * rounds
+
+
+def _dp_sweep(problem, root, total_rounds, accountant, budget, keep=2):
+  """The 4 runs in one program, evaluated every 4 rounds."""
+  sweep, training_selection_fn, evaluation_fn, evaluation_selection_fn = problem
+  return fl.simulation.run_sweep(
+    sweep,
+    training_selection_fn,
+    total_rounds,
+    [root / f'run_{k}' for k in range(len(RUNS))],
+    runs_per_program=4,
+    evaluation_fn=evaluation_fn,
+    evaluation_selection_fn=evaluation_selection_fn,
+    rounds_per_evaluation=4,
+    keep=keep,
+    privacy_accountant=accountant,
+    epsilon_budget=budget,
+  )
+
+
+def test_a_dp_sweep_records_epsilon_and_stops_each_run_at_its_budget(problem, tmp_path):
+  """Each run stops after the last round within the budget by its own accountant (runs 0, 1
+  after round 3, runs 2, 3 after round 6 in the same program), that round evaluated,
+  checkpointed and kept; run_training_process on a run folder then agrees (nothing to run)."""
+  accountants = [_Accountant(0.5), _Accountant(0.5), _Accountant(0.25), _Accountant(0.25)]
+  states = _dp_sweep(problem, tmp_path / 'dp', 8, accountants, 1.6)
+  plain = _dp_sweep(problem, tmp_path / 'plain', 6, None, None, keep=None)  # no budget
+  process, training_selection_fn, evaluation_fn, evaluation_selection_fn = (
+    problem[0].process,
+    *problem[1:],
+  )
+  for k, last in enumerate([3, 3, 6, 6]):
+    run_dir = tmp_path / 'dp' / f'run_{k}'
+    metrics = fl.simulation.load_metrics(run_dir / 'metrics.jsonl')
+    assert list(metrics) == list(range(last + 1))
+    assert [metrics[r]['privacy/epsilon'] for r in range(1, last + 1)] == [
+      accountants[k].epsilon(r) for r in range(1, last + 1)
+    ]
+    assert [r for r in metrics if 'evaluation/loss' in metrics[r]] == {3: [0, 3], 6: [0, 4, 6]}[
+      last
+    ]
+    final = evaluation_fn(states[k], evaluation_selection_fn(last))
+    assert metrics[last]['evaluation/loss'] == pytest.approx(float(final['loss']))
+    checkpoints = fl.simulation.FileCheckpointManager(run_dir / 'checkpoints')
+    assert last in checkpoints.checkpoint_rounds()
+    assert (run_dir / 'checkpoints' / f'ckpt_{last}.kept').exists()
+    # A run stopped early kept its state: the unbudgeted run's state after its last round.
+    expected = fl.simulation.FileCheckpointManager(
+      tmp_path / 'plain' / f'run_{k}' / 'checkpoints'
+    ).load_checkpoint(jax.eval_shape(process.initialize), last)
+    _assert_bitwise(weights(states[k]), weights(expected))
+    if last == 6:
+      _assert_bitwise(weights(states[k]), weights(plain[k]))
+    # `train` on the folder (run_training_process with the same budget) runs nothing more.
+    alone = fl.simulation.run_training_process(
+      process,
+      training_selection_fn,
+      8,
+      checkpoint_manager=checkpoints,
+      privacy_accountant=accountants[k],
+      epsilon_budget=1.6,
+    )
+    assert checkpoints.checkpoint_rounds()[-1] == last
+    _assert_bitwise(weights(alone), weights(states[k]))
+
+
+def test_a_dp_sweep_refuses_a_budget_below_one_round(problem, tmp_path):
+  with pytest.raises(ValueError, match=r'epsilon_budget=0.4 is below the epsilon of one round'):
+    _dp_sweep(problem, tmp_path, 8, _Accountant(0.5), 0.4)
+  assert not any(tmp_path.iterdir())  # nothing written
+  with pytest.raises(ValueError, match='privacy_accountant must be one accountant or 4'):
+    _dp_sweep(problem, tmp_path, 8, [_Accountant(0.5)], 1.0)
+  with pytest.raises(ValueError, match='epsilon_budget needs a privacy_accountant'):
+    _dp_sweep(problem, tmp_path, 8, None, 1.0)

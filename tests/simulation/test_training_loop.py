@@ -328,6 +328,58 @@ def test_epsilon_is_released_every_round_and_the_budget_stops_the_run(problem, t
   _assert_bitwise(_weights(process, restored), _weights(process, state))
 
 
+def test_a_budget_stop_ends_like_a_finished_run(problem, tmp_path):
+  """The last round the budget allows is evaluated and checkpointed, and that checkpoint is kept
+  as a finished run's is; rerunning with the same budget trains nothing more."""
+  process, selection_fn, evaluation_fn, evaluation_selection_fn = problem
+  manager = fl.simulation.InMemoryMetricsManager()
+  checkpoints = fl.simulation.FileCheckpointManager(tmp_path, keep=2)
+
+  def run(total_rounds, budget=2.6):
+    return fl.simulation.run_training_process(
+      process,
+      selection_fn,
+      total_rounds,
+      evaluation_fn=evaluation_fn,
+      evaluation_selection_fn=evaluation_selection_fn,
+      rounds_per_evaluation=4,
+      metrics_managers=[manager],
+      checkpoint_manager=checkpoints,
+      privacy_accountant=_Accountant(),
+      epsilon_budget=budget,
+    )
+
+  state = run(10)
+  assert sorted(manager.metrics) == [0, 1, 2, 3, 4, 5]
+  assert [r for r, m in sorted(manager.metrics.items()) if 'evaluation/loss' in m] == [0, 4, 5]
+  final = evaluation_fn(state, evaluation_selection_fn(5))
+  assert manager.metrics[5]['evaluation/loss'] == pytest.approx(float(final['loss']))
+  assert os.path.exists(tmp_path / 'ckpt_5.kept')
+  # The same budget again: nothing to run. A larger one extends the run; round 5 stays.
+  run(10)
+  assert max(manager.metrics) == 5 and checkpoints.checkpoint_rounds() == [4, 5]
+  run(10, budget=4.2)
+  assert max(manager.metrics) == 8
+  assert checkpoints.checkpoint_rounds() == [5, 7, 8]  # 5 kept, keep=2 of the others
+
+
+def test_a_budget_below_one_round_is_refused_before_anything_runs(problem, tmp_path):
+  process, selection_fn, _, _ = problem
+  checkpoints = fl.simulation.FileCheckpointManager(tmp_path / 'ckpt')
+  with pytest.raises(
+    ValueError, match=r'epsilon_budget=0.4 is below the epsilon of one round \(0\.5\)'
+  ):
+    fl.simulation.run_training_process(
+      process,
+      selection_fn,
+      10,
+      checkpoint_manager=checkpoints,
+      privacy_accountant=_Accountant(),
+      epsilon_budget=0.4,
+    )
+  assert checkpoints.checkpoint_rounds() == []
+
+
 def test_privacy_arguments_are_checked(problem):
   process, selection_fn, _, _ = problem
   with pytest.raises(ValueError, match='epsilon_budget needs a privacy_accountant'):
