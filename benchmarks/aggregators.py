@@ -22,6 +22,7 @@ from collections.abc import Sequence
 
 import harness
 import jax
+import numpy as np
 import workload
 
 import fedjax_lite as fl
@@ -60,6 +61,17 @@ AGGREGATORS = {
     lambda n: AGG.krum_factory(10),
   ),
 }
+
+
+def tile_cohort(batches: fl.ClientBatches, clients: int) -> fl.ClientBatches:
+  """`batches` repeated along the client axis to `clients` clients, each with its own id."""
+  n = batches.mask.shape[0]
+  take = np.arange(clients) % n
+  return fl.ClientBatches(
+    jax.tree.map(lambda x: np.asarray(x)[take], batches.batch),
+    np.asarray(batches.mask)[take],
+    np.arange(clients, dtype=np.uint32),
+  )
 
 
 def measure(name: str, clients: int, rounds: int, batches: fl.ClientBatches) -> dict:
@@ -110,10 +122,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   rows = []
   for clients in args.clients:
     ids = [int(c) for c in workload.cohort_ids(0, workload.POPULATION, min(clients, 1000))]
-    ids = (ids * -(-clients // len(ids)))[:clients]  # a cohort larger than the population repeats
-    batches = jax.device_put(
-      fl.data.batch_cohort(data, ids, batch_size=workload.BATCH_SIZE, round_num=0)
-    )
+    batches = fl.data.batch_cohort(data, ids, batch_size=workload.BATCH_SIZE, round_num=0)
+    # A cohort larger than the population repeats its clients' data (ids stay distinct).
+    batches = jax.device_put(tile_cohort(batches, clients))
     base = None
     for name in AGGREGATORS:
       row = measure(name, clients, args.rounds, batches)

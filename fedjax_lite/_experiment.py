@@ -220,10 +220,27 @@ def _aggregator(config: Mapping[str, Any]) -> Any:
     if name == 'trimmed_mean':
       return aggregators.trimmed_mean_factory(config['trim_fraction'])
     if name == 'krum':
-      return aggregators.krum_factory(config['byzantine'])
+      cohort = config['clients_per_round']
+      _check_krum(config['byzantine'], cohort)
+      return aggregators.krum_factory(config['byzantine'], clients_per_round=cohort)
+  except ConfigError:
+    raise
   except ValueError as error:
     raise ConfigError(f'{flag("aggregator")} {name}: {error}') from None
   return mean
+
+
+def _check_krum(byzantine: int, cohort: int) -> None:
+  """Raises ConfigError when `cohort` clients a round cannot meet Krum's guarantee for
+  `byzantine` clients (more than 2 x byzantine + 2; Blanchard et al., 2017)."""
+  if cohort <= 2 * byzantine + 2:
+    lower = f' or lower {flag("byzantine")} to {(cohort - 3) // 2}' if cohort >= 3 else ''
+    raise ConfigError(
+      f'{flag("aggregator")} krum with {flag("byzantine")} {byzantine} needs more than '
+      f'{2 * byzantine + 2} clients a round (2 x byzantine + 2); got '
+      f'{flag("clients_per_round")} {cohort}. Tip: raise {flag("clients_per_round")} to '
+      f'{2 * byzantine + 3}{lower}.'
+    )
 
 
 def _check_adaptive_clip(noise: float, cohort: int) -> None:

@@ -345,6 +345,10 @@ def _plot_inputs(tmp_path):
     (['plot', 'damaged'], 'metrics.jsonl line 2 is not JSON'),
     (['plot', 'no_values'], 'has no loss or accuracy values to plot'),
     (['train', '--tensorboard'], 'needs tensorboardX. Tip: pip install'),
+    (
+      ['train', '--aggregator', 'krum', '--byzantine', '4', '--clients-per-round', '10'],
+      '--aggregator krum with --byzantine 4 needs more than 10 clients a round',
+    ),
   ],
 )
 def test_user_errors_are_one_line_and_exit_2(argv, message, tmp_path, capsys, monkeypatch):

@@ -73,6 +73,10 @@ class SumFactory:
 class UnweightedMeanFactory:
   """Mean over clients, every client counting once: `next(state, value [clients, ...])`.
 
+  Only the clients that take part count (`client_mask`, see `AggregationProcess`): in a
+  learning process, padding and clients without an example are not in the denominator. With no
+  client, the mean is zeros.
+
   Args:
     value_sum_factory: the inner sum of the values; default `SumFactory()`.
   """
@@ -92,9 +96,13 @@ class UnweightedMeanFactory:
 
     if not inner.streams:
 
-      def next_fn(state, value):
-        count = jax.tree.leaves(value)[0].shape[0]
-        return divide(inner.next(state, value), jnp.float32(count))
+      def next_fn(state, value, *, client_mask=None):
+        if client_mask is None:
+          count = jnp.float32(jax.tree.leaves(value)[0].shape[0])
+        else:
+          count = jnp.sum(jnp.asarray(client_mask, bool)).astype(jnp.float32)
+        summed = inner.next(state, value, client_mask=client_mask)
+        return divide(summed, jnp.maximum(count, 1.0))
 
       return _processes.AggregationProcess(inner.initialize, next_fn, False, value_spec=spec)
 
@@ -170,15 +178,15 @@ class MeanFactory:
 
     if not (values.streams and weights.streams):
 
-      def next_fn(state, value, weight):
+      def next_fn(state, value, weight, *, client_mask=None):
         weight = weight.astype(jnp.float32)
         scaled = jax.tree.map(
           lambda v: (v * jnp.reshape(weight, weight.shape + (1,) * (v.ndim - 1))).astype(v.dtype),
           value,
         )
         return divide(
-          values.next(state['value_sum_process'], scaled),
-          weights.next(state['weight_sum_process'], weight),
+          values.next(state['value_sum_process'], scaled, client_mask=client_mask),
+          weights.next(state['weight_sum_process'], weight, client_mask=client_mask),
         )
 
       return _processes.AggregationProcess(initialize, next_fn, value_spec=spec)

@@ -119,20 +119,24 @@ class _NormBoundFactory:
         initialize, None, inner.is_weighted, client_part=client_part, server_part=server_part
       )
 
-    def next_fn(state, value, *weight):
+    def next_fn(state, value, *weight, client_mask=None):
       limit = norm_process.report(state[keys[0]])
       value, norms, hits = jax.vmap(lambda v: bound(v, limit))(value)
       return measured(
         state,
         limit,
-        norm_process.next(state[keys[0]], norms),
-        inner.next(state[keys[1]], value, *weight),
-        count.next(state[keys[2]], hits),
+        norm_process.next(state[keys[0]], norms, client_mask=client_mask),
+        inner.next(state[keys[1]], value, *weight, client_mask=client_mask),
+        count.next(state[keys[2]], hits, client_mask=client_mask),
       )
 
     if inner.is_weighted:
-      return _processes.AggregationProcess(initialize, lambda s, v, w: next_fn(s, v, w))
-    return _processes.AggregationProcess(initialize, lambda s, v: next_fn(s, v), False)
+      return _processes.AggregationProcess(
+        initialize, lambda s, v, w, *, client_mask=None: next_fn(s, v, w, client_mask=client_mask)
+      )
+    return _processes.AggregationProcess(
+      initialize, lambda s, v, *, client_mask=None: next_fn(s, v, client_mask=client_mask), False
+    )
 
 
 def clipping_factory(
@@ -192,15 +196,20 @@ def zeroing_factory(
 def _stacked_factory(reduce_fn):
   """An unweighted factory of a reduction that needs every client's value at once.
 
-  `reduce_fn(value [clients, ...]) -> (result, measurements)`.
+  `reduce_fn(value [clients, ...], client_mask [clients] bool) -> (result, measurements)`,
+  over the clients of `client_mask` only (every client when `next` gets none): padding and
+  clients without an example are left out (see `AggregationProcess`).
   """
 
   class StackedFactory:
     def create(self, value_spec: Any) -> _processes.AggregationProcess:
       spec = _factories.float_spec(value_spec)
 
-      def next_fn(state, value):
-        result, measurements = reduce_fn(value)
+      def next_fn(state, value, *, client_mask=None):
+        n = jax.tree.leaves(value)[0].shape[0]
+        if client_mask is None:
+          client_mask = jnp.ones((n,), bool)
+        result, measurements = reduce_fn(value, jnp.asarray(client_mask, bool))
         return _processes.MeasuredProcessOutput(state, result, measurements)
 
       return _processes.AggregationProcess(lambda: (), next_fn, False, value_spec=spec)
@@ -208,50 +217,130 @@ def _stacked_factory(reduce_fn):
   return StackedFactory()
 
 
+def _sorted_present_first(x: jax.Array, client_mask: jax.Array) -> jax.Array:
+  """`x` `[clients, ...]` sorted along the clients, the clients outside `client_mask` last.
+
+  The absent clients are set to +inf before one sort: the first `sum(client_mask)` rows are
+  then the present clients' values in ascending order (a present +inf ties with them).
+  """
+  m = jnp.reshape(client_mask, client_mask.shape + (1,) * (x.ndim - 1))
+  return jnp.sort(jnp.where(m, x, jnp.inf), axis=0)
+
+
+def _mean_of_ranks(ordered: jax.Array, start: jax.Array, stop: jax.Array) -> jax.Array:
+  """Mean over the sorted axis 0 of `ordered` of the ranks `[start, stop)`; 0 when empty."""
+  ranks = jnp.arange(ordered.shape[0])
+  keep = jnp.reshape((ranks >= start) & (ranks < stop), (-1,) + (1,) * (ordered.ndim - 1))
+  total = jnp.sum(jnp.where(keep, ordered.astype(jnp.float32), 0.0), axis=0)
+  return (total / jnp.maximum(stop - start, 1).astype(jnp.float32)).astype(ordered.dtype)
+
+
 def median_factory():
-  """Coordinate-wise median over clients (Yin et al., 2018). Unweighted, on stacked values."""
-  return _stacked_factory(lambda value: (jax.tree.map(lambda x: jnp.median(x, axis=0), value), {}))
+  """Coordinate-wise median over clients (Yin et al., 2018). Unweighted, on stacked values;
+  the median of the clients that take part (zeros when none does)."""
+
+  def reduce(value, client_mask):
+    n = jnp.sum(client_mask).astype(jnp.int32)
+
+    # Ranks (n - 1) // 2 to n // 2: the middle one, or the two around the middle; none if n = 0.
+    start, stop = (n - 1) // 2, jnp.where(n > 0, n // 2 + 1, 0)
+
+    def median(x):
+      return _mean_of_ranks(_sorted_present_first(x, client_mask), start, stop)
+
+    return jax.tree.map(median, value), {}
+
+  return _stacked_factory(reduce)
 
 
 def trimmed_mean_factory(trim_fraction: float):
   """Coordinate-wise mean after dropping the `floor(trim_fraction * clients)` largest and
-  smallest values of each coordinate (Yin et al., 2018). Unweighted, on stacked values."""
+  smallest values of each coordinate (Yin et al., 2018). Unweighted, on stacked values; `clients`
+  counts the clients that take part (zeros when none does)."""
   if not (isinstance(trim_fraction, int | float) and 0 <= trim_fraction < 0.5):
     raise ValueError(f'trim_fraction must be in [0, 0.5); got {trim_fraction!r}')
 
-  def reduce(value):
+  def reduce(value, client_mask):
+    n = jnp.sum(client_mask).astype(jnp.int32)
+    k = jnp.floor(trim_fraction * n.astype(jnp.float32)).astype(jnp.int32)
+
     def trimmed(x):
-      n = x.shape[0]
-      k = math.floor(trim_fraction * n)
-      return jnp.mean(jnp.sort(x, axis=0)[k : n - k], axis=0)
+      return _mean_of_ranks(_sorted_present_first(x, client_mask), k, n - k)
 
     return jax.tree.map(trimmed, value), {}
 
   return _stacked_factory(reduce)
 
 
-def krum_factory(num_byzantine: int, num_selected: int = 1):
+def _krum_bound_error(num_byzantine: int, num_clients: int, what: str) -> str:
+  bound = 2 * num_byzantine + 2
+  most = (num_clients - 3) // 2
+  tip = (
+    f'lower num_byzantine to at most {most}, or sample at least {bound + 1} clients a round'
+    if most >= 0
+    else f'sample at least {bound + 1} clients a round'
+  )
+  return (
+    f'krum_factory: num_byzantine={num_byzantine} needs more than 2 * num_byzantine + 2 = '
+    f'{bound} clients a round (Blanchard et al., 2017); {what} is {num_clients}. Tip: {tip}.'
+  )
+
+
+def krum_factory(
+  num_byzantine: int, num_selected: int = 1, *, clients_per_round: int | None = None
+):
   """Krum (`num_selected=1`) and Multi-Krum (Blanchard et al., 2017): score each client by the
   sum of squared distances to its `clients - num_byzantine - 2` nearest others, average the
-  `num_selected` lowest-scoring values.
+  `num_selected` lowest-scoring values. `clients` counts the clients that take part (padding and
+  clients without an example are neither scored nor chosen).
 
-  The guarantee needs `clients > 2 * num_byzantine + 2`; a smaller cohort is scored on its
-  nearest other client and reported as `{'byzantine_tolerance_met': 0}` (1 otherwise).
+  The guarantee needs `clients > 2 * num_byzantine + 2`. A cohort that cannot meet it is
+  refused with a ValueError: at construction when `clients_per_round` is given, else when a
+  round is traced with a cohort of at most `2 * num_byzantine + 2` clients. When some clients of
+  a large enough cohort take no part and too few are left, the round scores the rest on their
+  nearest other client and reports `{'byzantine_tolerance_met': 0}` (1 otherwise).
   """
   for name, value, low in [('num_byzantine', num_byzantine, 0), ('num_selected', num_selected, 1)]:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
       raise ValueError(f'{name} must be an int >= {low}; got {value!r}')
+  bound = 2 * num_byzantine + 2
+  if clients_per_round is not None:
+    if isinstance(clients_per_round, bool) or not isinstance(clients_per_round, int):
+      raise ValueError(f'clients_per_round must be None or an int; got {clients_per_round!r}')
+    if clients_per_round <= bound:
+      raise ValueError(_krum_bound_error(num_byzantine, clients_per_round, 'clients_per_round'))
 
-  def reduce(value):
+  def reduce(value, client_mask):
     leaves = jax.tree.leaves(value)
-    n = leaves[0].shape[0]
-    flat = jnp.concatenate([jnp.reshape(x, (n, -1)).astype(jnp.float32) for x in leaves], axis=1)
+    rows = leaves[0].shape[0]
+    if rows <= bound:  # shapes are static: refused when the round is traced
+      raise _processes.CohortTooSmallError(
+        _krum_bound_error(num_byzantine, rows, 'the cohort of this round'), bound + 1
+      )
+    n = jnp.sum(client_mask).astype(jnp.int32)
+    flat = jnp.concatenate([jnp.reshape(x, (rows, -1)).astype(jnp.float32) for x in leaves], axis=1)
     sq = jnp.sum(flat * flat, axis=1)
-    distances = sq[:, None] + sq[None, :] - 2.0 * flat @ flat.T
-    distances = jnp.where(jnp.eye(n, dtype=bool), jnp.inf, jnp.maximum(distances, 0.0))
-    nearest = jnp.sort(distances, axis=1)[:, : max(n - num_byzantine - 2, 1)]
-    chosen = jnp.argsort(jnp.sum(nearest, axis=1), stable=True)[: min(num_selected, n)]
-    result = jax.tree.map(lambda x: jnp.mean(x[chosen], axis=0), value)
-    return result, {'byzantine_tolerance_met': jnp.int32(n > 2 * num_byzantine + 2)}
+    distances = jnp.maximum(sq[:, None] + sq[None, :] - 2.0 * flat @ flat.T, 0.0)
+    # Self-distances and absent clients are infinitely far: never among the nearest.
+    pair = client_mask[:, None] & client_mask[None, :] & ~jnp.eye(rows, dtype=bool)
+    distances = jnp.where(pair, distances, jnp.inf)
+    ranks = jnp.arange(rows)
+    nearest = jnp.maximum(n - num_byzantine - 2, 1)
+    ordered = jnp.sort(distances, axis=1)
+    # A client with fewer others than `nearest` (a lone one) sums the distances it has.
+    near = (ranks[None, :] < nearest) & jnp.isfinite(ordered)
+    scores = jnp.sum(jnp.where(near, ordered, 0.0), axis=1)
+    scores = jnp.where(client_mask, scores, jnp.inf)
+    chosen = jnp.argsort(scores, stable=True)[: min(num_selected, rows)]
+    selected = ranks[: min(num_selected, rows)] < jnp.minimum(num_selected, n)
+    count = jnp.maximum(jnp.sum(selected), 1).astype(jnp.float32)
+
+    def mean_of_chosen(x):
+      rows_chosen = x[chosen].astype(jnp.float32)
+      keep = jnp.reshape(selected, selected.shape + (1,) * (x.ndim - 1))
+      return (jnp.sum(jnp.where(keep, rows_chosen, 0.0), axis=0) / count).astype(x.dtype)
+
+    result = jax.tree.map(mean_of_chosen, value)
+    return result, {'byzantine_tolerance_met': (n > bound).astype(jnp.int32)}
 
   return _stacked_factory(reduce)

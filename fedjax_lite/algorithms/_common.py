@@ -7,7 +7,7 @@ from typing import Any
 from fedjax_lite import aggregators, models
 from fedjax_lite import tree as tree_lib
 from fedjax_lite.data import _client_batches
-from fedjax_lite.templates import _composers, _distributors, _processes
+from fedjax_lite.templates import _client_work, _composers, _distributors, _processes
 
 
 def compose(
@@ -22,7 +22,9 @@ def compose(
   """Composes an algorithm, creating the aggregator for its updates.
 
   `update_spec` is the spec of one client's update; default the model's trainable weights.
-  `initial_client_state` makes the process stateful (see `compose_learning_process`).
+  `initial_client_state` makes the process stateful (see `compose_learning_process`). A client
+  work without a `check_client_data` (one that wraps `build_client_work`'s) gets the model's
+  (`client_data_check`: a classifier's labels checked on the host before each round).
   """
   weights_spec = tree_lib.tree_specs(model.initial_weights)
   if model_distributor is None:
@@ -37,6 +39,8 @@ def compose(
   if update_spec is None:
     update_spec = weights_spec.trainable
   aggregator = model_aggregator.create(update_spec)
+  if client_work.check_client_data is None and isinstance(model, models.FunctionalModel):
+    client_work = client_work._replace(check_client_data=_client_work.client_data_check(model))
   initial_weights = model.initial_weights
   return _composers.compose_learning_process(
     lambda: initial_weights,

@@ -88,9 +88,11 @@ def build_unweighted_fed_avg(
 ) -> _processes.LearningProcess:
   """FedAvg where every client that trained counts once.
 
-  Clients are weighted `UNIFORM` and averaged with `MeanFactory`, so a client with no examples
-  or with a non-finite update (weight 0) is left out of the mean instead of diluting it with a
-  zero update as TFF's `UnweightedMeanFactory` would. Arguments as `build_weighted_fed_avg`.
+  Clients are weighted `UNIFORM` and averaged with `MeanFactory`. A client with no examples or
+  with a non-finite update (and any padding) takes no part: it is left out of the mean instead
+  of diluting it with a zero update as TFF's `UnweightedMeanFactory` would — and out of any
+  other `model_aggregator` too (an `UnweightedMeanFactory` does not count it, a median does not
+  rank it; see `fl.templates.build_client_work`). Arguments as `build_weighted_fed_avg`.
   """
   return build_weighted_fed_avg(
     model,

@@ -42,7 +42,8 @@ def _kmeans_model(centroids: jax.Array) -> models.FunctionalModel:
 
 def _kmeans_client_loop(model: models.FunctionalModel):
   """Each client assigns its points to the nearest broadcast centroid and sends per-cluster
-  `(sums [k, *data_shape] float32, counts [k] int32)`."""
+  `(sums [k, *data_shape] float32, counts [k] float32)` (float counts as TFF's, so that an
+  aggregator which only takes floats, e.g. a DP sum, can sum them)."""
 
   def client_loop(model_weights, hparams):
     del hparams
@@ -51,14 +52,14 @@ def _kmeans_client_loop(model: models.FunctionalModel):
 
     def init(client_input, key):
       del client_input, key
-      return jnp.zeros_like(centroids), jnp.zeros((num_clusters,), jnp.int32)
+      return jnp.zeros_like(centroids), jnp.zeros((num_clusters,), jnp.float32)
 
     def step(carry, batch, mask, key):
       del key
       _, step_metrics = _client_work.masked_forward(model, model_weights, batch, mask, False)
       points = _client_work.masked_batch(batch, mask)['x']
       nearest = jnp.argmin(step_metrics[0].predictions, axis=1)  # first index on ties
-      one_hot = jax.nn.one_hot(nearest, num_clusters, dtype=jnp.int32) * (mask > 0)[:, None]
+      one_hot = jax.nn.one_hot(nearest, num_clusters, dtype=jnp.float32) * (mask > 0)[:, None]
       sums = jnp.tensordot(one_hot.T.astype(points.dtype), points, axes=1)
       return (carry[0] + sums, carry[1] + jnp.sum(one_hot, axis=0)), step_metrics
 
@@ -68,24 +69,49 @@ def _kmeans_client_loop(model: models.FunctionalModel):
 
 
 def _kmeans_finalizer(num_clusters: int) -> _processes.FinalizerProcess:
-  """State: the points assigned to each cluster so far, `[k] int32`, starting at 1 (TFF's
+  """State: the points assigned to each cluster so far, `[k] float32`, starting at 1 (TFF's
   pseudo-count). New centroid = (count · centroid + sum of new points) / (count + new count)."""
 
   def next_fn(counts, model_weights, update):
     new_sums, new_counts = update
     total = counts + new_counts
-    total_f = total.astype(jnp.float32)
 
     def divide_no_nan(x):
-      return jnp.where(total > 0, x / jnp.where(total > 0, total_f, 1.0), 0.0)
+      return jnp.where(total != 0, x / jnp.where(total != 0, total, 1.0), 0.0)
 
     shape = (num_clusters,) + (1,) * (new_sums.ndim - 1)
-    current_scale = divide_no_nan(counts.astype(jnp.float32)).reshape(shape)
+    current_scale = divide_no_nan(counts).reshape(shape)
     new_scale = divide_no_nan((new_counts > 0).astype(jnp.float32)).reshape(shape)
     centroids = current_scale * model_weights.trainable + new_scale * new_sums
     return _processes.MeasuredProcessOutput(total, model_weights._replace(trainable=centroids), {})
 
-  return _processes.FinalizerProcess(lambda: jnp.ones((num_clusters,), jnp.int32), next_fn)
+  return _processes.FinalizerProcess(lambda: jnp.ones((num_clusters,), jnp.float32), next_fn)
+
+
+def _tff_measurements(client_work: _processes.ClientWorkProcess) -> _processes.ClientWorkProcess:
+  """`client_work` reporting as TFF's k-means does, `{'num_examples': [] float32}`, with this
+  library's `loss` and `non_finite_clients` beside it (not nested under `'train'`), and with no
+  check of the labels, which k-means ignores."""
+
+  def next_fn(state, model_weights, client_batches, client_inputs=(), *, client_part=None):
+    out = client_work.next(
+      state, model_weights, client_batches, client_inputs, client_part=client_part
+    )
+    train = out.measurements['train']
+    measurements = {
+      **train,
+      'num_examples': train['num_examples'].astype(jnp.float32),
+      'non_finite_clients': out.measurements['non_finite_clients'],
+    }
+    return out._replace(measurements=measurements)
+
+  # The labels are never read, so none is checked: without a check of its own, `compose` would
+  # take the predictions `[batch, k]` for a k-class classifier's and refuse labels >= k.
+  return client_work._replace(next=next_fn, check_client_data=_labels_unused)
+
+
+def _labels_unused(client_batches: Any) -> None:
+  del client_batches
 
 
 def _check_args(
@@ -130,20 +156,22 @@ def build_fed_kmeans(
   of its clients' points. Centroids start as standard normal draws from `random_seed`.
 
   Batches are `{'x': points [batch_size, *data_shape] float32, 'y': [batch_size] int32}`, as
-  `fl.data` builds them; the labels are ignored (give zeros for unlabelled data). Metrics:
-  `metrics['client_work']['train']` with `num_examples` (TFF's only metric) and `loss`, the mean
-  squared distance of the round's points to their nearest centroid before the update.
-  Departures from TFF: `get_model_weights` returns `ModelWeights(trainable=centroids [k,
-  *data_shape], non_trainable=())`, like every other process here; `random_seed` is one int,
-  default 0 (TFF: two ints, default the clock); a client whose points are not finite is left
-  out (`non_finite_clients`).
+  `fl.data` builds them; the labels are ignored (give zeros for unlabelled data). As in TFF, the
+  counts (sent and held by the server) are float32, and `metrics['client_work']` holds
+  `num_examples` ([] float32, TFF's only metric); beside it are `loss`, the mean squared distance
+  of the round's points to their nearest centroid before the update, and `non_finite_clients`
+  (a client whose points are not finite is left out). Departures from TFF:
+  `get_model_weights` returns `ModelWeights(trainable=centroids [k, *data_shape],
+  non_trainable=())` (TFF: the bare centroids), like every other process here, so the
+  simulation driver, checkpoints and evaluation treat it as any model; `random_seed` is one int,
+  default 0 (TFF: two ints, default the clock), and draws from `jax.random`.
 
   Example:
     >>> process = fl.algorithms.build_fed_kmeans(num_clusters=10, data_shape=(64,))
     >>> state = process.initialize()
     >>> state, metrics = process.next(state, client_batches)
     >>> centroids = process.get_model_weights(state).trainable  # [10, 64]
-    >>> state.finalizer  # [10] int32, points per cluster so far (+1)
+    >>> state.finalizer  # [10] float32, points per cluster so far (+1)
 
   Args:
     num_clusters: k, an int >= 1.
@@ -156,7 +184,7 @@ def build_fed_kmeans(
     mesh: a `jax.sharding.Mesh` with a `'clients'` axis: each device runs its own clients.
 
   Returns:
-    A `LearningProcess`; `state.finalizer` holds the running counts `[k] int32`.
+    A `LearningProcess`; `state.finalizer` holds the running counts `[k] float32`.
   """
   data_shape = _check_args(num_clusters, data_shape, random_seed, sum_aggregator)
   key = jax.random.PRNGKey(random_seed)
@@ -166,11 +194,11 @@ def build_fed_kmeans(
   )
   update_spec = (
     jax.ShapeDtypeStruct((num_clusters, *data_shape), jnp.float32),
-    jax.ShapeDtypeStruct((num_clusters,), jnp.int32),
+    jax.ShapeDtypeStruct((num_clusters,), jnp.float32),
   )
   return _common.compose(
     model,
-    client_work,
+    _tff_measurements(client_work),
     _kmeans_finalizer(num_clusters),
     distributor,
     sum_aggregator or aggregators.SumFactory(),

@@ -94,6 +94,24 @@ def check_client_batches(client_batches: Any, input_spec: Any, name: str = 'clie
       raise TypeError(f'{where} has dtype {dtype}; expected {np.dtype(spec.dtype)} from input_spec')
 
 
+def check_unique(ids: Sequence[Any], name: str) -> None:
+  """Raises a ValueError naming the first id of `ids` that appears twice, and where.
+
+  A cohort samples clients without replacement: a client listed twice would train twice and
+  count twice in the aggregate (and share its randomness, keyed by id, with its copy).
+  """
+  first: dict[Any, int] = {}
+  for i, client_id in enumerate(ids):
+    key = client_id.item() if isinstance(client_id, np.generic) else client_id
+    if key in first:
+      raise ValueError(
+        f'{name} lists client {client_id!r} twice (positions {first[key]} and {i}); a cohort '
+        'holds each client once, or it trains and counts twice. Tip: sample without '
+        'replacement (fl.data.sample_cohort does), or drop the repeats.'
+      )
+    first[key] = i
+
+
 def aligned_zeros(shape: tuple, dtype: np.dtype, alignment: int = 64) -> np.ndarray:
   """Zeros whose buffer starts on an `alignment`-byte boundary.
 
@@ -146,7 +164,7 @@ def build_client_batches(
     seed: an int or a sequence of ints (e.g. `(seed, round_num)`) seeding the shuffles.
     client_keys: one non-negative int per client mixed into its shuffle seed (e.g. a stable
       hash of its id, so a client's order does not depend on where it sits in the cohort);
-      default the positions `0..len(clients)-1`.
+      default the positions `0..len(clients)-1`. No key may repeat (a ValueError names it).
     shuffle: whether to shuffle within each epoch.
 
   Returns:
@@ -189,6 +207,8 @@ def build_client_batches(
     raise ValueError(
       f'client_keys has {len(client_keys)} entries; expected one per client ({len(clients)})'
     )
+  else:
+    check_unique(client_keys, 'client_keys')
   capacity = num_steps * batch_size
   batch = {
     k: aligned_zeros(

@@ -91,7 +91,8 @@ def batch_cohort(
 
   Args:
     data: the population.
-    client_ids: the cohort (e.g. `[data.client_ids[i] for i in sample_cohort(...)]`).
+    client_ids: the cohort (e.g. `[data.client_ids[i] for i in sample_cohort(...)]`), each
+      client once (a repeated id raises a ValueError naming it).
     batch_size: examples per step.
     num_epochs: passes over each client's data.
     max_steps: optional cap on steps per client.
@@ -107,8 +108,9 @@ def batch_cohort(
   Returns:
     `ClientBatches` with leaves `[len(client_ids), steps, batch_size, ...]`.
   """
-  if not client_ids:
+  if not len(client_ids):
     raise ValueError('client_ids is empty; expected at least one client')
+  _client_batches.check_unique(client_ids, 'client_ids')
   clients = data.get_clients(client_ids)
   if num_classes is not None:
     for client_id, client in zip(client_ids, clients, strict=True):

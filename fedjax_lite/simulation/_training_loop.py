@@ -300,7 +300,16 @@ def run_training_process(
 
   next_fn = process.next
   if donate_state and hasattr(next_fn, 'lower'):  # a jitted next (every built process)
-    next_fn = jax.jit(next_fn, donate_argnums=0)
+    donated = jax.jit(next_fn, donate_argnums=0)
+    check = getattr(process.next, 'check_client_data', None)  # traced inside jit: run it here
+    if check is None:
+      next_fn = donated
+    else:
+
+      def next_fn(state, data, *client_states):
+        check(data)
+        return donated(state, data, *client_states)
+
   bar = _progress.RoundProgress(last_round, first_round, progress)
   try:
     for round_num in range(first_round, last_round + 1):

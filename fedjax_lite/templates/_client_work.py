@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.extend import core as jex_core
 from jax.sharding import Mesh
@@ -229,6 +230,107 @@ def _has_convolution(model: models.FunctionalModel) -> bool:
   return walk(jaxpr.jaxpr)
 
 
+def _spec_batch(model: models.FunctionalModel, batch_size: int) -> Any:
+  """`model.input_spec` with an unknown batch dimension set to `batch_size`."""
+
+  def leaf(s):
+    if not s.shape or s.shape[0] is not None:
+      return s
+    return jax.ShapeDtypeStruct((batch_size, *s.shape[1:]), s.dtype)
+
+  return jax.tree.map(leaf, model.input_spec)
+
+
+def model_num_classes(model: models.FunctionalModel) -> int | None:
+  """The number of classes of a classifier: the last axis of its predictions, when its labels
+  are integer indices into that axis (`predictions [batch, ..., C]`, `labels [batch, ...]`,
+  C >= 2); None for any other model (regression, matrix factorization, k-means, a single
+  logit). Read from `jax.eval_shape` of the model: nothing is computed."""
+  batch = _spec_batch(model, 2)
+  _, y = models.split_batch(batch)
+  if not isinstance(y, jax.ShapeDtypeStruct) or not jnp.issubdtype(y.dtype, jnp.integer):
+    return None
+  key = jax.random.PRNGKey(0)
+  mask = jax.ShapeDtypeStruct(y.shape[:1], jnp.float32)
+  if model.uses_forward_pass:
+    out = jax.eval_shape(
+      lambda w, b, m: model.forward_pass(w, b, False, rng=key, mask=m),
+      model.initial_weights,
+      batch,
+      mask,
+    )
+    predictions = out.predictions
+  else:
+    predictions = jax.eval_shape(
+      lambda w, x, m: model.predict_on_batch(w, x, False, rng=key, mask=m),
+      model.initial_weights,
+      models.split_batch(batch)[0],
+      mask,
+    )
+  if not isinstance(predictions, jax.ShapeDtypeStruct):
+    return None
+  shape = tuple(predictions.shape)
+  if len(shape) != len(y.shape) + 1 or shape[:-1] != tuple(y.shape) or shape[-1] < 2:
+    return None
+  return int(shape[-1])
+
+
+def is_concrete(tree: Any) -> bool:
+  """Whether every leaf of `tree` is a host value or an untraced array this process holds whole
+  (so a host-side check can read it: never a tracer, never another process's shard)."""
+  for leaf in jax.tree.leaves(tree):
+    if isinstance(leaf, jax.core.Tracer):
+      return False
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+      return False
+  return True
+
+
+def check_labels(client_batches: Any, num_classes: int) -> None:
+  """Raises a ValueError naming the first client (its cohort position and client id) whose
+  real examples (mask > 0) hold a label outside `[0, num_classes)`. Host-side: call it on
+  concrete data only (`is_concrete`), before a round is dispatched."""
+  _, labels = models.split_batch(client_batches.batch)
+  labels = np.asarray(labels)
+  mask = np.asarray(client_batches.mask) > 0
+  mask = mask.reshape(mask.shape + (1,) * (labels.ndim - mask.ndim))
+  bad = ((labels < 0) | (labels >= num_classes)) & mask
+  if not bad.any():
+    return
+  position = np.argwhere(bad)[0]
+  client = int(position[0])
+  ids = client_batches.client_ids
+  name = f'client {client} of the cohort'
+  if ids is not None:
+    name += f' (client id {int(np.asarray(ids)[client])})'
+  raise ValueError(
+    f'client_batches: {name} has label {labels[tuple(position)]} at step {int(position[1])}, '
+    f'example {int(position[2])} ({int(bad[client].sum())} such labels in that client, '
+    f'{int(bad.any(axis=tuple(range(1, bad.ndim))).sum())} such clients); the model predicts '
+    f'{num_classes} classes, so labels must be class indices in [0, {num_classes}). A label '
+    'outside them trains to a NaN loss without an error. Tip: build the model with as many '
+    'classes as the data has (the largest label + 1), or drop the bad examples; '
+    'fl.data.batch_cohort(..., num_classes=) checks labels where the data enters.'
+  )
+
+
+def client_data_check(model: models.FunctionalModel) -> Callable[[Any], None] | None:
+  """The host-side check of a `ClientWorkProcess` over `model` (`check_client_data`): labels
+  against the classes of a classifier (`model_num_classes`); None when there is nothing to
+  check. It skips traced or non-addressable data (`is_concrete`)."""
+  num_classes = model_num_classes(model)
+  if num_classes is None:
+    return None
+
+  def check(client_batches):
+    if isinstance(client_batches, _client_batches.ClientBatches) and is_concrete(
+      (client_batches.batch, client_batches.mask)
+    ):
+      check_labels(client_batches, num_classes)
+
+  return check
+
+
 def _check_client_inputs(client_inputs: Any, num_clients: int) -> None:
   for path, leaf in jax.tree_util.tree_flatten_with_path(client_inputs)[0]:
     if not jnp.shape(leaf)[:1] == (num_clients,):
@@ -258,8 +360,20 @@ def build_client_work(
   per client id, per step), the chunked and vmapped cohort loop (`_cohort.run_clients`, sharded
   over `mesh`), the metrics (`loss`, `num_examples` and the model's, counted from each step's
   `step_metrics`, then reported by `model.report_local_outputs` of `ClientOutput.model_weights`
-  once per client), client weighting, and non-finite exclusion (a client whose update or weight
-  is not finite sends a zero update with weight 0 and its metrics are dropped).
+  once per client), client weighting, non-finite exclusion (a client whose update or weight
+  is not finite sends a zero update with weight 0 and its metrics are dropped), and the host-side
+  label check of a classifier (`check_client_data`, run on concrete data only).
+
+  Padding is invisible (the semantics of a client without examples): a client takes part in
+  the aggregation only when it holds at least one real example (mask > 0) and its update and
+  weight are finite. Padding added to fill a chunk, a device or a process block has no example,
+  so it takes no part; nor does a real client with no example (it contributes nothing and
+  breaks nothing; docs/ARCHITECTURE.md): the two cannot be told apart in the data and are
+  treated alike. Such a client sends a zero update of weight 0, its aggregator contribution
+  is not summed (an unweighted mean does not count it), and stacked aggregators get it masked
+  out (`ClientResult.client_mask`). It still gets its per-client output (e.g. its unchanged local
+  state), its metric state (zero counts; `report_local_outputs` of the weights it was sent, as
+  TFF reports them) and counts in `non_finite_clients` when its update was not finite.
 
   Example: FedProx's local step (Li et al., 2020) in a few lines.
     >>> def prox_loop(weights, hparams):
@@ -305,6 +419,7 @@ def build_client_work(
   initial_hparams = {} if hparams is None else hparams
   if client_chunk_size is None and jax.default_backend() == 'cpu' and _has_convolution(model):
     client_chunk_size = _cohort.CPU_CONV_CHUNK
+  check_data = client_data_check(model)
 
   def initialize():
     reported = report_client_metrics(model, metric_init(), model.initial_weights)
@@ -315,8 +430,13 @@ def build_client_work(
 
   def next_fn(state, model_weights, client_batches, client_inputs=(), *, client_part=None):
     _client_batches.check_client_batches(client_batches, model.input_spec)
+    if check_data is not None:
+      check_data(client_batches)
     num_clients = client_batches.mask.shape[0]
     _check_client_inputs(client_inputs, num_clients)
+    # A client without a real example (padding to fill a process block, or an empty client)
+    # takes no part in the aggregation: see `finalize`.
+    has_examples = jnp.any(jnp.asarray(client_batches.mask) > 0, axis=(1, 2))
     round_key, next_key = jax.random.split(state.rng)
     loop = client_loop_fn(model_weights, state.hparams)
     if not isinstance(loop, ClientLoop):
@@ -324,7 +444,7 @@ def build_client_work(
 
     def init(client_input, client_id):
       key = jax.random.fold_in(round_key, client_id)
-      return loop.init(client_input, key), metric_init(), key
+      return loop.init(client_input[0], key), metric_init(), key
 
     def step(carry, batch, mask, step_index):
       inner, metric_state, key = carry
@@ -335,31 +455,37 @@ def build_client_work(
       return inner, metric_state, key
 
     def finalize(carry, client_input, client_id):
-      del client_input
+      has_data = client_input[1]
       inner, metric_state, _ = carry
       out = loop.finalize(inner)
       if not isinstance(out, ClientOutput):
         raise TypeError(f'ClientLoop.finalize must return a ClientOutput; got {type(out).__name__}')
       final_weights = model_weights if out.model_weights is None else out.model_weights
       metric_state = report_client_metrics(model, metric_state, final_weights)
+      zeros = tree_lib.tree_zeros_like
       update, ok = out.update, jnp.array(True)
       weight = jnp.zeros((), jnp.float32)
       if not evaluation:
         num_examples = metric_state['builtin']['num_examples']
         weight = client_weight(client_weighting, num_examples, metric_finalize(metric_state))
         ok = tree_lib.tree_all_finite(update) & jnp.isfinite(weight)
-        zeros = tree_lib.tree_zeros_like
-        update = tree_lib.tree_where(ok, update, zeros(update))
-        weight = jnp.where(ok, weight, 0.0)
-        metric_state = tree_lib.tree_where(ok, metric_state, zeros(metric_state))
+      # Padding is invisible: a client takes part only with a real example and a finite update;
+      # otherwise it sends a zero update of weight 0 and is left out of every aggregator (its
+      # contribution is not summed, stacked aggregators get it masked out). Its metrics count
+      # nothing but what `report_local_outputs` reports of the weights it was sent.
+      takes_part = has_data & ok
+      update = tree_lib.tree_where(takes_part, update, zeros(update))
+      weight = jnp.where(takes_part, weight, 0.0)
+      metric_state = tree_lib.tree_where(ok, metric_state, zeros(metric_state))
       # Metric states are summed in the loop unless a custom aggregator wants them stacked.
       summed = {'non_finite': (~ok).astype(jnp.int32)}
       stacked = {'outputs': out.client_output}
       (summed if stream_metrics else stacked)['metrics'] = metric_state
       if client_part is None:
-        stacked['result'] = (update, weight)
+        stacked['result'] = (update, weight, takes_part)
       else:
-        summed['result'] = client_part(update, weight, client_id)
+        contribution = client_part(update, weight, client_id)
+        summed['result'] = tree_lib.tree_where(takes_part, contribution, zeros(contribution))
       return summed, stacked
 
     summed, stacked = _cohort.run_clients(
@@ -367,7 +493,7 @@ def build_client_work(
       step,
       finalize,
       client_batches,
-      client_inputs,
+      (client_inputs, has_examples),
       client_chunk_size=client_chunk_size,
       mesh=mesh,
     )
@@ -378,7 +504,8 @@ def build_client_work(
       round_metrics = tree_lib.tree_sum_over_clients(stacked['metrics'])
       metrics = aggregate_metrics(stacked['metrics'])
     if client_part is None:
-      result = _processes.ClientResult(*stacked['result'], stacked['outputs'])
+      update, weight, takes_part = stacked['result']
+      result = _processes.ClientResult(update, weight, stacked['outputs'], takes_part)
     else:
       result = _processes.StreamedClientResult(summed['result'], stacked['outputs'])
     new_state = state._replace(rng=next_key)
@@ -392,7 +519,9 @@ def build_client_work(
       measurements = {'train': metrics, 'non_finite_clients': summed['non_finite']}
     return _processes.MeasuredProcessOutput(new_state, result, measurements)
 
-  return _processes.ClientWorkProcess(initialize, next_fn, get_hparams, set_hparams, streams=True)
+  return _processes.ClientWorkProcess(
+    initialize, next_fn, get_hparams, set_hparams, streams=True, check_client_data=check_data
+  )
 
 
 def get_hparams(state: ClientWorkState) -> Any:

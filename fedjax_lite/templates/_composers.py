@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -26,6 +27,26 @@ def _check_component(value, cls, name):
     raise TypeError(f'{name} must be a {cls.__name__}; got {type(value).__name__}')
 
 
+def _host_checked(jitted: Callable, check: Callable[[Any], None]) -> Callable:
+  """`jitted` (a round's `next`) preceded by `check(client_batches)` on the host, before the
+  round is dispatched: never inside the compiled round (it sees no value there). Under an outer
+  `jit`/`vmap` the check skips traced data itself (a driver that re-jits `next` can call
+  `next.check_client_data(client_batches)` first). Keeps `jitted`'s `lower`, `trace`,
+  `eval_shape` and cache size, so the wrapper still reads as a jitted function."""
+
+  @functools.wraps(jitted)
+  def next_fn(state, client_batches, *args, **kwargs):
+    check(client_batches)
+    return jitted(state, client_batches, *args, **kwargs)
+
+  for name in ('lower', 'trace', 'eval_shape', '_cache_size', 'clear_cache'):
+    if hasattr(jitted, name):
+      setattr(next_fn, name, getattr(jitted, name))
+  # For a driver that jits `next` again (donating the state): the check to run before it.
+  next_fn.check_client_data = check
+  return next_fn
+
+
 def compose_learning_process(
   initial_model_weights_fn: Callable[[], Any],
   model_weights_distributor: _processes.DistributionProcess,
@@ -44,7 +65,11 @@ def compose_learning_process(
   aggregator stream (`ClientWorkProcess.streams`, `AggregationProcess.streams`), the
   aggregator's per-client part runs inside the cohort loop and the updates are summed as the
   chunks go: a round's memory is then set by the chunk, not the cohort. Otherwise the updates
-  are stacked `[clients, ...]` and handed to the aggregator's `next`. Metrics are nested
+  are stacked `[clients, ...]` and handed to the aggregator's `next`, with the client work's
+  `ClientResult.client_mask` as `client_mask=` (padding is invisible to stacked aggregators
+  too). When the client work has a `check_client_data`, `next` runs it on the host on concrete
+  client data before dispatching the compiled round (e.g. labels outside a classifier's
+  classes raise a ValueError naming the client). Metrics are nested
   `{'distributor', 'client_work', 'aggregator', 'finalizer'}`; hyperparameters
   `{'client_work', 'finalizer'}`.
 
@@ -126,7 +151,11 @@ def compose_learning_process(
       )
       update, weight = trained.result.update, trained.result.update_weight
       aggregate_args = (update, weight) if weighted else (update,)
-      aggregated = model_update_aggregator.next(agg_state, *aggregate_args)
+      # Clients that take no part (padding, no example, non-finite) are masked out of stacked
+      # aggregators too (a median must not count their zero updates).
+      aggregated = _processes.with_client_mask(model_update_aggregator.next)(
+        agg_state, *aggregate_args, client_mask=getattr(trained.result, 'client_mask', None)
+      )
     finalized = model_finalizer.next(state.finalizer, state.global_model_weights, aggregated.result)
     new_state = LearningAlgorithmState(
       global_model_weights=finalized.result,
@@ -182,9 +211,12 @@ def compose_learning_process(
       finalizer=model_finalizer.set_hparams(state.finalizer, hparams.get('finalizer', {})),
     )
 
+  jitted_next = jax.jit(next_fn)
+  if client_work.check_client_data is not None:
+    jitted_next = _host_checked(jitted_next, client_work.check_client_data)
   return _processes.LearningProcess(
     jax.jit(initialize),
-    jax.jit(next_fn),
+    jitted_next,
     get_model_weights,
     set_model_weights,
     get_hparams,

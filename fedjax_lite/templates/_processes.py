@@ -42,6 +42,19 @@ class StatefulLearningProcessOutput(NamedTuple):
   client_states: Any
 
 
+class CohortTooSmallError(ValueError):
+  """Raised while tracing a process whose cohort has too few clients (e.g. for Krum).
+
+  Attributes:
+    min_clients: the smallest cohort the process accepts; construction checks that evaluate a
+      process on made-up cohorts retry at this size.
+  """
+
+  def __init__(self, message: str, min_clients: int):
+    super().__init__(message)
+    self.min_clients = min_clients
+
+
 class ClientResult(NamedTuple):
   """Client work's stacked result (TFF's `ClientResult@CLIENTS`).
 
@@ -50,11 +63,17 @@ class ClientResult(NamedTuple):
     update_weight: `[clients]`.
     client_outputs: optional per-client outputs, leaves `[clients, ...]` (e.g. a client's new
       local state), `()` when the client work has none.
+    client_mask: optional `[clients]` bool, True for the clients that take part in the
+      aggregation; None: all do. A client that does not take part (padding added to fill a
+      chunk, a device or a process block; a client with no example; a client whose update is
+      not finite) has a zero update and weight 0, and the composer hands this mask to the
+      aggregator's `next` (`client_mask=`), so stacked aggregators (a median) leave it out too.
   """
 
   update: Any
   update_weight: Any
   client_outputs: Any = ()
+  client_mask: Any = None
 
 
 class StreamedClientResult(NamedTuple):
@@ -234,6 +253,7 @@ class _ClientWorkProcessFields(NamedTuple):
   get_hparams: Callable[[Any], Any] = _no_hparams
   set_hparams: Callable[[Any, Any], Any] = _set_no_hparams
   streams: bool = False
+  check_client_data: Callable[[Any], None] | None = None
 
 
 class ClientWorkProcess(_ClientWorkProcessFields):
@@ -248,6 +268,11 @@ class ClientWorkProcess(_ClientWorkProcessFields):
   client_inputs=(), *, client_part=None)`. With `client_part` `(update, weight, client_id) ->
   contribution`, the contributions are summed inside the cohort loop and the result is a
   `StreamedClientResult`; no `[clients, ...]` update is ever materialized.
+
+  `check_client_data(client_batches)`, when given, checks concrete (host or untraced) client
+  data against what the client work knows (e.g. labels against the model's classes) and raises
+  a ValueError naming the client; `compose_learning_process` runs it on the host before each
+  round is dispatched, never inside the compiled round.
   """
 
   __slots__ = ()
@@ -259,10 +284,15 @@ class ClientWorkProcess(_ClientWorkProcessFields):
     get_hparams=_no_hparams,
     set_hparams=_set_no_hparams,
     streams: bool = False,
+    check_client_data: Callable[[Any], None] | None = None,
     *,
     weights_spec: Any = None,
     client_data_spec: Any = None,
   ):
+    if check_client_data is not None and not callable(check_client_data):
+      raise TypeError(
+        f'check_client_data must be None or callable; got {type(check_client_data).__name__}'
+      )
     _check_initialize(initialize)
     _check_next_arity(next, 3, '(state, model_weights, client_batches)')
     if streams and 'client_part' not in inspect.signature(next).parameters:
@@ -281,7 +311,9 @@ class ClientWorkProcess(_ClientWorkProcessFields):
         raise _errors.LearningProcessPlacementError(
           f'client work results must have a leading client axis of {num_clients}; got {bad}'
         )
-    return super().__new__(cls, initialize, next, get_hparams, set_hparams, bool(streams))
+    return super().__new__(
+      cls, initialize, next, get_hparams, set_hparams, bool(streams), check_client_data
+    )
 
 
 class _AggregationProcessFields(NamedTuple):
@@ -302,25 +334,70 @@ def _check_parts(client_part: Any, server_part: Any, what: str) -> None:
 
 
 def _stacked_next(client_part, server_part, is_weighted):
-  """`next` on stacked values from the streaming parts; client ids are the positions."""
+  """`next` on stacked values from the streaming parts; client ids are the positions. Only the
+  clients of `client_mask` (all when None) are summed."""
 
-  def contributions(state, value, *weight):
+  def contributions(state, value, weight, client_mask):
     leaves = jax.tree.leaves((value, weight))
     ids = jnp.arange(leaves[0].shape[0] if leaves else 0, dtype=jnp.uint32)
     per_client = lambda v, *rest: client_part(state, v, *rest)
-    return tree_lib.tree_sum_over_clients(jax.vmap(per_client)(value, *weight, ids))
+    return tree_lib.tree_sum_over_clients(
+      jax.vmap(per_client)(value, *weight, ids), _keep(client_mask)
+    )
 
   if is_weighted:
 
-    def next_fn(state, value, weight):
-      return server_part(state, contributions(state, value, weight))
+    def next_fn(state, value, weight, *, client_mask=None):
+      return server_part(state, contributions(state, value, (weight,), client_mask))
 
   else:
 
-    def next_fn(state, value):
-      return server_part(state, contributions(state, value))
+    def next_fn(state, value, *, client_mask=None):
+      return server_part(state, contributions(state, value, (), client_mask))
 
   return next_fn
+
+
+def _keep(client_mask: Any) -> jax.Array | None:
+  return None if client_mask is None else jnp.asarray(client_mask, bool)
+
+
+def accepts_client_mask(fn: Callable) -> bool:
+  """Whether `fn` takes a `client_mask` keyword (by name or through `**kwargs`)."""
+  try:
+    params = inspect.signature(fn).parameters.values()
+  except (TypeError, ValueError):
+    return False
+  return any(p.name == 'client_mask' or p.kind is p.VAR_KEYWORD for p in params)
+
+
+def with_client_mask(next_fn: Callable) -> Callable:
+  """`next_fn` taking a `client_mask` keyword: itself when it does, else a wrapper that drops it.
+
+  An aggregation's `next` written without `client_mask` sees the clients that do not take part
+  as zero values of weight 0 (a weighted mean leaves them out; a median of its own counts them:
+  take `client_mask` to leave them out).
+  """
+  if accepts_client_mask(next_fn):
+    return next_fn
+
+  def next_without_mask(state, *args, client_mask=None):
+    del client_mask
+    return next_fn(state, *args)
+
+  return next_without_mask
+
+
+def on_spec_cohorts(evaluate: Callable[[int], Any], sizes: tuple[int, ...]) -> dict[int, Any]:
+  """`{n: evaluate(n)}` for made-up cohort sizes `sizes`, shifted up to the smallest cohort the
+  process accepts when it raises `CohortTooSmallError` (construction checks only)."""
+  try:
+    return {n: evaluate(n) for n in sizes}
+  except CohortTooSmallError as e:
+    shift = e.min_clients - min(sizes)
+    if shift <= 0:
+      raise
+    return {n + shift: evaluate(n + shift) for n in sizes}
 
 
 class AggregationProcess(_AggregationProcessFields):
@@ -335,6 +412,14 @@ class AggregationProcess(_AggregationProcessFields):
   clients (across chunks, and with one `psum` across devices); `server_part(state, sum) ->
   MeasuredProcessOutput` runs once. An aggregation that needs every client at once (a median)
   gives `next` only and receives stacked values.
+
+  **Padding is invisible.** The clients that do not take part in a round (padding added to fill
+  a chunk, a device or a process block; a client with no example; a client whose update is not
+  finite) have a zero value and weight 0. A streaming aggregation never sees them (their
+  contributions are not summed). A stacked `next` receives them with `client_mask` `[clients]`
+  bool (False for them; None: every client takes part): `next(state, value, weight, *,
+  client_mask=None)`. Every `next` accepts the keyword; one written without it is wrapped to
+  ignore it (see `with_client_mask`).
   """
 
   __slots__ = ()
@@ -356,16 +441,19 @@ class AggregationProcess(_AggregationProcessFields):
     num_args = 3 if is_weighted else 2
     doc = '(state, value, weight)' if is_weighted else '(state, value)'
     _check_next_arity(next, num_args, doc)
+    next = with_client_mask(next)
     if value_spec is not None:
-      specs = {}
-      for n in (2, 3):
+
+      def evaluate(n):
         client_values = jax.tree.map(
-          lambda s, n=n: jax.ShapeDtypeStruct((n, *s.shape), s.dtype), value_spec
+          lambda s: jax.ShapeDtypeStruct((n, *s.shape), s.dtype), value_spec
         )
         args = (client_values, jax.ShapeDtypeStruct((n,), 'float32'))[: num_args - 1]
-        specs[n] = _check_measured(initialize, next, args)
+        return _check_measured(initialize, next, args)
+
+      specs = on_spec_cohorts(evaluate, (2, 3))
       _check_no_client_axis({n: (o.state, o.result) for n, o in specs.items()}, 'aggregate')
-      mismatch = tree_lib.tree_spec_mismatch(value_spec, specs[2].result)
+      mismatch = tree_lib.tree_spec_mismatch(value_spec, min(specs.items())[1].result)
       if mismatch is not None:
         raise TypeError(f'the aggregate must match value_spec: {mismatch}')
     return super().__new__(cls, initialize, next, is_weighted, client_part, server_part)
@@ -387,10 +475,11 @@ class _EstimationProcessFields(NamedTuple):
 class EstimationProcess(_EstimationProcessFields):
   """Estimates a server value from client values across rounds (TFF's `EstimationProcess`).
 
-  `next(state, value [clients]) -> state` and `report(state) -> estimate`. Given as streaming
-  parts, `client_part(state, value) -> contribution` runs per client inside the cohort loop,
-  the contributions are summed, and `server_part(state, sum) -> state` runs once; `next` is
-  derived from them.
+  `next(state, value [clients], *, client_mask=None) -> state` and `report(state) -> estimate`.
+  Given as streaming parts, `client_part(state, value) -> contribution` runs per client inside
+  the cohort loop, the contributions are summed, and `server_part(state, sum) -> state` runs
+  once; `next` is derived from them and sums only the clients of `client_mask` (the clients that
+  take part, as in `AggregationProcess`).
   """
 
   __slots__ = ()
@@ -402,11 +491,12 @@ class EstimationProcess(_EstimationProcessFields):
       if client_part is None:
         raise ValueError('an EstimationProcess needs next, or client_part and server_part')
 
-      def next(state, value):
+      def next(state, value, *, client_mask=None):
         per_client = jax.vmap(lambda v: client_part(state, v))(value)
-        return server_part(state, tree_lib.tree_sum_over_clients(per_client))
+        return server_part(state, tree_lib.tree_sum_over_clients(per_client, _keep(client_mask)))
 
     _check_next_arity(next, 2, '(state, value)')
+    next = with_client_mask(next)
     if not callable(report):
       raise TypeError(f'report must be callable; got {type(report).__name__}')
     return super().__new__(cls, initialize, next, report, client_part, server_part)
@@ -554,15 +644,21 @@ def _check_learning_process(
         f'client data leaf {tree_lib.keystr(path)} has shape {tuple(leaf.shape)}; expected a '
         f'leading (clients, steps, batch_size) = {mask_shape} like the mask'
       )
-  outputs = {}
   n = mask_shape[0]
   stateful = initial_client_state is not None
   expected = StatefulLearningProcessOutput if stateful else LearningProcessOutput
-  for num_clients in (n, n + 1):
+
+  def evaluate(num_clients):
     args = (_with_num_clients(client_data_spec, num_clients),)
     if stateful:
       args += (_stacked_spec(initial_client_state, num_clients),)
-    state_spec, out = _traced_output(initialize, next_fn, args)
+    return args, _traced_output(initialize, next_fn, args)
+
+  traced = on_spec_cohorts(evaluate, (n, n + 1))
+  n = min(traced)
+  outputs = {}
+  state_spec = traced[n][1][0]
+  for num_clients, (args, (_, out)) in traced.items():
     if not isinstance(out, expected):
       raise _errors.LearningProcessOutputError(
         f'next must return {expected.__name__}({", ".join(expected._fields)}); got '

@@ -69,7 +69,8 @@ def _replace_one_pair_epsilon(z, clients_per_round, population, rounds, delta):
 def test_fixed_size_epsilon_is_at_least_one_neighbouring_pairs(
   z, clients_per_round, population, rounds
 ):
-  """Before the sensitivity of replace-one was counted, ε was 18.8 and 12.9 here (the pair needs 36.3 and 27.1)."""
+  """Before the sensitivity of replace-one was counted, ε was 18.8 and 12.9 here (the pair
+  needs 36.3 and 27.1)."""
   delta = 0.1 / population  # the command's default δ
   accountant = AGG.PrivacyAccountant(z, clients_per_round, population, delta, sampling='fixed_size')
   lower = _replace_one_pair_epsilon(z, clients_per_round, population, rounds, delta)

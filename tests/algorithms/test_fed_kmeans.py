@@ -1,5 +1,7 @@
-"""Federated k-means against a numpy loop over clients with TFF's server update."""
+"""Federated k-means against a numpy loop over clients with TFF's server update
+(tensorflow_federated/python/learning/algorithms/kmeans_clustering.py)."""
 
+import chex
 import jax
 import numpy as np
 import numpy_reference as ref
@@ -63,11 +65,58 @@ def test_fed_kmeans_equals_numpy_loop_over_three_rounds(chunk):
     got = process.get_model_weights(state).trainable
     np.testing.assert_allclose(got, centroids, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(state.finalizer, counts)
-    train = metrics['client_work']['train']
-    assert int(train['num_examples']) == expected['num_examples'] == sum(SIZES)
-    np.testing.assert_allclose(float(train['loss']), expected['loss'], rtol=1e-5)
+    measured = metrics['client_work']
+    assert float(measured['num_examples']) == expected['num_examples'] == sum(SIZES)
+    np.testing.assert_allclose(float(measured['loss']), expected['loss'], rtol=1e-5)
+    assert int(measured['non_finite_clients']) == 0
   assert counts[3] == 1 and np.all(counts[:3] > 1)
   np.testing.assert_array_equal(got[3], start[3])
+
+
+def test_state_and_measurements_are_tffs():
+  """TFF's state: float32 cluster weights starting at 1 in `state.finalizer` (TFF moved them
+  from int32 to float32 so that DP aggregators can sum them); its client work reports
+  `{'num_examples'}` as float32 directly under `client_work`. The state keeps its spec."""
+  process = fl.algorithms.build_fed_kmeans(K, DATA_SHAPE)
+  state = process.initialize()
+  assert state.finalizer.dtype == np.float32
+  np.testing.assert_array_equal(state.finalizer, np.ones(K, np.float32))
+  new_state, metrics = process.next(state, _batches(0))
+  chex.assert_trees_all_equal_shapes_and_dtypes(new_state, state)
+  assert set(metrics['client_work']) == {'num_examples', 'loss', 'non_finite_clients'}
+  assert metrics['client_work']['num_examples'].dtype == np.float32
+  assert metrics['client_work']['num_examples'].shape == ()
+  assert float(jax.numpy.sum(new_state.finalizer)) == K + sum(SIZES)
+
+
+def test_counts_sum_through_a_float_only_aggregator():
+  """Float counts, as TFF's, can go through an aggregator that takes only floating-point values
+  (TFF's reason for them, e.g. DP sums): a simulated secure sum, fine enough to be exact to
+  1e-3 here, gives the plain sum's round."""
+  batches = _batches(0)
+  plain = fl.algorithms.build_fed_kmeans(K, DATA_SHAPE, random_seed=1)
+  secure = fl.algorithms.build_fed_kmeans(
+    K, DATA_SHAPE, random_seed=1, sum_aggregator=fl.aggregators.SecureSumFactory(200.0, bits=24)
+  )
+  a, _ = plain.next(plain.initialize(), batches)
+  b, _ = secure.next(secure.initialize(), batches)
+  chex.assert_trees_all_close(b.global_model_weights, a.global_model_weights, atol=1e-3)
+  chex.assert_trees_all_close(b.finalizer, a.finalizer, atol=1e-3)
+
+
+def test_labels_are_ignored_whatever_their_values():
+  """k-means reads only the points: labels beyond the number of clusters (e.g. a labelled
+  dataset's classes) change nothing and raise nothing, though the predictions `[batch, k]` look
+  like a k-class classifier's."""
+  process = fl.algorithms.build_fed_kmeans(K, DATA_SHAPE, random_seed=2)
+  batches = _batches(0)
+  labelled = batches._replace(
+    batch={**batches.batch, 'y': (np.arange(batches.mask.size) % 10).reshape(batches.mask.shape)}
+  )
+  labelled = labelled._replace(batch={**labelled.batch, 'y': labelled.batch['y'].astype(np.int32)})
+  a, _ = process.next(process.initialize(), batches)
+  b, _ = process.next(process.initialize(), labelled)
+  chex.assert_trees_all_equal(a, b)
 
 
 def test_initial_centroids_are_seeded_normal_draws():
@@ -83,7 +132,7 @@ def test_initial_centroids_are_seeded_normal_draws():
   np.testing.assert_array_equal(a, b)
   assert not np.allclose(a, c)
   np.testing.assert_array_equal(a, jax.random.normal(jax.random.PRNGKey(7), a.shape))
-  np.testing.assert_array_equal(counts, np.ones(K, np.int32))
+  np.testing.assert_array_equal(counts, np.ones(K, np.float32))
 
 
 @pytest.mark.parametrize(

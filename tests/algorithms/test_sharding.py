@@ -1,5 +1,7 @@
 """Device-local sharding (8 forced CPU devices): each device runs its own clients, the sums are
-combined once per round, and the result equals the single-device round."""
+combined once per round, and the result equals the single-device round. Padding is invisible:
+the empty clients that fill a device or a process block change nothing, for streaming,
+stacked (median, trimmed mean, Krum) and unweighted aggregators alike."""
 
 import re
 
@@ -14,7 +16,9 @@ import fedjax_lite as fl
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason='needs 8 devices (conftest.py)')
 
-# 13 clients: does not divide by 8, so the cohort is padded with empty clients.
+# 13 clients: does not divide by 8, so the cohort is padded with empty clients (one real client
+# has no example). On one device the default CPU chunk (7 lanes, 2 chunks) does not divide it
+# either: its last chunk has a filler lane.
 SIZES = [3, 9, 4, 12, 7, 1, 5, 8, 0, 6, 2, 10, 4]
 
 
@@ -40,21 +44,66 @@ BUILDERS = {
 }
 
 
+# The aggregators that count clients (unweighted ones divide by the clients; stacked ones rank
+# every client): padding must be neither counted nor ranked.
+def _unweighted_fed_avg(factory):
+  return lambda mesh: fl.algorithms.build_unweighted_fed_avg(
+    ref.linear_model(5, 3), fl.optimizers.build_sgdm(0.1), model_aggregator=factory(), mesh=mesh
+  )
+
+
+BUILDERS |= {
+  # the command's fedavg_unweighted
+  'unweighted_mean': _unweighted_fed_avg(fl.aggregators.UnweightedMeanFactory),
+  'robust_unweighted': _unweighted_fed_avg(
+    lambda: fl.aggregators.robust_aggregator(weighted=False)
+  ),
+}
+# Aggregators that need every client at once: the updates are stacked (gathered), not summed.
+STACKED_BUILDERS = {
+  'median': _unweighted_fed_avg(fl.aggregators.median_factory),
+  'trimmed_mean': _unweighted_fed_avg(lambda: fl.aggregators.trimmed_mean_factory(0.2)),
+  'krum': _unweighted_fed_avg(lambda: fl.aggregators.krum_factory(2, num_selected=3)),
+  'clipped_median': _unweighted_fed_avg(
+    lambda: fl.aggregators.clipping_factory(
+      fl.aggregators.PrivateQuantileEstimationProcess.no_noise(0.05, 0.5, 0.5),
+      fl.aggregators.median_factory(),
+    )
+  ),
+}
+
+
 def _batches():
   return fl.data.build_client_batches(
     ref.random_clients(SIZES), batch_size=4, num_epochs=2, client_keys=range(100, 113)
   )
 
 
-@pytest.mark.parametrize('name', sorted(BUILDERS))
-def test_sharded_round_equals_single_device(name):
-  single, sharded = BUILDERS[name](None), BUILDERS[name](_mesh())
-  batches = _batches()
-  s1, s2 = single.initialize(), sharded.initialize()
+def _padded_in_blocks(batches, block=3):
+  """The cohort padded as a multi-process run pads it (`fl.simulation`'s `pad_block`): with
+  clients without data (mask 0, id 0) appended up to a multiple of `block` (13 -> 15 clients).
+  15 does not divide by 8 devices either, so `mesh=` pads it once more (to 16)."""
+  extra = -batches.mask.shape[0] % block
+  return jax.tree.map(
+    lambda x: np.concatenate([x, np.zeros((extra, *x.shape[1:]), x.dtype)]), batches
+  )
+
+
+def _two_rounds(process, batches):
+  state = process.initialize()
   for _ in range(2):
-    s1, m1 = single.next(s1, batches)
-    s2, m2 = sharded.next(s2, batches)
-  for a, b in zip(jax.tree.leaves((s1, m1)), jax.tree.leaves((s2, m2)), strict=True):
+    state, metrics = process.next(state, batches)
+  return jax.tree.leaves((state, metrics))
+
+
+@pytest.mark.parametrize('name', sorted(BUILDERS | STACKED_BUILDERS))
+def test_sharded_round_equals_single_device(name):
+  """Padding is invisible: 13 clients on one device (chunks of 7: one filler lane) equal the
+  same clients padded in process blocks and by the mesh, on 8 devices."""
+  build = (BUILDERS | STACKED_BUILDERS)[name]
+  single = _two_rounds(build(None), _batches())
+  sharded = _two_rounds(build(_mesh()), _padded_in_blocks(_batches()))
+  for a, b in zip(single, sharded, strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
 

@@ -76,6 +76,12 @@ def test_num_steps_pads_and_checks():
     ([{'x': np.zeros((2, 1)), 'y': np.zeros(3)}], {}, 'differ in length'),
     ([{'x': np.zeros((2, 1))}, {'x': np.zeros((2, 2))}], {}, r"clients\[1\]\['x'\] is"),
     ([{'x': np.zeros((2, 1))}, {'x': np.zeros((2, 1), np.int32)}], {}, 'per example'),
+    (
+      _clients([3, 2, 4]),
+      {'client_keys': [7, 9, 7]},
+      r'client_keys lists client 7 twice \(positions 0 and 2\).*Tip: sample without replacement',
+    ),
+    (_clients([3, 2]), {'client_keys': [np.int64(5), 5]}, 'lists client 5 twice'),
   ],
 )
 def test_bad_input(clients, kwargs, match):

@@ -149,3 +149,14 @@ def test_batch_cohort_output_runs_a_round():
   )
   _, metrics = process.next(process.initialize(), batches)
   assert int(metrics['client_work']['train']['num_examples']) == 8
+
+
+def test_a_client_listed_twice_in_a_cohort_is_refused():
+  """A cohort samples without replacement (fl.data.sample_cohort): a repeated client would
+  train twice and count twice in the aggregate."""
+  data = _population([5, 3, 4])
+  with pytest.raises(ValueError, match=r"client_ids lists client 'c2' twice \(positions 0 and 2\)"):
+    fl.data.batch_cohort(data, ['c2', 'c0', 'c2'], batch_size=4)
+  cohort = fl.data.sample_cohort(data.num_clients, 3, round_num=0)
+  ids = [data.client_ids[i] for i in cohort]
+  assert fl.data.batch_cohort(data, ids, batch_size=4).mask.shape[0] == 3

@@ -408,3 +408,18 @@ def test_the_driver_donates_each_state_to_the_round_that_replaces_it(problem):
   # without donation they stay readable.
   assert all(leaf.is_deleted() for leaf in jax.tree.leaves(given[0]))
   assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(given[1]))
+
+
+@pytest.mark.parametrize('donate_state', [True, False])
+def test_the_driver_checks_labels_before_its_donated_round(problem, donate_state):
+  """The driver re-jits `next` to donate the state; the model's label check still runs."""
+  process, training_selection_fn, _, _ = problem
+
+  def bad_labels(round_num):
+    data = training_selection_fn(round_num)
+    y = np.array(data.batch['y'])
+    y[0, 0, 0] = 3  # the linear model has 3 classes: labels 0..2
+    return data._replace(batch={**data.batch, 'y': y})
+
+  with pytest.raises(ValueError, match='label'):
+    fl.simulation.run_training_process(process, bad_labels, 1, donate_state=donate_state)

@@ -243,3 +243,100 @@ def test_round_memory_is_set_by_the_chunk_not_the_cohort():
   update_bytes = 4 * sum(x.size for x in jax.tree.leaves(model.initial_weights.trainable))
   assert large <= 1.5 * small, (small, large)
   assert large < 4096 * update_bytes / 10  # far below one stored update per client
+
+
+def test_clients_without_an_example_or_a_finite_update_take_no_part():
+  """Padding is invisible: a client with no example (padding or an empty client) or a non-finite
+  update has weight 0 whatever the weighting, and `client_mask` False for stacked aggregators."""
+  model = ref.linear_model(5, 3)
+  clients = ref.random_clients([3, 0, 5, 4])
+  clients[3]['x'][0, 0] = np.nan  # a non-finite update
+  batches = fl.data.build_client_batches(clients, batch_size=4)
+  work = fl.templates.build_model_delta_client_work(
+    model, fl.optimizers.build_sgdm(0.1), client_weighting=lambda metrics: 1.0
+  )
+  out = work.next(work.initialize(), model.initial_weights, batches)
+  np.testing.assert_array_equal(out.result.client_mask, [True, False, True, False])
+  np.testing.assert_array_equal(out.result.update_weight, [1.0, 0.0, 1.0, 0.0])
+  for leaf in jax.tree.leaves(out.result.update):
+    np.testing.assert_array_equal(np.asarray(leaf)[[1, 3]], 0.0)
+  assert int(out.measurements['non_finite_clients']) == 1
+  # A callable weighting that gives an empty client weight 1 no longer dilutes the mean.
+  process = fl.algorithms.build_weighted_fed_avg(
+    model, fl.optimizers.build_sgdm(0.1), client_weighting=lambda metrics: 1.0
+  )
+  state, _ = process.next(process.initialize(), _batches([3, 0, 5]))
+  w0, b0 = (np.asarray(model.initial_weights.trainable[k], np.float64) for k in ('w', 'b'))
+  want_w, _, _ = ref.fed_avg_round(w0, b0, _batches([3, 0, 5]), 0.1, weighting='uniform')
+  np.testing.assert_allclose(process.get_model_weights(state).trainable['w'], want_w, atol=1e-6)
+
+
+def _labelled_batches(bad_label):
+  clients = ref.random_clients([6, 5, 7])
+  clients[1]['y'][3] = bad_label
+  return fl.data.build_client_batches(clients, batch_size=4, client_keys=[40, 41, 42])
+
+
+@pytest.mark.parametrize('bad_label', [3, 7, -1])
+def test_a_label_outside_the_models_classes_is_refused_before_the_round(bad_label):
+  model = ref.linear_model(5, 3)
+  batches = _labelled_batches(bad_label)
+  match = (
+    rf'client 1 of the cohort \(client id 41\) has label {bad_label} .*the model predicts 3 '
+    r'classes, so labels must be class indices in \[0, 3\).*Tip:'
+  )
+  for process in [
+    fl.algorithms.build_weighted_fed_avg(model, fl.optimizers.build_sgdm(0.1)),
+    fl.algorithms.build_unweighted_fed_avg(model, fl.optimizers.build_sgdm(0.1)),
+    fl.algorithms.build_fed_eval(model),
+  ]:
+    with pytest.raises(ValueError, match=match):
+      process.next(process.initialize(), batches)
+  work = fl.templates.build_model_delta_client_work(model, fl.optimizers.build_sgdm(0.1))
+  with pytest.raises(ValueError, match=match):
+    work.next(work.initialize(), model.initial_weights, batches)
+
+
+def test_the_label_check_reads_only_real_examples_and_keeps_the_compiled_round():
+  model = ref.linear_model(5, 3)
+  process = fl.algorithms.build_weighted_fed_avg(model, fl.optimizers.build_sgdm(0.1))
+  batches = _labelled_batches(2)
+  junk = batches._replace(batch={**batches.batch, 'y': batches.batch['y'].copy()})
+  junk.batch['y'][np.asarray(junk.mask) == 0] = 99  # padded examples: never read
+  state, metrics = process.next(process.initialize(), junk)
+  assert np.isfinite(float(metrics['client_work']['train']['loss']))
+  state, _ = process.next(state, batches)
+  assert process.next._cache_size() == 1  # the check runs on the host: one program
+  with pytest.raises(ValueError, match='has label 5'):  # untraced device arrays: checked too
+    process.next(state, jax.device_put(_labelled_batches(5)))
+  # Traced data cannot be read: under an outer jit the round runs unchecked, as it did; a driver
+  # that re-jits `next` runs the check first.
+  jax.jit(process.next)(state, _labelled_batches(5))
+  with pytest.raises(ValueError, match='has label 5'):
+    process.next.check_client_data(_labelled_batches(5))
+
+
+@pytest.mark.parametrize(
+  ('predictions', 'label_dtype', 'label_shape', 'want'),
+  [
+    ((4, 3), jnp.int32, (4,), 3),  # a classifier
+    ((4, 2, 7), jnp.int32, (4, 2), 7),  # a sequence classifier
+    ((4, 3), jnp.float32, (4,), None),  # float labels: regression
+    ((4, 1), jnp.int32, (4,), None),  # one logit (a binary label, not an index)
+    ((4,), jnp.int32, (4,), None),  # a prediction per label (regression on integers)
+    ((4, 3), jnp.int32, (4, 3), None),  # labels shaped like predictions (multi-label)
+  ],
+)
+def test_only_classifiers_have_their_labels_checked(predictions, label_dtype, label_shape, want):
+  model = fl.FunctionalModel(
+    initial_weights=fl.ModelWeights({'w': jnp.zeros(predictions[1:])}, ()),
+    predict_on_batch_fn=lambda weights, x, training=True: weights.trainable['w'] + x,
+    loss_fn=fl.models.mean_squared_error,
+    input_spec={
+      'x': jax.ShapeDtypeStruct((None, *predictions[1:]), jnp.float32),
+      'y': jax.ShapeDtypeStruct((None, *label_shape[1:]), label_dtype),
+    },
+  )
+  assert fl.templates._client_work.model_num_classes(model) == want
+  check = fl.templates._client_work.client_data_check(model)
+  assert (check is None) == (want is None)
