@@ -193,9 +193,16 @@ def _train_locked(args, out: str, config: dict[str, Any], experiment: Any, *, pr
   progress = not quiet and sys.stdout.isatty()
   if not quiet and not progress:
     managers.append(_PrintMetrics())
+  accountant = experiment.privacy_accountant
+  budget = config['epsilon_budget']
   if not quiet:
     if resumed == config['rounds']:
       status = f' (finished at round {resumed}; pass --rounds N to extend it)'
+    elif resumed and accountant is not None and budget and accountant.epsilon(resumed + 1) > budget:
+      status = (
+        f' (stopped at round {resumed} by the privacy budget: one more round takes epsilon past '
+        f'{budget:g}; raise --epsilon-budget to extend it)'
+      )
     elif resumed:
       status = f' (resuming after round {resumed})'
     else:
@@ -205,7 +212,6 @@ def _train_locked(args, out: str, config: dict[str, Any], experiment: Any, *, pr
       f'{config["clients_per_round"]} per round; {config["model"]} with {config["algorithm"]}; '
       f'writing to {out}{status}'
     )
-  accountant = experiment.privacy_accountant
   if accountant is not None and not quiet:
     print(
       f'privacy: epsilon at delta={accountant.target_delta:.3g} under {accountant.assumption}'

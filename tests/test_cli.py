@@ -248,6 +248,10 @@ def test_aggregators_train_and_dp_stops_at_the_epsilon_budget(capsys):
   assert last['round_num'] == last_round
   assert last['privacy/epsilon'] == pytest.approx(accountant.epsilon(last_round))
   assert f'after {last_round} rounds' in out
+  assert cli.main(['train', '--resume', '--out', 'dp']) == 0  # nothing left to train: says why
+  out = capsys.readouterr().out
+  assert f'stopped at round {last_round} by the privacy budget' in out
+  assert _last_metrics('dp')['round_num'] == last_round
 
 
 def test_a_refused_resume_changes_nothing(tmp_path, capsys):
