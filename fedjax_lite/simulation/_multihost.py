@@ -122,6 +122,23 @@ def pad_block(local: _client_batches.ClientBatches, size: int) -> _client_batche
   )
 
 
+def replicated_sharding(mesh: Mesh | None = None) -> NamedSharding:
+  """A whole copy on every device of `mesh` (default `global_mesh()`): where a sharded round
+  (`mesh=`) returns the server state."""
+  return NamedSharding(global_mesh() if mesh is None else mesh, PartitionSpec())
+
+
+def replicated(tree: Any, mesh: Mesh | None = None) -> Any:
+  """`tree` (host arrays, the same on every process) as global arrays on `replicated_sharding`."""
+  sharding = replicated_sharding(mesh)
+
+  def put(x):
+    x = np.asarray(x)
+    return jax.make_array_from_process_local_data(sharding, x, x.shape)
+
+  return jax.tree.map(put, tree)
+
+
 def to_host(tree: Any) -> Any:
   """`tree` as host numpy arrays; arrays replicated over processes give this process's copy."""
 
@@ -155,7 +172,8 @@ class PrimaryCheckpointManager:
 
   Saving writes the primary's copy of the (replicated) state; the other processes write
   nothing. Restoring reads on the primary and broadcasts the state and its round, so every
-  process resumes from the same round without a shared file system.
+  process resumes from the same round without a shared file system; the state is returned on
+  `replicated_sharding()`, where the round keeps it (so the round compiles once).
   """
 
   def __init__(self, manager: Any):
@@ -174,7 +192,7 @@ class PrimaryCheckpointManager:
       return None, 0
     if state is None:  # another process: the structure's shapes, filled by the broadcast
       state = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), structure)
-    return broadcast_from_primary(state), int(round_num)
+    return replicated(broadcast_from_primary(state)), int(round_num)
 
   def checkpoint_rounds(self) -> list[int]:
     return self._manager.checkpoint_rounds() if is_primary() else []
@@ -185,13 +203,18 @@ class PrimaryCheckpointManager:
 
 
 def local_metrics(process: Any) -> Any:
-  """`process` whose `next` returns its metrics as host arrays (this process's copy)."""
+  """`process` for a multi-process driver: `next` returns its metrics as host arrays (this
+  process's copy), and `initialize` returns the state on `replicated_sharding()`, where `next`
+  returns it, so every round runs the program the first one compiled (an initial state on one
+  device compiled the round again at round 2, seconds per process).
+  """
+  initialize = jax.jit(process.initialize, out_shardings=replicated_sharding())
 
   def next_fn(state, *args, **kwargs):
     state, metrics = process.next(state, *args, **kwargs)
     return state, to_host(metrics)
 
-  return process._replace(next=next_fn)
+  return process._replace(initialize=initialize, next=next_fn)
 
 
 def launch(
@@ -239,9 +262,8 @@ def launch(
     ValueError: more processes than cores.
     KeyboardInterrupt: on `SIGINT` or `SIGTERM`, once the processes are gone.
   """
-  cores = sorted(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else []
-  if num_processes > max(len(cores), 1):
-    raise ValueError(f'{num_processes} processes exceed the {len(cores)} cores available')
+  cores = _cores()
+  check_num_processes(num_processes)
   with socket.socket() as probe:  # a free port for the coordinator
     probe.bind(('127.0.0.1', 0))
     port = probe.getsockname()[1]
@@ -319,6 +341,17 @@ def launch(
     restore_sigterm()
     if not keep_logs:
       shutil.rmtree(log_dir, ignore_errors=True)
+
+
+def check_num_processes(num_processes: int) -> None:
+  """Raises ValueError when `launch` would refuse `num_processes` (more than the cores)."""
+  cores = _cores()
+  if num_processes > max(len(cores), 1):
+    raise ValueError(f'{num_processes} processes exceed the {len(cores)} cores available')
+
+
+def _cores() -> list[int]:
+  return sorted(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else []
 
 
 _POLL_S = 0.05

@@ -6,8 +6,13 @@ process batching its block of every cohort; every process saves the final weight
 
 `multihost_worker.py --hold OUT`: writes its pid to `OUT/pid<rank>`, then runs one collective
 after another until it is stopped (a process that never ends by itself).
+
+`multihost_worker.py --compiles OUT ARGS...`: runs `fedjax-lite train --distributed ARGS` and
+writes to `OUT/compiles<rank>.json` how many times JAX compiled the round and evaluation.
 """
 
+import json
+import logging
 import os
 import sys
 import time
@@ -16,6 +21,7 @@ import jax
 import numpy as np
 
 import fedjax_lite as fl
+from fedjax_lite import cli
 from fedjax_lite.simulation import multihost
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -59,7 +65,30 @@ def hold(out):
     time.sleep(0.05)
 
 
+def count_compiles(out, argv):
+  """`fedjax-lite train --distributed ARGV`; writes `OUT/compiles<rank>.json`: the compilations
+  JAX logged of a `next` whose arguments include client data on the clients axis (the round),
+  and of the other `next`s (evaluation's)."""
+  messages = []
+
+  class Record(logging.Handler):
+    def emit(self, record):
+      messages.append(record.getMessage())
+
+  jax.config.update('jax_log_compiles', True)
+  logging.getLogger('jax').addHandler(Record())
+  status = cli.main(['train', *argv, '--distributed'])  # joins the run (multihost.initialize)
+  nexts = [m for m in messages if m.startswith('Compiling jit(next_fn) ')]
+  rounds = sum(f"spec=P('{multihost.CLIENTS_AXIS}',)" in m for m in nexts)
+  counts = {'round': rounds, 'evaluation': len(nexts) - rounds}
+  with open(os.path.join(out, f'compiles{jax.process_index()}.json'), 'w') as f:
+    json.dump(counts, f)
+  sys.exit(status)
+
+
 if __name__ == '__main__':
+  if sys.argv[1] == '--compiles':
+    count_compiles(sys.argv[2], sys.argv[3:])
   multihost.initialize()
   if sys.argv[1] == '--hold':
     hold(sys.argv[2])

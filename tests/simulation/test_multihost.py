@@ -40,7 +40,7 @@ def _train(out, *extra, processes=2):
   )
   assert result.returncode == 0, result.stderr[-2000:]
   assert '[Gloo]' not in result.stdout  # gloo's banner is C++ output: in the processes' logs
-  return result.stdout
+  return result.stdout, result.stderr
 
 
 def _rows(out):
@@ -53,8 +53,14 @@ def test_two_processes_train_as_one_and_resume_from_process_0(tmp_path, monkeypa
   assert cli.main(['train', *ARGS, '--out', 'one']) == 0
   # Two processes stopped after round 2 (a finished 2-round run), then extended to round 4:
   # the other process resumes from process 0's checkpoint, broadcast.
-  _train(tmp_path / 'two', '--rounds', '2')
+  _, stderr = _train(tmp_path / 'two', '--rounds', '2')
   _train(tmp_path / 'two')
+  # 5 clients a round over 2 processes: a one-line note, and the run goes on.
+  assert stderr.splitlines() == [
+    'fedjax-lite train: note: --processes 2 leaves each process 3 of the 5 clients a round; '
+    f'below {cli.MIN_CLIENTS_PER_PROCESS} per process no gain was measured (the all-reduce and '
+    'compiling outweigh the work), so one process is likely faster'
+  ]
   one, two = _rows(tmp_path / 'one'), _rows(tmp_path / 'two')
   assert one.keys() == two.keys() == {0, 1, 2, 3, 4}
   for round_num in one:  # the cohort split over processes sums in another order: ~1e-7
@@ -70,6 +76,26 @@ def test_two_processes_train_as_one_and_resume_from_process_0(tmp_path, monkeypa
   ]
 
 
+@pytest.mark.parametrize(
+  ('argv', 'per_process'),
+  [
+    (['--clients-per-round', '98'], 49),
+    (['--clients-per-round', '99'], None),  # 50 a process: the rule's threshold
+    (['--clients-per-round', '150', '--processes', '3'], None),
+    (['--clients-per-round', '10', '--processes', '3'], 4),
+    (['--clients-per-round', 'ten'], None),  # refused: the processes say why
+  ],
+)
+def test_the_note_names_the_clients_per_process_below_the_threshold(tmp_path, argv, per_process):
+  args = cli.build_parser().parse_args(['train', '--out', str(tmp_path), '--processes', '2', *argv])
+  note = cli._small_cohort_note(args)
+  assert cli.MIN_CLIENTS_PER_PROCESS == 50
+  if per_process is None:
+    assert note is None
+  else:
+    assert note.startswith(f'--processes {args.processes} leaves each process {per_process} of ')
+
+
 def test_both_processes_hold_the_one_process_weights(tmp_path):
   worker = os.path.join(os.path.dirname(__file__), 'multihost_worker.py')
   assert multihost.launch([sys.executable, worker, str(tmp_path)], 2) == 0
@@ -81,6 +107,24 @@ def test_both_processes_hold_the_one_process_weights(tmp_path):
 
 
 WORKER = os.path.join(os.path.dirname(__file__), 'multihost_worker.py')
+
+
+def test_the_round_compiles_once_in_each_process_fresh_and_resumed(tmp_path):
+  # Before: the state left `initialize` (or the restored checkpoint) on one device and the round
+  # returned it replicated over the mesh, so every process compiled the round again at its second
+  # round (seconds each). Evaluation, every round here, compiles once too.
+  run = ['--clients-per-round', '5', '--eval-every', '1', '--quiet', '--out', str(tmp_path / 'run')]
+  for name, rounds in [('fresh', 3), ('resumed', 6)]:  # rounds 1-3, then 4-6 from round 3
+    out = tmp_path / name
+    out.mkdir()
+    command = [sys.executable, WORKER, '--compiles', str(out), *run, '--rounds', str(rounds)]
+    assert multihost.launch(command, 2) == 0
+    for rank in (0, 1):
+      counts = json.loads((out / f'compiles{rank}.json').read_text())
+      assert counts == {'round': 1, 'evaluation': 1}, (name, rank)
+  assert max(_rows(tmp_path / 'run')) == 6
+
+
 # A launcher of two `multihost_worker.py --hold` processes, as `fedjax-lite train` launches.
 LAUNCHER = """
 import sys
@@ -209,7 +253,10 @@ def test_ctrl_c_stops_every_process_and_a_resume_continues(tmp_path, capsys):
   finally:
     _kill_left(launcher.pid, *workers)
   # Before: the launcher waited while its processes trained all 1,000 rounds.
-  assert (launcher.returncode, stderr) == (130, 'fedjax-lite train: interrupted\n')
+  assert launcher.returncode == 130
+  lines = stderr.splitlines()  # the note of a small cohort, then why it stopped
+  assert len(lines) == 2 and lines[0].startswith('fedjax-lite train: note: '), stderr
+  assert lines[1] == 'fedjax-lite train: interrupted'
   assert not any(_alive(pid) for pid in workers)
   assert '[Gloo]' not in stdout
   last = max(_checkpoint_rounds(out))
