@@ -4,7 +4,8 @@ state frozen; the server moves that state with the clients' full-batch gradients
 broadcast weights. Mime also corrects each local gradient with a control variate.
 
 A round runs two passes of `build_client_work` over the same data: the full-gradient pass
-(FedSGD's client loop, its weighted mean streamed) and the training pass. The base optimizer's
+(FedSGD's client loop, its weighted mean streamed) and the training pass, whose clients receive
+the base optimizer's state (and Mime's control variate) as the round's broadcast value. That
 state lives in the client work's state; the server part of the round updates it.
 """
 
@@ -40,18 +41,19 @@ class MimeState(NamedTuple):
 
 
 def _train_client_loop(model: models.FunctionalModel, base_optimizer: optax.GradientTransformation):
-  """Local steps of `base_optimizer` from `hparams['optimizer_state']`, never updated. With
-  `hparams['control_variate']` c (Mime), the gradient at y is `g(y) − g(x) + c` on each batch,
-  x the broadcast weights."""
+  """Local steps of `base_optimizer` from the broadcast `(optimizer_state, control_variate)`,
+  the state never updated. With a control variate c (Mime; `()` for MimeLite), the gradient at
+  y is `g(y) − g(x) + c` on each batch, x the broadcast weights."""
 
-  def client_loop(model_weights, hparams):
+  def client_loop(model_weights, hparams, broadcast):
+    del hparams  # the base optimizer's hyperparameters are in its broadcast state
     initial = model_weights.trainable
-    opt_state, control_variate = hparams['optimizer_state'], hparams.get('control_variate')
+    opt_state, control_variate = broadcast
 
     def step(weights, batch, mask, key):
       rng = key if model.uses_rng else None
       grads, step_metrics = _client_work.masked_grad(model, weights, batch, mask, rng)
-      if control_variate is not None:
+      if jax.tree.leaves(control_variate):
         at_start, _ = _client_work.masked_grad(model, model_weights, batch, mask, rng)
         grads = jax.tree.map(lambda g, g0, c: g - g0 + c, grads, at_start, control_variate)
       updates, _ = base_optimizer.update(grads, opt_state, weights.trainable)
@@ -102,22 +104,20 @@ def _mime_client_work(
     )
     grad_sum, total_weight = grads.result.accumulated
     mean_grad = jax.tree.map(lambda g: g / jnp.maximum(total_weight, 1e-30), grad_sum)
-    hparams = {'optimizer_state': state.optimizer_state}
-    if use_control_variate:
-      hparams['control_variate'] = mean_grad
     trained = train_pass.next(
-      state.train._replace(hparams=hparams),
+      state.train,
       model_weights,
       client_batches,
       client_inputs,
       client_part=client_part,
+      broadcast=(state.optimizer_state, mean_grad if use_control_variate else ()),
     )
     _, moved = base_optimizer.update(mean_grad, state.optimizer_state, model_weights.trainable)
     ok = (total_weight > 0) & tree_lib.tree_all_finite(mean_grad)
     new_state = MimeState(
       tree_lib.tree_where(ok, moved, state.optimizer_state),
       grads.state,
-      trained.state._replace(hparams=state.train.hparams),
+      trained.state,
     )
     return _processes.MeasuredProcessOutput(new_state, trained.result, trained.measurements)
 

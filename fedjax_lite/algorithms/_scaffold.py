@@ -6,8 +6,9 @@ The per-client control variates c_i are the process's client states: they come i
 work's per-client inputs and leave as its per-client outputs, and live between rounds in a store
 keyed by client id (`fl.simulation.InMemoryClientStateStore`, `SQLiteClientStateStore`), which
 `fl.simulation.run_training_process` threads through the rounds. The server control variate c
-lives in the client work's state; the Δc sum streams through the cohort loop beside the
-aggregator's Δy contributions.
+lives in the client work's state and reaches every client as the round's broadcast value; the
+Δc of the clients is their `client_sum`, summed inside the cohort loop beside the aggregator's
+Δy contributions.
 
 The c_i and c belong together: a run resumed with c from its checkpoint and the c_i restarted at
 zero (a store deleted, emptied or older than the checkpoint) trains a different algorithm. The
@@ -38,7 +39,8 @@ class ScaffoldState(NamedTuple):
   """State of SCAFFOLD's client work.
 
   Attributes:
-    control_variate: the server control variate c, shaped like the trainable weights.
+    control_variate: the server control variate c, shaped like the trainable weights; every
+      client of a round receives it as the client work's broadcast value.
     client_work: the `ClientWorkState` of the local training; its hparams are
       `{'learning_rate': η_l, 'population_size': N}`.
   """
@@ -48,12 +50,12 @@ class ScaffoldState(NamedTuple):
 
 
 def _scaffold_client_loop(model: models.FunctionalModel):
-  """Local SGD `y ← y − η_l·(g(y) − c_i + c)` from the broadcast x; the new control variate
-  `c_i+ = c_i − c + (x − y)/(K·η_l)`, K the client's real steps (a client with none keeps c_i).
-  `hparams` carries η_l and c. The update is `(x − y, c_i+ − c_i)`; the output is c_i+."""
+  """Local SGD `y ← y − η_l·(g(y) − c_i + c)` from the broadcast x, c the broadcast value; the
+  new control variate `c_i+ = c_i − c + (x − y)/(K·η_l)`, K the client's real steps (a client
+  with none keeps c_i). The update is `x − y`, the client sum `c_i+ − c_i`, the output c_i+."""
 
-  def client_loop(model_weights, hparams):
-    x, c, lr = model_weights.trainable, hparams['control_variate'], hparams[LEARNING_RATE]
+  def client_loop(model_weights, hparams, control_variate):
+    x, c, lr = model_weights.trainable, control_variate, hparams[LEARNING_RATE]
 
     def init(client_control, key):
       del key
@@ -79,9 +81,10 @@ def _scaffold_client_loop(model: models.FunctionalModel):
       # A client that build_client_work excludes as non-finite keeps its control variate.
       ok = tree_lib.tree_all_finite((delta, control_delta))
       return _client_work.ClientOutput(
-        update=(delta, control_delta),
+        update=delta,
         client_output=tree_lib.tree_where(ok, new_control, client_control),
         model_weights=weights,
+        client_sum=control_delta,
       )
 
     return _client_work.ClientLoop(init, step, finalize)
@@ -90,7 +93,7 @@ def _scaffold_client_loop(model: models.FunctionalModel):
 
 
 def _scaffold_client_work(model, hparams, **client_work_kwargs) -> _processes.ClientWorkProcess:
-  """Runs the local loop with c, hands Δy to the aggregator and updates c by ΣΔc / N."""
+  """Runs the local loop with c broadcast, hands Δy to the aggregator and moves c by ΣΔc / N."""
   work = _client_work.build_client_work(
     model, _scaffold_client_loop(model), hparams, **client_work_kwargs
   )
@@ -100,29 +103,22 @@ def _scaffold_client_work(model, hparams, **client_work_kwargs) -> _processes.Cl
     return ScaffoldState(tree_lib.tree_strong_types(zeros), work.initialize())
 
   def next_fn(state, model_weights, client_batches, client_inputs=(), *, client_part=None):
-    hparams = {**state.client_work.hparams, 'control_variate': state.control_variate}
-    inner_part = None
-    if client_part is not None:
-      # Δy streams into the aggregator; Δc is summed beside it.
-      inner_part = lambda update, weight, cid: (client_part(update[0], weight, cid), update[1])
     out = work.next(
-      state.client_work._replace(hparams=hparams),
+      state.client_work,
       model_weights,
       client_batches,
       client_inputs,
-      client_part=inner_part,
+      client_part=client_part,
+      broadcast=state.control_variate,
     )
-    if client_part is None:
-      delta, control_delta = out.result.update
-      control_sum = tree_lib.tree_sum_over_clients(control_delta)
-      result = out.result._replace(update=delta)
-    else:
-      accumulated, control_sum = out.result.accumulated
-      result = out.result._replace(accumulated=accumulated)
     population = state.client_work.hparams[POPULATION_SIZE]
-    control = jax.tree.map(lambda c, s: c + s / population, state.control_variate, control_sum)
-    new_state = ScaffoldState(control, out.state._replace(hparams=state.client_work.hparams))
-    return _processes.MeasuredProcessOutput(new_state, result, out.measurements)
+    control = jax.tree.map(
+      lambda c, s: c + s / population, state.control_variate, out.result.client_sum
+    )
+    result = out.result._replace(client_sum=())
+    return _processes.MeasuredProcessOutput(
+      ScaffoldState(control, out.state), result, out.measurements
+    )
 
   def get_hparams(state):
     return work.get_hparams(state.client_work)

@@ -22,8 +22,8 @@ class ScheduledClientWorkState(NamedTuple):
   """State of the scheduled client work.
 
   Attributes:
-    round_num: `[] int32` rounds run so far; this round's client learning rate is
-      `client_learning_rate_fn(round_num)`.
+    round_num: `[] int32` rounds run so far; this round's client learning rate,
+      `client_learning_rate_fn(round_num)`, is broadcast to its clients.
     client_work: the model-delta client work's state; its hparams are the client optimizer's
       other hyperparameters (the learning rate is not one: the schedule sets it).
   """
@@ -38,33 +38,37 @@ def _scheduled_client_work(
   optimizer: optax.GradientTransformation,
   **client_work_kwargs: Any,
 ) -> _processes.ClientWorkProcess:
-  """FedAvg's client work with `learning_rate_fn(round_num)` as the client learning rate."""
-  work = _client_work.build_model_delta_client_work(model, optimizer, **client_work_kwargs)
-  initial = work.initialize()
-  if LEARNING_RATE not in initial.hparams:
+  """FedAvg's client work whose clients receive `learning_rate_fn(round_num)` as the round's
+  broadcast value and train with it as the optimizer's learning rate."""
+  _client_work.check_optimizer(optimizer, 'client_optimizer_fn(learning_rate)')
+  hparams = optimizers.get_hparams(optimizer.init(model.initial_weights.trainable))
+  if LEARNING_RATE not in hparams:
     raise TypeError(
       'client_optimizer_fn(learning_rate) must return an optimizer with a learning_rate '
-      f'hyperparameter (e.g. fl.optimizers.build_sgdm); its hparams are {sorted(initial.hparams)}'
+      f'hyperparameter (e.g. fl.optimizers.build_sgdm); its hparams are {sorted(hparams)}'
     )
-  lr_dtype = initial.hparams[LEARNING_RATE].dtype
-  others = {k: v for k, v in initial.hparams.items() if k != LEARNING_RATE}
+  lr_dtype = hparams.pop(LEARNING_RATE).dtype
+  delta_loop = _client_work.model_delta_client_loop(model, optimizer)
+
+  def client_loop(model_weights, hparams, learning_rate):
+    return delta_loop(model_weights, {**hparams, LEARNING_RATE: learning_rate})
+
+  work = _client_work.build_client_work(model, client_loop, hparams, **client_work_kwargs)
 
   def initialize():
-    return ScheduledClientWorkState(jnp.zeros([], jnp.int32), initial._replace(hparams=others))
+    return ScheduledClientWorkState(jnp.zeros([], jnp.int32), work.initialize())
 
   def next_fn(state, model_weights, client_batches, client_inputs=(), *, client_part=None):
     lr = jnp.asarray(learning_rate_fn(state.round_num), lr_dtype)
-    hparams = {**state.client_work.hparams, LEARNING_RATE: lr}
     out = work.next(
-      state.client_work._replace(hparams=hparams),
+      state.client_work,
       model_weights,
       client_batches,
       client_inputs,
       client_part=client_part,
+      broadcast=lr,
     )
-    new_state = ScheduledClientWorkState(
-      state.round_num + 1, out.state._replace(hparams=state.client_work.hparams)
-    )
+    new_state = ScheduledClientWorkState(state.round_num + 1, out.state)
     measurements = {**out.measurements, 'client_learning_rate': lr}
     return _processes.MeasuredProcessOutput(new_state, out.result, measurements)
 
@@ -129,7 +133,6 @@ def build_weighted_fed_avg_with_optimizer_schedule(
   if not callable(client_learning_rate_fn) or not callable(client_optimizer_fn):
     raise TypeError('client_learning_rate_fn and client_optimizer_fn must be callables')
   client_optimizer = client_optimizer_fn(float(client_learning_rate_fn(0)))
-  _client_work.check_optimizer(client_optimizer, 'client_optimizer_fn(learning_rate)')
   client_work = _scheduled_client_work(
     model,
     client_learning_rate_fn,

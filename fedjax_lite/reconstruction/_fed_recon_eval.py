@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import jax
 import optax
 from jax.sharding import Mesh
 
@@ -84,32 +83,30 @@ def build_fed_recon_eval(
   recon_pass = _client_work.build_reconstruction_pass(
     fm, model, reconstruction_optimizer, client_chunk_size, mesh
   )
+  # The state's hparams are the reconstruction optimizer's (the evaluation loop reads none).
   eval_pass = _templates_client_work.build_client_work(
     fm,
     evaluation_loop,
+    {'reconstruction_optimizer': recon_pass.initialize().hparams},
     metrics_aggregator=metrics_aggregator,
     evaluation=True,
     client_chunk_size=client_chunk_size,
     mesh=mesh,
+    seed=seed,
   )
-
-  def initialize():
-    return eval_pass.initialize()._replace(
-      hparams={'reconstruction_optimizer': recon_pass.initialize().hparams},
-      rng=jax.random.PRNGKey(seed),
-    )
 
   def next_fn(state, global_weights, client_batches, client_inputs=(), *, client_part=None):
     locals_, eval_batches, eval_key, next_key = _client_work.reconstruct_round(
       model, recon_pass, dataset_split_fn, state, global_weights, client_batches, client_inputs
     )
-    eval_state = state._replace(hparams={}, rng=eval_key)
-    out = eval_pass.next(eval_state, global_weights, eval_batches, locals_, client_part=client_part)
-    new_state = out.state._replace(hparams=state.hparams, rng=next_key)
+    out = eval_pass.next(
+      state._replace(rng=eval_key), global_weights, eval_batches, locals_, client_part=client_part
+    )
+    new_state = out.state._replace(rng=next_key)
     return _processes.MeasuredProcessOutput(new_state, out.result, out.measurements)
 
   client_work = _processes.ClientWorkProcess(
-    initialize,
+    eval_pass.initialize,
     next_fn,
     _templates_client_work.get_hparams,
     _templates_client_work.set_hparams,

@@ -5,6 +5,7 @@ which runs it for a whole cohort in one compiled call; `build_model_delta_client
 from __future__ import annotations
 
 import enum
+import inspect
 import weakref
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -60,11 +61,15 @@ class ClientOutput(NamedTuple):
     model_weights: the client's weights after its local work, full `ModelWeights` of the
       model, which the model's `report_local_outputs` reads (e.g. the L2 norm of the locally
       trained model); None: the weights the client was sent (right for evaluation).
+    client_sum: optional per-client values summed over the clients that take part, inside the
+      cohort loop like a streamed update (SCAFFOLD's Δc), and returned as the result's
+      `client_sum` for the client work's own server-side update; never aggregated.
   """
 
   update: Any = ()
   client_output: Any = ()
   model_weights: Any = None
+  client_sum: Any = ()
 
 
 class ClientLoop(NamedTuple):
@@ -340,9 +345,18 @@ def _check_client_inputs(client_inputs: Any, num_clients: int) -> None:
       )
 
 
+def _takes_broadcast(client_loop_fn: Callable) -> bool:
+  """Whether `client_loop_fn` takes a third positional argument, the round's broadcast."""
+  try:
+    inspect.signature(client_loop_fn).bind(None, None, None)
+  except TypeError:
+    return False
+  return True
+
+
 def build_client_work(
   model: models.FunctionalModel,
-  client_loop_fn: Callable[[models.ModelWeights, Any], ClientLoop],
+  client_loop_fn: Callable[..., ClientLoop],
   hparams: Any = None,
   *,
   client_weighting: ClientWeighting | Callable = ClientWeighting.NUM_EXAMPLES,
@@ -356,12 +370,19 @@ def build_client_work(
 
   `client_loop_fn(model_weights, hparams) -> ClientLoop` is called once per round (at trace
   time) with the broadcast weights and the hyperparameters in state; the `ClientLoop` it
-  returns is written for one client. The builder owns the rest: input checks, keys (per round,
-  per client id, per step), the chunked and vmapped cohort loop (`_cohort.run_clients`, sharded
-  over `mesh`), the metrics (`loss`, `num_examples` and the model's, counted from each step's
-  `step_metrics`, then reported by `model.report_local_outputs` of `ClientOutput.model_weights`
-  once per client), client weighting, non-finite exclusion (a client whose update or weight
-  is not finite sends a zero update with weight 0 and its metrics are dropped), and the host-side
+  returns is written for one client. A `client_loop_fn(model_weights, hparams, broadcast)` of
+  three parameters also gets the round's broadcast value, `next(..., broadcast=)`: a server
+  quantity every client reads (FedJAX's `shared_input`: a control variate, a frozen optimizer
+  state, a scheduled learning rate), so `hparams` holds only numbers a user tunes. A per-client
+  `ClientOutput.client_sum` is summed over the clients that take part, inside the loop, and
+  comes back as the result's `client_sum` (for the algorithm's server-side update).
+
+  The builder owns the rest: input checks, keys (per round, per client id, per step), the
+  chunked and vmapped cohort loop (`_cohort.run_clients`, sharded over `mesh`), the metrics
+  (`loss`, `num_examples` and the model's, counted from each step's `step_metrics`, then
+  reported by `model.report_local_outputs` of `ClientOutput.model_weights` once per client),
+  client weighting, non-finite exclusion (a client whose update, client sum or weight is not
+  finite sends a zero update with weight 0 and its metrics are dropped), and the host-side
   label check of a classifier (`check_client_data`, run on concrete data only).
 
   Padding is invisible (the semantics of a client without examples): a client takes part in
@@ -389,7 +410,8 @@ def build_client_work(
 
   Args:
     model: the `FunctionalModel` whose `input_spec` checks the data and whose metrics count.
-    client_loop_fn: `(model_weights, hparams) -> ClientLoop`.
+    client_loop_fn: `(model_weights, hparams) -> ClientLoop`, or `(model_weights, hparams,
+      broadcast) -> ClientLoop`.
     hparams: pytree (nested dicts) of numbers kept in state; `set_hparams` replaces them
       without recompiling.
     client_weighting: `ClientWeighting` or `(client metrics) -> [] weight`.
@@ -404,8 +426,8 @@ def build_client_work(
 
   Returns:
     A streaming `ClientWorkProcess`: `next(state, model_weights, client_batches,
-    client_inputs=(), *, client_part=None)`, measurements `{'train': {'loss', 'num_examples',
-    ...model metrics}, 'non_finite_clients': [] int32}` (training).
+    client_inputs=(), *, client_part=None, broadcast=())`, measurements `{'train': {'loss',
+    'num_examples', ...model metrics}, 'non_finite_clients': [] int32}` (training).
   """
   check_model(model)
   if not callable(client_loop_fn):
@@ -420,6 +442,7 @@ def build_client_work(
   if client_chunk_size is None and jax.default_backend() == 'cpu' and _has_convolution(model):
     client_chunk_size = _cohort.CPU_CONV_CHUNK
   check_data = client_data_check(model)
+  takes_broadcast = _takes_broadcast(client_loop_fn)
 
   def initialize():
     reported = report_client_metrics(model, metric_init(), model.initial_weights)
@@ -428,7 +451,9 @@ def build_client_work(
       ClientWorkState(initial_hparams, jax.random.PRNGKey(seed), totals)
     )
 
-  def next_fn(state, model_weights, client_batches, client_inputs=(), *, client_part=None):
+  def next_fn(
+    state, model_weights, client_batches, client_inputs=(), *, client_part=None, broadcast=()
+  ):
     _client_batches.check_client_batches(client_batches, model.input_spec)
     if check_data is not None:
       check_data(client_batches)
@@ -438,7 +463,15 @@ def build_client_work(
     # takes no part in the aggregation: see `finalize`.
     has_examples = jnp.any(jnp.asarray(client_batches.mask) > 0, axis=(1, 2))
     round_key, next_key = jax.random.split(state.rng)
-    loop = client_loop_fn(model_weights, state.hparams)
+    if takes_broadcast:
+      loop = client_loop_fn(model_weights, state.hparams, broadcast)
+    elif jax.tree.leaves(broadcast):
+      raise TypeError(
+        'next got a broadcast value, but client_loop_fn takes (model_weights, hparams). Tip: '
+        'give it a third parameter, (model_weights, hparams, broadcast), to read it.'
+      )
+    else:
+      loop = client_loop_fn(model_weights, state.hparams)
     if not isinstance(loop, ClientLoop):
       raise TypeError(f'client_loop_fn must return a ClientLoop; got {type(loop).__name__}')
 
@@ -468,7 +501,7 @@ def build_client_work(
       if not evaluation:
         num_examples = metric_state['builtin']['num_examples']
         weight = client_weight(client_weighting, num_examples, metric_finalize(metric_state))
-        ok = tree_lib.tree_all_finite(update) & jnp.isfinite(weight)
+        ok = tree_lib.tree_all_finite((update, out.client_sum)) & jnp.isfinite(weight)
       # Padding is invisible: a client takes part only with a real example and a finite update;
       # otherwise it sends a zero update of weight 0 and is left out of every aggregator (its
       # contribution is not summed, stacked aggregators get it masked out). Its metrics count
@@ -478,7 +511,10 @@ def build_client_work(
       weight = jnp.where(takes_part, weight, 0.0)
       metric_state = tree_lib.tree_where(ok, metric_state, zeros(metric_state))
       # Metric states are summed in the loop unless a custom aggregator wants them stacked.
-      summed = {'non_finite': (~ok).astype(jnp.int32)}
+      summed = {
+        'non_finite': (~ok).astype(jnp.int32),
+        'client_sum': tree_lib.tree_where(takes_part, out.client_sum, zeros(out.client_sum)),
+      }
       stacked = {'outputs': out.client_output}
       (summed if stream_metrics else stacked)['metrics'] = metric_state
       if client_part is None:
@@ -505,9 +541,13 @@ def build_client_work(
       metrics = aggregate_metrics(stacked['metrics'])
     if client_part is None:
       update, weight, takes_part = stacked['result']
-      result = _processes.ClientResult(update, weight, stacked['outputs'], takes_part)
+      result = _processes.ClientResult(
+        update, weight, stacked['outputs'], takes_part, summed['client_sum']
+      )
     else:
-      result = _processes.StreamedClientResult(summed['result'], stacked['outputs'])
+      result = _processes.StreamedClientResult(
+        summed['result'], stacked['outputs'], summed['client_sum']
+      )
     new_state = state._replace(rng=next_key)
     if evaluation:
       totals = tree_lib.tree_add(state.total_rounds_metrics, round_metrics)

@@ -68,12 +68,16 @@ class ClientResult(NamedTuple):
       chunk, a device or a process block; a client with no example; a client whose update is
       not finite) has a zero update and weight 0, and the composer hands this mask to the
       aggregator's `next` (`client_mask=`), so stacked aggregators (a median) leave it out too.
+    client_sum: the sum over the clients that take part of their `ClientOutput.client_sum` (no
+      client axis; `()` when the client work has none), for the client work's own server-side
+      update (SCAFFOLD's Σ Δc); never aggregated.
   """
 
   update: Any
   update_weight: Any
   client_outputs: Any = ()
   client_mask: Any = None
+  client_sum: Any = ()
 
 
 class StreamedClientResult(NamedTuple):
@@ -83,10 +87,12 @@ class StreamedClientResult(NamedTuple):
     accumulated: the sum over clients of the aggregator's `client_part` (no client axis); the
       aggregator's `server_part` turns it into the aggregate.
     client_outputs: per-client outputs, leaves `[clients, ...]`, as in `ClientResult`.
+    client_sum: as in `ClientResult`.
   """
 
   accumulated: Any
   client_outputs: Any = ()
+  client_sum: Any = ()
 
 
 def _positional_params(fn: Callable) -> tuple[int, int | None]:
@@ -267,7 +273,10 @@ class ClientWorkProcess(_ClientWorkProcessFields):
   inputs and an aggregator's per-client part: `next(state, model_weights, client_batches,
   client_inputs=(), *, client_part=None)`. With `client_part` `(update, weight, client_id) ->
   contribution`, the contributions are summed inside the cohort loop and the result is a
-  `StreamedClientResult`; no `[clients, ...]` update is ever materialized.
+  `StreamedClientResult`; no `[clients, ...]` update is ever materialized. Client work whose
+  clients read a server value (one `build_client_work` makes with a `client_loop_fn` of three
+  parameters) also takes `broadcast=`: the value every client of the round receives (FedJAX's
+  `shared_input`: a control variate, a frozen optimizer state, a learning rate).
 
   `check_client_data(client_batches)`, when given, checks concrete (host or untraced) client
   data against what the client work knows (e.g. labels against the model's classes) and raises
