@@ -61,7 +61,9 @@ def sweep_runs(k: int) -> list[fl.templates.SweepRun]:
   ]
 
 
-def measure(k: int, clients: list[dict], rounds: int) -> dict:
+def measure(
+  k: int, clients: list[dict], rounds: int, runs_per_lane: int | str | None = 'auto'
+) -> dict:
   """One row: K runs as one program and one after another, on the same cohorts."""
   steps = fl.data.client_steps(max(len(c['y']) for c in clients), EPOCHS, BATCH_SIZE)
   cohorts = []
@@ -72,12 +74,14 @@ def measure(k: int, clients: list[dict], rounds: int) -> dict:
     )
     cohorts.append(jax.device_put(batches))
   examples = float(np.mean([np.sum(c.mask) for c in cohorts[1:]]))
-  sweep = fl.templates.build_sweep(process_fn, sweep_runs(k))
+  lanes = fl.templates.default_runs_per_lane() if runs_per_lane == 'auto' else runs_per_lane
+  sweep = fl.templates.build_sweep(process_fn, sweep_runs(k), runs_per_lane=lanes)
   process = sweep.process
   swept = sweep.initialize()
   alone = sweep.unstack(swept)  # the same K initial states, run one after another
   row = {
     'runs': k,
+    'runs_per_lane': 'all' if lanes is None else lanes,
     'temp_bytes_per_run': sweep.temp_bytes_per_run(swept, cohorts[0]),
     'temp_bytes_one_run': harness.compiled_temp_bytes(process, cohorts[0]),
   }
@@ -106,6 +110,7 @@ def measure(k: int, clients: list[dict], rounds: int) -> dict:
 
 COLUMNS = [
   ('runs', 'd'),
+  ('runs_per_lane', ''),
   ('sweep_round_s', '.4f'),
   ('sequential_round_s', '.4f'),
   ('sweep_ex_per_s', ',.0f'),
@@ -121,6 +126,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--runs', type=int, nargs='*', default=[1, 4, 16])
   parser.add_argument('--rounds', type=int, default=5, help='timed rounds per row')
+  parser.add_argument(
+    '--runs-per-lane',
+    nargs='*',
+    default=['auto'],
+    help="runs vectorized together, one row per value: an int, 'all' or 'auto' (the backend's)",
+  )
   parser.add_argument('--out', default='benchmarks/results/sweep.json')
   args = parser.parse_args(argv)
   if args.rounds < 1 or not args.runs or min(args.runs) < 1:
@@ -128,8 +139,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
   clients = load_population()
   rows = []
-  for k in args.runs:
-    row = measure(k, clients, args.rounds)
+  lanes = [None if v == 'all' else v if v == 'auto' else int(v) for v in args.runs_per_lane]
+  for k, lane in [(k, lane) for k in args.runs for lane in lanes]:
+    row = measure(k, clients, args.rounds, lane)
     row['temp_KB_per_run'] = row['temp_bytes_per_run'] / 1024
     row['temp_KB_one_run'] = row['temp_bytes_one_run'] / 1024
     rows.append(row)

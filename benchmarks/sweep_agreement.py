@@ -1,8 +1,10 @@
 """How far swept runs part from the same settings trained alone, round by round.
 
 `fedjax-lite train`'s default job (MLP on digits), 3 client learning rates x 3 seeds, each run
-trained alone and inside sweeps of four layouts: one program of 9 runs, programs of 3 (by seed),
-programs of 2 and programs of 1. Prints and writes, per layout and round, the largest difference
+trained alone and inside sweeps of five layouts: one program of 9 runs vectorized together
+(`runs_per_lane=None`, an accelerator's default), and with the backend's default lanes (on a CPU
+one run at a time inside the program) one program of 9 runs, programs of 3 (by seed), programs
+of 2 and programs of 1. Prints and writes, per layout and round, the largest difference
 over the 9 runs in any weight, in the training loss and in the test loss and accuracy. The
 figures in docs/simulation.md ("Sweeps") come from this script.
 
@@ -37,11 +39,11 @@ def hp(c):
   return {'client_work': {'learning_rate': c['client_lr']}}
 
 
-def sweep_states(idx):
+def sweep_states(idx, runs_per_lane='auto'):
   """Runs configs[idx] as one program; returns per-round list of (states, metrics)."""
   cs = [configs[i] for i in idx]
   runs = [templates.SweepRun(c['seed'], hp(c)) for c in cs]
-  sweep = templates.build_sweep(lambda seed: exps[seed].process, runs)
+  sweep = templates.build_sweep(lambda seed: exps[seed].process, runs, runs_per_lane=runs_per_lane)
   state = sweep.initialize()
   out = []
   sds = [c['seed'] for c in cs]
@@ -74,6 +76,7 @@ def evaluate(i, state):
 
 ref = {i: alone(i) for i in range(len(configs))}
 layouts = {
+  'all9_vectorized': [list(range(9))],
   'all9': [list(range(9))],
   'by_seed3': [[j for j in range(9) if configs[j]['seed'] == s] for s in seeds],
   'pairs': [[0, 1], [2, 3], [4, 5], [6, 7], [8]],
@@ -84,7 +87,7 @@ for name, groups in layouts.items():
   per_round = []
   sw = {}
   for g in groups:
-    outs = sweep_states(g)
+    outs = sweep_states(g, None if name.endswith('_vectorized') else 'auto')
     for k, i in enumerate(g):
       sw[i] = [(st[k], me[k]) for st, me in outs]
   for r in range(ROUNDS):

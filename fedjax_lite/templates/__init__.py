@@ -42,7 +42,7 @@ from fedjax_lite.templates._processes import (
   StatefulLearningProcessOutput,
   StreamedClientResult,
 )
-from fedjax_lite.templates._sweep import Sweep, SweepRun, build_sweep
+from fedjax_lite.templates._sweep import Sweep, SweepRun, build_sweep, default_runs_per_lane
 
 __all__ = [
   'AggregationProcess',
@@ -79,6 +79,7 @@ __all__ = [
   'build_model_delta_client_work',
   'build_sweep',
   'compose_learning_process',
+  'default_runs_per_lane',
   'masked_forward',
   'masked_grad',
   'model_delta_client_loop',

@@ -86,8 +86,24 @@ def _check_runs(runs: Any) -> tuple[SweepRun, ...]:
   return tuple(runs)
 
 
+def default_runs_per_lane(backend: str | None = None) -> int | None:
+  """The runs a sweep's `next` vectorizes together on `backend` (default: JAX's): one on a CPU,
+  whose cores a single run's round already keeps busy (vectorized runs there spill the caches
+  and run every lane to the longest client), so the runs go one after another inside the
+  program; all of them (None) on an accelerator, where one small model leaves the device idle."""
+  return 1 if (backend or jax.default_backend()) == 'cpu' else None
+
+
+def _check_runs_per_lane(value: Any) -> None:
+  if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+    raise ValueError(f"runs_per_lane must be None, an int >= 1 or 'auto'; got {value!r}")
+
+
 def build_sweep(
-  process_fn: Callable[[int], _processes.LearningProcess], runs: Sequence[SweepRun]
+  process_fn: Callable[[int], _processes.LearningProcess],
+  runs: Sequence[SweepRun],
+  *,
+  runs_per_lane: int | str | None = 'auto',
 ) -> Sweep:
   """K runs of one learning process as one compiled program.
 
@@ -95,10 +111,19 @@ def build_sweep(
   `initialize` returns (initial weights, keys held in state, as every builder's `seed=` and a
   model built with that seed do). Each run starts from its seed's initial state with its
   `hparams` set (`set_hparams`: cast to the state's dtypes, so every run has one state spec),
-  and the runs' states are stacked. `next` is `jax.vmap` of the first seed's `process.next`,
-  compiled once per argument shape. On its first trace, when the runs have two seeds or more,
-  `next` is lowered for two of them and must give the same program (a seed that reaches `next`,
-  e.g. through weights it closes over, would be silently replaced by the first seed's).
+  and the runs' states are stacked. `next` is one compiled program of the first seed's
+  `process.next` over the run axis, compiled once per argument shape.
+
+  **Lanes are a budget.** `runs_per_lane` runs are vectorized together (`jax.vmap`: each step
+  of the cohort loop advances that many runs' clients at once) and the groups of that size run
+  one after another inside the program (`jax.lax.map(..., batch_size=runs_per_lane)`). The
+  default, `default_runs_per_lane()`, is 1 on a CPU (the runs in sequence, in one program) and
+  every run (None) on an accelerator. Every layout computes the same runs; they differ in speed
+  and memory, and in float rounding where vectorization reorders sums.
+
+  On its first trace, when the runs have two seeds or more, `next` is lowered for two of them
+  and must give the same program (a seed that reaches `next`, e.g. through weights it closes
+  over, would be silently replaced by the first seed's).
 
   Example:
     >>> def process_fn(seed):
@@ -115,6 +140,8 @@ def build_sweep(
   Args:
     process_fn: `seed -> LearningProcess`.
     runs: the `SweepRun`s.
+    runs_per_lane: runs vectorized together (an int >= 1), None for all, or 'auto'
+      (`default_runs_per_lane()`).
 
   Returns:
     A `Sweep`.
@@ -122,6 +149,9 @@ def build_sweep(
   if not callable(process_fn):
     raise TypeError(f'process_fn must be callable seed -> LearningProcess; got {process_fn!r}')
   runs = _check_runs(runs)
+  if runs_per_lane == 'auto':
+    runs_per_lane = default_runs_per_lane()
+  _check_runs_per_lane(runs_per_lane)
   processes = {}
   for run in runs:
     if run.seed not in processes:
@@ -170,7 +200,15 @@ def build_sweep(
       run_batches = jax.tree.map(lambda x: x[0], client_batches) if per_run else client_batches
       _check_seed_free_next(first, others[0], spec, tree_lib.tree_specs(run_batches))
       checked.append(True)
-    return jax.vmap(first.next, in_axes=(0, 0 if per_run else None))(state, client_batches)
+    if runs_per_lane is None or runs_per_lane >= num_runs:
+      return jax.vmap(first.next, in_axes=(0, 0 if per_run else None))(state, client_batches)
+    if per_run:
+      return jax.lax.map(
+        lambda xs: first.next(*xs), (state, client_batches), batch_size=runs_per_lane
+      )
+    return jax.lax.map(
+      lambda run_state: first.next(run_state, client_batches), state, batch_size=runs_per_lane
+    )
 
   return Sweep(runs, first, initialize, jax.jit(next_fn))
 

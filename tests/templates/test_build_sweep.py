@@ -52,8 +52,14 @@ def assert_close(run_tree, sweep_tree, k):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b)[k], rtol=0, atol=1e-6)
 
 
-def test_four_runs_equal_four_separate_runs():
-  sweep = fl.templates.build_sweep(process_fn, RUNS)
+LAYOUTS = pytest.mark.parametrize(
+  'runs_per_lane', [1, 3, None], ids=['in-sequence', 'groups-of-3', 'vectorized']
+)
+
+
+@LAYOUTS
+def test_four_runs_equal_four_separate_runs(runs_per_lane):
+  sweep = fl.templates.build_sweep(process_fn, RUNS, runs_per_lane=runs_per_lane)
   state = sweep.initialize()
   assert jax.tree.leaves(state)[0].shape[0] == 4
   for round_num in range(1, ROUNDS + 1):
@@ -100,24 +106,25 @@ def test_next_compiles_once_for_every_round_and_group_of_one_size():
   assert traces == [1, 1]
 
 
-def test_per_run_cohorts_equal_separate_runs():
-  runs = RUNS[:2]
+@LAYOUTS
+def test_per_run_cohorts_equal_separate_runs(runs_per_lane):
+  runs = RUNS[:3]
   # Each run its own cohorts, of different lengths: the steps are padded to the longest.
   selections = [
     functools.partial(cohort, seed=run.seed, num_steps=3 + k) for k, run in enumerate(runs)
   ]
-  sweep = fl.templates.build_sweep(process_fn, runs)
+  sweep = fl.templates.build_sweep(process_fn, runs, runs_per_lane=runs_per_lane)
   state = sweep.initialize()
   for round_num in range(1, ROUNDS + 1):
     batches = fl.simulation.stack_client_batches([select(round_num) for select in selections])
-    assert batches.mask.shape == (2, COHORT, 4, 4)
+    assert batches.mask.shape == (3, COHORT, 5, 4)
     state, metrics = sweep.next(state, batches)
   for k, (run, select) in enumerate(zip(runs, selections, strict=True)):
     run_state, run_metrics = separate_run(run, select)
     assert_close(run_state, state, k)
     assert_close(run_metrics, metrics, k)
-  with pytest.raises(ValueError, match=r'leading axis of 2, one cohort per run'):
-    sweep.next(state, fl.simulation.stack_client_batches([cohort(1)] * 3))
+  with pytest.raises(ValueError, match=r'leading axis of 3, one cohort per run'):
+    sweep.next(state, fl.simulation.stack_client_batches([cohort(1)] * 2))
 
 
 def test_a_seed_that_reaches_next_is_refused():
@@ -146,6 +153,9 @@ def test_bad_arguments():
     fl.templates.build_sweep(process_fn, [fl.templates.SweepRun(0.5)])
   with pytest.raises(TypeError, match=r'process_fn\(0\) must return a LearningProcess'):
     fl.templates.build_sweep(lambda seed: None, RUNS)
+  for bad in (0, 2.0, True, 'all'):
+    with pytest.raises(ValueError, match=r'runs_per_lane must be None, an int >= 1'):
+      fl.templates.build_sweep(process_fn, RUNS, runs_per_lane=bad)
   with pytest.raises(ValueError, match=r"runs\[1\]\.hparams: .*unknown keys \['lr'\]"):
     runs = [RUNS[0], fl.templates.SweepRun(0, {'client_work': {'lr': 0.1}})]
     fl.templates.build_sweep(process_fn, runs).initialize()
