@@ -146,6 +146,8 @@ OPTIONS = (
 OPTION_NAMES = tuple(o.name for o in OPTIONS)
 # Settings that may differ between a run and its resumption.
 RESUMABLE = ('rounds', 'eval_every', 'checkpoint_every', 'keep', 'tensorboard')
+# The per-client states of a stateful algorithm (SCAFFOLD) in a run folder.
+CLIENT_STATES_FILE = 'client_states.sqlite'
 
 
 def flag(name: str) -> str:

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from fedjax_lite import _config, simulation, templates
-from fedjax_lite._config import ConfigError, flag
+from fedjax_lite._config import ConfigError
 
 # setting -> where it sits in `process.get_hparams(state)`.
 IN_PROGRAM = {
@@ -79,13 +79,7 @@ def plan(configs: Sequence[dict[str, Any]], experiment_fn) -> list[list[int]]:
     structural.setdefault(json.dumps(key, sort_keys=True), []).append(i)
   groups = []
   for indices in structural.values():
-    experiment = experiment_fn(configs[indices[0]])
-    process = experiment.process
-    if getattr(process, 'initial_client_state', None) is not None:
-      raise ConfigError(
-        f'{flag("algorithm")} {configs[indices[0]]["algorithm"]} keeps per-client state, which '
-        'sweeps do not carry yet; run each configuration with `fedjax-lite train`'
-      )
+    process = experiment_fn(configs[indices[0]]).process
     hparams = process.get_hparams(process.initialize())
     outside = [k for k, path in IN_PROGRAM.items() if not _has(hparams, path)]
     split: dict[str, list[int]] = {}
@@ -157,24 +151,45 @@ def _has_checkpoint(run_dir: str) -> bool:
 def _run_sweep(sweep, selection, configs, run_dirs, experiments, runs_per_program, progress):
   config = configs[0]
   first = experiments[config['seed']]
-  return simulation.run_sweep(
-    sweep,
-    selection,
-    config['rounds'],
-    run_dirs,
-    configs=configs,
-    runs_per_program=runs_per_program,
-    evaluation_fn=first.evaluation_fn,
-    evaluation_selection_fn=lambda round_num: first.evaluation_data,
-    rounds_per_evaluation=config['eval_every'],
-    rounds_per_checkpoint=config['checkpoint_every'],
-    keep=max(config['keep'], 2),
-    progress=progress,
-    resumable=_config.RESUMABLE,
-    # DP: each run's ε (its own accountant), each stopped at the budget as `train` stops it.
-    privacy_accountant=[experiments[c['seed']].privacy_accountant for c in configs],
-    epsilon_budget=config['epsilon_budget'],
-  )
+  stores, cohort_ids_fn = None, None
+  if first.process.initial_client_state is not None:  # e.g. SCAFFOLD: a store per run folder
+    for run_dir in run_dirs:
+      os.makedirs(run_dir, exist_ok=True)
+    stores = [
+      simulation.SQLiteClientStateStore(
+        os.path.join(run_dir, _config.CLIENT_STATES_FILE), first.process.initial_client_state
+      )
+      for run_dir in run_dirs
+    ]
+    seeds = [c['seed'] for c in configs]
+    if len(set(seeds)) == 1:  # one cohort for every run, as `selection` gives it
+      cohort_ids_fn = first.cohort_ids_fn
+    else:  # each run its own seed's cohort
+      cohort_ids_fn = lambda round_num: [experiments[s].cohort_ids_fn(round_num) for s in seeds]
+  try:
+    return simulation.run_sweep(
+      sweep,
+      selection,
+      config['rounds'],
+      run_dirs,
+      configs=configs,
+      runs_per_program=runs_per_program,
+      evaluation_fn=first.evaluation_fn,
+      evaluation_selection_fn=lambda round_num: first.evaluation_data,
+      rounds_per_evaluation=config['eval_every'],
+      rounds_per_checkpoint=config['checkpoint_every'],
+      keep=max(config['keep'], 2),
+      progress=progress,
+      resumable=_config.RESUMABLE,
+      # DP: each run's ε (its own accountant), each stopped at the budget as `train` stops it.
+      privacy_accountant=[experiments[c['seed']].privacy_accountant for c in configs],
+      epsilon_budget=config['epsilon_budget'],
+      client_state_stores=stores,
+      cohort_ids_fn=cohort_ids_fn,
+    )
+  finally:
+    for store in stores or ():
+      store.close()
 
 
 # What each summary value is: name -> (metric key, the split it is measured on, statistic).

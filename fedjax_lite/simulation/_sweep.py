@@ -20,7 +20,7 @@ import numpy as np
 
 from fedjax_lite import tree as tree_lib
 from fedjax_lite.data import ClientBatches
-from fedjax_lite.simulation import _checkpoint, _lock, _metrics_managers, _progress
+from fedjax_lite.simulation import _checkpoint, _ledger, _lock, _metrics_managers, _progress
 from fedjax_lite.simulation import _training_loop as loop
 from fedjax_lite.templates import Sweep
 
@@ -117,8 +117,17 @@ def runs_that_fit(sweep: Sweep, client_batches: Any) -> int | None:
   one_run = jax.tree.map(
     lambda x: jax.ShapeDtypeStruct((1, *x.shape[1:]), x.dtype), jax.eval_shape(sweep.initialize)
   )
-  memory = sweep.next.lower(one_run, client_batches).compile().memory_analysis()
-  state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(one_run))
+  client_states = ()
+  if sweep.process.initial_client_state is not None:  # one run's cohort states, per run
+    clients = np.shape(client_batches.mask)[-3]
+    client_states = (
+      jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct((1, clients, *np.shape(x)), np.asarray(x).dtype),
+        sweep.process.initial_client_state,
+      ),
+    )
+  memory = sweep.next.lower(one_run, client_batches, *client_states).compile().memory_analysis()
+  state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((one_run, client_states)))
   shared = memory.argument_size_in_bytes - state_bytes
   per_run = state_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
   if np.ndim(client_batches.mask) == 4:  # one cohort per run
@@ -163,10 +172,6 @@ class _Run:
     """Writes `config.json`, once the run is accepted (resumed or started)."""
     with open(os.path.join(self.dir, CONFIG_FILE), 'w') as f:
       json.dump(self.config, f, indent=1)
-
-  def release(self, flat: dict[str, Any], round_num: int) -> None:
-    for manager in self.managers:
-      manager.release(flat, round_num)
 
 
 class _Group:
@@ -226,6 +231,8 @@ def run_sweep(
   resumable: Sequence[str] = (),
   privacy_accountant: Any = None,
   epsilon_budget: float | None = None,
+  client_state_stores: Sequence[Any] | None = None,
+  cohort_ids_fn: Callable[[int], Any] | None = None,
 ) -> list[Any]:
   """Runs every run of `sweep` for rounds 1..`total_rounds`, resuming from its checkpoints.
 
@@ -279,6 +286,12 @@ def run_sweep(
       released every round as `privacy/epsilon`.
     epsilon_budget: stop each run before the first round whose ε would exceed it; needs
       `privacy_accountant`. A budget below one round's ε is a ValueError.
+    client_state_stores: for a stateful sweep (`sweep.process.initial_client_state`, e.g.
+      SCAFFOLD), K stores, one per run, each a run's as `run_training_process` keeps it
+      (committed before each checkpoint of the run, rolled back to the round its group resumes
+      from).
+    cohort_ids_fn: with `client_state_stores`, `round_num -> ids` of the round's shared cohort,
+      or a sequence of K id lists when each run has its own cohort, in the data's order.
 
   Returns:
     The final state of each run, in the order of `sweep.runs`.
@@ -303,6 +316,7 @@ def run_sweep(
     raise ValueError(f'configs must hold {num_runs} mappings, one per run; got {len(configs)}')
   if (evaluation_fn is None) != (evaluation_selection_fn is None):
     raise ValueError('evaluation_fn and evaluation_selection_fn go together')
+  stores = _check_client_states(sweep, client_state_stores, cohort_ids_fn, num_runs)
   accountants = _accountants(privacy_accountant, num_runs)
   for k, accountant in enumerate(accountants):
     name = 'privacy_accountant' + (f'[{k}]' if len(set(map(id, accountants))) > 1 else '')
@@ -329,23 +343,78 @@ def run_sweep(
       stack.callback(manager.close)
     evaluate = None
     if evaluation_fn is not None:
-      evaluate = lambda state, r: loop.evaluate(evaluation_fn, evaluation_selection_fn, state, r)
-    _start(sweep, groups, runs, total_rounds, evaluate)
+      evaluate = lambda state, r: _ledger.evaluate(evaluation_fn, evaluation_selection_fn, state, r)
+    ledgers = [
+      _ledger.RunLedger(
+        last_round,
+        checkpoint_manager=run.checkpoints,
+        metrics_managers=run.managers,
+        evaluate=evaluate,
+        rounds_per_evaluation=rounds_per_evaluation,
+        rounds_per_checkpoint=rounds_per_checkpoint,
+        privacy_accountant=accountant,
+        client_state_store=store,
+        reserved=(MEMORY_KEY,),
+      )
+      for run, last_round, accountant, store in zip(
+        runs, last_rounds, accountants, stores, strict=True
+      )
+    ]
+    _start(sweep, groups, runs, ledgers, total_rounds)
     for run in runs:
       run.write_config()
-    _train(
-      sweep,
-      groups,
-      runs,
-      training_selection_fn,
-      last_rounds,
-      accountants,
-      evaluate=evaluate,
-      rounds_per_evaluation=rounds_per_evaluation,
-      rounds_per_checkpoint=rounds_per_checkpoint,
-      progress=progress,
-    )
+    cohorts = None if cohort_ids_fn is None else _Cohorts(cohort_ids_fn, stores)
+    _train(sweep, groups, ledgers, training_selection_fn, progress, cohorts)
     return [state for group in groups for state in sweep.unstack(group.state)]
+
+
+def _check_client_states(sweep, stores, cohort_ids_fn, num_runs) -> list[Any]:
+  """One client-state store per run of a stateful sweep (checked as `run_training_process`
+  checks one), or K Nones for a sweep without client state."""
+  if stores is None:
+    loop.check_client_states(sweep.process, None, cohort_ids_fn)
+    return [None] * num_runs
+  if isinstance(stores, str | bytes) or not isinstance(stores, Sequence) or len(stores) != num_runs:
+    raise ValueError(
+      f'client_state_stores must be a sequence of {num_runs} stores, one per run; got {stores!r}'
+    )
+  for store in stores:
+    loop.check_client_states(sweep.process, store, cohort_ids_fn)
+  if len(set(map(id, stores))) != num_runs:
+    raise ValueError('client_state_stores must be distinct: each run keeps its own client states')
+  return list(stores)
+
+
+class _Cohorts:
+  """The client states of a stateful sweep's round: read from and written to each run's store
+  for the ids of its cohort."""
+
+  def __init__(self, cohort_ids_fn: Callable[[int], Any], stores: Sequence[Any]):
+    self._ids_fn, self._stores = cohort_ids_fn, stores
+    self._ids: list[list[Any]] = []
+
+  def start_round(self, round_num: int, data: Any) -> None:
+    """Reads and checks each run's cohort ids of `round_num` against the round's data."""
+    ids = self._ids_fn(round_num)
+    if isinstance(data, ClientBatches):
+      self._ids = [loop.cohort_ids(lambda r: ids, round_num, data)] * len(self._stores)
+      return
+    if not isinstance(ids, Sequence) or len(ids) != len(self._stores):
+      raise ValueError(
+        f'cohort_ids_fn({round_num}) must give {len(self._stores)} id lists, one per run, when '
+        'each run has its own cohort'
+      )
+    self._ids = [
+      loop.cohort_ids(lambda r, k=k: ids[k], round_num, run_data) for k, run_data in enumerate(data)
+    ]
+
+  def get(self, start: int, stop: int) -> Any:
+    """The cohort states of runs `start:stop`, leaves `[runs, clients, ...]`."""
+    states = [self._stores[k].get(self._ids[k]) for k in range(start, stop)]
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+
+  def put(self, k: int, client_states: Any) -> None:
+    self._stores[k].put(self._ids[k], client_states)
 
 
 def _accountants(privacy_accountant: Any, num_runs: int) -> list[Any]:
@@ -360,48 +429,24 @@ def _accountants(privacy_accountant: Any, num_runs: int) -> list[Any]:
   return [privacy_accountant] * num_runs
 
 
-def _flat(prefix: str, metrics: Mapping[str, Any]) -> dict[str, Any]:
-  return _metrics_managers.flatten_metrics({prefix: metrics})
-
-
-def _start(sweep, groups, runs, total_rounds, evaluate) -> None:
+def _start(sweep, groups, runs, ledgers, total_rounds) -> None:
   """Resumes each group, or initializes it (round 0: evaluated, checkpointed); clears the
   metrics each run released after the round it starts from."""
   initial = None
   for group in groups:
     _resume(sweep, group, runs, total_rounds)
     fresh = group.state is None
-    for run in runs[group.start : group.stop]:
-      for manager in run.managers:
-        clear = getattr(manager, 'clear_metrics', None)
-        if clear is not None:
-          clear(0 if fresh else group.round + 1)
+    for ledger in ledgers[group.start : group.stop]:
+      if not fresh:
+        ledger.resume_at(group.round)
+      ledger.clear_after(0 if fresh else group.round + 1)
     if not fresh:
       continue
     initial = sweep.initialize() if initial is None else initial
     group.state = jax.tree.map(lambda x, g=group: x[g.start : g.stop], initial)
-    for run, state in zip(runs[group.start : group.stop], sweep.unstack(group.state), strict=True):
-      if evaluate is not None:
-        evaluation, seconds = evaluate(state, 0)
-        flat = _flat(loop.EVALUATION_KEY, evaluation)
-        run.release({**flat, **_flat(loop.TIMING_KEY, {'evaluation_seconds': seconds})}, 0)
-      run.checkpoints.save_checkpoint(state, 0)
-
-
-_ROUND = f'{loop.TIMING_KEY}/round_seconds'
-
-
-def _round_metrics(metrics: Any, timing: dict[str, float], temp_bytes: float) -> dict[str, Any]:
-  """One run's flat process metrics with its `timing/*` and `memory/temp_bytes_per_run`."""
-  for reserved in (loop.EVALUATION_KEY, loop.TIMING_KEY, loop.PRIVACY_KEY, MEMORY_KEY):
-    if reserved in metrics:
-      raise ValueError(f'process metrics have a top-level {reserved!r} key, which the driver adds')
-  flat = _metrics_managers.flatten_metrics(metrics)
-  num_examples = loop.examples_in(flat)
-  if num_examples is not None:
-    timing['examples_per_second'] = num_examples / max(timing['train_seconds'], 1e-12)
-  timing['round_seconds'] = timing['data_seconds'] + timing['train_seconds']
-  return {**flat, **_flat(loop.TIMING_KEY, timing), f'{MEMORY_KEY}/temp_bytes_per_run': temp_bytes}
+    members = ledgers[group.start : group.stop]
+    for ledger, state in zip(members, sweep.unstack(group.state), strict=True):
+      ledger.start(state)
 
 
 def _keep_stopped(running: np.ndarray, new: Any, old: Any) -> Any:
@@ -424,21 +469,10 @@ def _round_data(data: Any, num_runs: int, round_num: int) -> Any:
   return data
 
 
-def _train(
-  sweep,
-  groups,
-  runs,
-  selection_fn,
-  last_rounds,
-  accountants,
-  *,
-  evaluate,
-  rounds_per_evaluation,
-  rounds_per_checkpoint,
-  progress,
-) -> None:
+def _train(sweep, groups, ledgers, selection_fn, progress, cohorts) -> None:
   """Rounds from the earliest group's next one; in each, every group behind it advances, until
-  each run's last round (`last_rounds[k]`: the total, or the last within its ε budget)."""
+  each run's last round (its ledger's: the total, or the last within its ε budget)."""
+  last_rounds = [ledger.last_round for ledger in ledgers]
   memory: dict[Any, float] = {}
   first_round = min(group.round for group in groups) + 1
   final_round = max(last_rounds)
@@ -449,57 +483,47 @@ def _train(
       if not advancing:
         continue
       start = time.perf_counter()
-      data = _round_data(selection_fn(round_num), len(runs), round_num)
-      data_seconds = (time.perf_counter() - start) / len(runs)
+      data = _round_data(selection_fn(round_num), len(ledgers), round_num)
+      data_seconds = (time.perf_counter() - start) / len(ledgers)
       shared = isinstance(data, ClientBatches)
+      if cohorts is not None:
+        cohorts.start_round(round_num, data)
       for group in advancing:
         group_data = data if shared else stack_client_batches(data[group.start : group.stop])
         size = group.stop - group.start
         specs = tree_lib.tree_specs(group_data)
         key = (size, jax.tree.structure(specs), tuple(jax.tree.leaves(specs)))
+        client_states = () if cohorts is None else (cohorts.get(group.start, group.stop),)
         if key not in memory:  # compiles `next` for these shapes; the call below reuses it
-          memory[key] = sweep.temp_bytes_per_run(group.state, group_data)
+          memory[key] = sweep.temp_bytes_per_run(group.state, group_data, *client_states)
         start = time.perf_counter()
         previous = group.state
-        group.state, metrics = sweep.next(group.state, group_data)
+        group.state, metrics, *client_states = sweep.next(group.state, group_data, *client_states)
         jax.block_until_ready((group.state, metrics))
         train_seconds = (time.perf_counter() - start) / size
         group.round = round_num
-        runs_of_group = range(group.start, group.stop)
-        running = np.array([round_num <= last_rounds[k] for k in runs_of_group])
+        members = ledgers[group.start : group.stop]
+        running = np.array([round_num <= ledger.last_round for ledger in members])
         if not running.all():  # runs past their budget keep their state
           group.state = _keep_stopped(running, group.state, previous)
-        ends = [round_num == last_rounds[k] for k in runs_of_group]
-        evaluating = [
-          evaluate is not None and (round_num % rounds_per_evaluation == 0 or end) for end in ends
-        ]
-        saving = [round_num % rounds_per_checkpoint == 0 or end for end in ends]
-        needed = any(e or c for e, c, r in zip(evaluating, saving, running, strict=True) if r)
+        needed = any(
+          ledger.needs_state(round_num) for ledger in members if round_num <= ledger.last_round
+        )
         states = sweep.unstack(group.state) if needed else [None] * size
         per_run = sweep.unstack(jax.device_get(metrics))
-        for i, (k, run_metrics, state) in enumerate(
-          zip(runs_of_group, per_run, states, strict=True)
+        for k, ledger, run_metrics, state in zip(
+          range(group.start, group.stop), members, per_run, states, strict=True
         ):
-          if not running[i]:
+          if round_num > ledger.last_round:
             continue
+          if cohorts is not None:
+            cohorts.put(k, jax.tree.map(lambda x, i=k - group.start: x[i], client_states[0]))
           timing = {'data_seconds': data_seconds, 'train_seconds': train_seconds}
-          flat = _round_metrics(run_metrics, timing, memory[key])
-          if evaluating[i]:
-            evaluation, seconds = evaluate(state, round_num)
-            flat.update(_flat(loop.EVALUATION_KEY, evaluation))
-            timing = {'evaluation_seconds': seconds, 'round_seconds': flat[_ROUND] + seconds}
-            flat.update(_flat(loop.TIMING_KEY, timing))
-          if accountants[k] is not None:
-            flat.update(_flat(loop.PRIVACY_KEY, {'epsilon': accountants[k].epsilon(round_num)}))
-          runs[k].release(flat, round_num)
-          if saving[i]:
-            runs[k].checkpoints.save_checkpoint(state, round_num)
+          extra = {f'{MEMORY_KEY}/temp_bytes_per_run': memory[key]}
+          flat = ledger.end_round(round_num, run_metrics, state, timing, extra)
           loop.warn_if_no_usable_client(flat, data if shared else data[k], round_num)
       bar.update(round_num, {})
-    # The sweep completed (every run its rounds, or what its budget allows): the final
-    # checkpoints outlive pruning.
-    for run, last in zip(runs, last_rounds, strict=True):
-      if last in run.checkpoints.checkpoint_rounds():
-        run.checkpoints.mark_kept(last)
+    for ledger in ledgers:  # the sweep completed: each run's final checkpoint is kept
+      ledger.finish()
   finally:
     bar.close()

@@ -16,11 +16,13 @@ import jax
 import numpy as np
 
 from fedjax_lite import tree as tree_lib
-from fedjax_lite.simulation import _checkpoint, _client_states, _metrics_managers, _progress
-
-EVALUATION_KEY = 'evaluation'
-TIMING_KEY = 'timing'
-PRIVACY_KEY = 'privacy'
+from fedjax_lite.simulation import (
+  _checkpoint,
+  _client_states,
+  _ledger,
+  _metrics_managers,
+  _progress,
+)
 
 
 def build_evaluation_fn(
@@ -66,21 +68,6 @@ def check_positive_int(name: str, value: Any) -> None:
 def check_callable(name: str, value: Any, signature: str) -> None:
   if not callable(value):
     raise TypeError(f'{name} must be callable {signature}; got {value!r}')
-
-
-def evaluate(evaluation_fn, evaluation_selection_fn, state, round_num) -> tuple[dict, float]:
-  start = time.perf_counter()
-  metrics = evaluation_fn(state, evaluation_selection_fn(round_num))
-  jax.block_until_ready(metrics)
-  seconds = time.perf_counter() - start
-  if not isinstance(metrics, Mapping):
-    raise TypeError(f'evaluation_fn must return a mapping of metrics; got {type(metrics).__name__}')
-  return dict(metrics), seconds
-
-
-def examples_in(flat: dict[str, Any]) -> Any:
-  """The first flat process metric named `num_examples` (FedAvg: client_work/train/...)."""
-  return next((v for k, v in flat.items() if k.rsplit('/', 1)[-1] == 'num_examples'), None)
 
 
 def check_privacy(name: str, privacy_accountant: Any, epsilon_budget: Any) -> None:
@@ -227,7 +214,7 @@ def run_training_process(
   if evaluation_fn is not None:
     check_callable('evaluation_fn', evaluation_fn, '(state, evaluation data) -> metrics')
     check_callable('evaluation_selection_fn', evaluation_selection_fn, 'round_num -> data')
-  _check_client_states(process, client_state_store, cohort_ids_fn)
+  check_client_states(process, client_state_store, cohort_ids_fn)
   last_round = total_rounds
   if epsilon_budget is not None:
     last_round = last_round_within_budget(privacy_accountant, epsilon_budget, total_rounds)
@@ -254,27 +241,23 @@ def run_training_process(
         f'the latest checkpoint is of round {resumed_round}, past total_rounds={total_rounds}. '
         'Tip: raise total_rounds, or use a fresh checkpoint folder.'
       )
-    if state is not None and client_state_store is not None:
-      client_state_store.rollback(resumed_round)
+  evaluate = None
+  if evaluation_fn is not None:
+    evaluate = lambda state, r: _ledger.evaluate(evaluation_fn, evaluation_selection_fn, state, r)
+  ledger = _ledger.RunLedger(
+    last_round,
+    checkpoint_manager=checkpoint_manager,
+    metrics_managers=managers,
+    evaluate=evaluate,
+    rounds_per_evaluation=rounds_per_evaluation,
+    rounds_per_checkpoint=rounds_per_checkpoint,
+    privacy_accountant=privacy_accountant,
+    client_state_store=client_state_store,
+  )
   first_round = resumed_round + 1 if state is not None else 0
-  for manager in managers:
-    clear = getattr(manager, 'clear_metrics', None)
-    if clear is not None:
-      clear(first_round)
-
-  def release(flat: dict[str, Any], round_num: int) -> None:
-    for manager in managers:
-      manager.release(flat, round_num)
-
-  def flat_with(prefix: str, metrics: Mapping[str, Any]) -> dict[str, Any]:
-    return _metrics_managers.flatten_metrics({prefix: metrics})
-
-  def save(state: Any, round_num: int) -> None:
-    if client_state_store is not None:  # first: a checkpoint never outlives its client states
-      rounds = getattr(checkpoint_manager, 'checkpoint_rounds', list)()
-      client_state_store.commit(round_num, rounds)
-    checkpoint_manager.save_checkpoint(state, round_num)
-
+  if state is not None:
+    ledger.resume_at(resumed_round)
+  ledger.clear_after(first_round)
   if state is not None and resumed_round > last_round:
     warnings.warn(
       f'the checkpoint of round {resumed_round} is past round {last_round}, the last within '
@@ -285,17 +268,7 @@ def run_training_process(
     )
   if state is None:
     state = process.initialize()
-    if evaluation_fn is not None:
-      evaluation, seconds = evaluate(evaluation_fn, evaluation_selection_fn, state, 0)
-      release(
-        {
-          **flat_with(EVALUATION_KEY, evaluation),
-          **flat_with(TIMING_KEY, {'evaluation_seconds': seconds}),
-        },
-        0,
-      )
-    if checkpoint_manager is not None:
-      save(state, 0)
+    ledger.start(state)
     first_round = 1
 
   next_fn = process.next
@@ -319,55 +292,22 @@ def run_training_process(
       if client_state_store is None:
         state, process_metrics = next_fn(state, data)
       else:
-        ids = _cohort_ids(cohort_ids_fn, round_num, data)
+        ids = cohort_ids(cohort_ids_fn, round_num, data)
         state, process_metrics, client_states = next_fn(state, data, client_state_store.get(ids))
         client_state_store.put(ids, client_states)
       jax.block_until_ready((state, process_metrics))
       train_seconds = time.perf_counter() - start - data_seconds
-      if not isinstance(process_metrics, Mapping):
-        raise TypeError(
-          f'process.next must return (state, metrics mapping); metrics is '
-          f'{type(process_metrics).__name__}'
-        )
-      for key in (EVALUATION_KEY, TIMING_KEY, PRIVACY_KEY):
-        if key in process_metrics:
-          raise ValueError(f'process metrics have a top-level {key!r} key, which the driver adds')
-      flat = _metrics_managers.flatten_metrics(process_metrics)
       timing = {'data_seconds': data_seconds, 'train_seconds': train_seconds}
-      num_examples = examples_in(flat)
-      if num_examples is not None:
-        timing['examples_per_second'] = num_examples / max(train_seconds, 1e-12)
-      round_seconds = data_seconds + train_seconds
-      if evaluation_fn is not None and (
-        round_num % rounds_per_evaluation == 0 or round_num == last_round
-      ):
-        evaluation, seconds = evaluate(evaluation_fn, evaluation_selection_fn, state, round_num)
-        flat.update(flat_with(EVALUATION_KEY, evaluation))
-        timing['evaluation_seconds'] = seconds
-        round_seconds += seconds
-      timing['round_seconds'] = round_seconds
-      flat.update(flat_with(TIMING_KEY, timing))
-      if privacy_accountant is not None:
-        flat.update(flat_with(PRIVACY_KEY, {'epsilon': privacy_accountant.epsilon(round_num)}))
-      release(flat, round_num)
-      if checkpoint_manager is not None and (
-        round_num % rounds_per_checkpoint == 0 or round_num == last_round
-      ):
-        save(state, round_num)
+      flat = ledger.end_round(round_num, process_metrics, state, timing)
       warn_if_no_usable_client(flat, data, round_num)
       bar.update(round_num, flat)
-    # The run completed (all its rounds, or all its budget allows): its final checkpoint
-    # outlives pruning when the run is extended.
-    final_round = max(last_round, first_round - 1)
-    mark_kept = getattr(checkpoint_manager, 'mark_kept', None)
-    if mark_kept is not None and final_round in checkpoint_manager.checkpoint_rounds():
-      mark_kept(final_round)
+    ledger.finish(max(last_round, first_round - 1))
   finally:
     bar.close()
   return state
 
 
-def _check_client_states(process: Any, store: Any, cohort_ids_fn: Any) -> None:
+def check_client_states(process: Any, store: Any, cohort_ids_fn: Any) -> None:
   """A stateful process needs a store of its client states and the cohorts' ids; others none."""
   initial = getattr(process, 'initial_client_state', None)
   if initial is None:
@@ -393,7 +333,7 @@ def _check_client_states(process: Any, store: Any, cohort_ids_fn: Any) -> None:
     )
 
 
-def _cohort_ids(cohort_ids_fn: Callable[[int], Any], round_num: int, data: Any) -> list[Any]:
+def cohort_ids(cohort_ids_fn: Callable[[int], Any], round_num: int, data: Any) -> list[Any]:
   """`cohort_ids_fn(round_num)`, checked against the data's client count and 32-bit ids."""
   ids = list(cohort_ids_fn(round_num))
   mask, data_ids = getattr(data, 'mask', None), getattr(data, 'client_ids', None)

@@ -39,9 +39,12 @@ class Sweep(NamedTuple):
     process: the `LearningProcess` of `runs[0]`'s seed; its `next` is the one vectorized.
     initialize: `() -> state` of every run, leaves `[K, ...]`.
     next: `(state, client_batches) -> LearningProcessOutput(state, metrics)`, one `jax.jit` of
-      `jax.vmap(process.next)`; state and metrics leaves `[runs, ...]`. `client_batches` is
-      shared by the runs (leaves `[clients, ...]`: the same cohort, common random numbers) or
-      one cohort per run (leaves `[runs, clients, ...]`).
+      `process.next` over the run axis (see `build_sweep`'s lanes); state and metrics leaves
+      `[runs, ...]`. `client_batches` is shared by the runs (leaves `[clients, ...]`: the same
+      cohort, common random numbers) or one cohort per run (leaves `[runs, clients, ...]`).
+      For a stateful process (`process.initial_client_state`, e.g. SCAFFOLD), `next(state,
+      client_batches, client_states)` takes and returns (`StatefulLearningProcessOutput`) each
+      run's cohort states, leaves `[runs, clients, ...]`.
   """
 
   runs: tuple[SweepRun, ...]
@@ -62,10 +65,10 @@ class Sweep(NamedTuple):
         raise ValueError(f"states[{k}] is not a state of this sweep's process: {mismatch}")
     return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
 
-  def temp_bytes_per_run(self, state: Any, client_batches: Any) -> float:
+  def temp_bytes_per_run(self, state: Any, client_batches: Any, *client_states: Any) -> float:
     """XLA's temporary bytes of `next` compiled for these arguments, over the number of runs
     (the compilation is the one `next` itself uses: nothing is compiled twice)."""
-    compiled = self.next.lower(state, client_batches).compile()
+    compiled = self.next.lower(state, client_batches, *client_states).compile()
     return compiled.memory_analysis().temp_size_in_bytes / _num_runs(state)
 
 
@@ -160,11 +163,6 @@ def build_sweep(
         raise TypeError(
           f'process_fn({run.seed}) must return a LearningProcess; got {type(process).__name__}'
         )
-      if process.initial_client_state is not None:
-        raise ValueError(
-          f'process_fn({run.seed}) keeps per-client state (initial_client_state), which a sweep '
-          'does not carry yet; run such processes with run_training_process'
-        )
       processes[run.seed] = process
   first, *others = processes.values()
   spec = jax.eval_shape(first.initialize)
@@ -188,7 +186,7 @@ def build_sweep(
 
   checked = []
 
-  def next_fn(state, client_batches):
+  def next_fn(state, client_batches, *client_states):
     num_runs = _num_runs(state)
     per_run = np.ndim(client_batches.mask) == 4
     if per_run and np.shape(client_batches.mask)[0] != num_runs:
@@ -196,26 +194,35 @@ def build_sweep(
         f'client_batches.mask has shape {np.shape(client_batches.mask)}: per-run cohorts need '
         f'a leading axis of {num_runs}, one cohort per run of the state'
       )
+    if first.initial_client_state is not None and len(client_states) != 1:
+      raise TypeError(
+        'this sweep keeps per-client state: next(state, client_batches, client_states) with '
+        "client_states leaves [runs, clients, ...] (each run's cohort states)"
+      )
     if others and not checked:
       run_batches = jax.tree.map(lambda x: x[0], client_batches) if per_run else client_batches
-      _check_seed_free_next(first, others[0], spec, tree_lib.tree_specs(run_batches))
+      run_states = jax.tree.map(lambda x: x[0], client_states)
+      _check_seed_free_next(first, others[0], spec, tree_lib.tree_specs((run_batches, *run_states)))
       checked.append(True)
+    # Per run: its state, its cohort when each run has one, its client states when stateful.
+    per_run_args = (state, *((client_batches,) if per_run else ()), *client_states)
+
+    def run_next(args):
+      run_state, *rest = args
+      batches = rest.pop(0) if per_run else client_batches
+      return first.next(run_state, batches, *rest)
+
     if runs_per_lane is None or runs_per_lane >= num_runs:
-      return jax.vmap(first.next, in_axes=(0, 0 if per_run else None))(state, client_batches)
-    if per_run:
-      return jax.lax.map(
-        lambda xs: first.next(*xs), (state, client_batches), batch_size=runs_per_lane
-      )
-    return jax.lax.map(
-      lambda run_state: first.next(run_state, client_batches), state, batch_size=runs_per_lane
-    )
+      return jax.vmap(run_next)(per_run_args)
+    return jax.lax.map(run_next, per_run_args, batch_size=runs_per_lane)
 
   return Sweep(runs, first, initialize, jax.jit(next_fn))
 
 
-def _check_seed_free_next(first, other, state_spec, batches_spec) -> None:
-  """Raises unless two seeds' processes lower `next` to the same program (constants included)."""
-  programs = {jax.jit(p.next).lower(state_spec, batches_spec).as_text() for p in (first, other)}
+def _check_seed_free_next(first, other, state_spec, args_spec) -> None:
+  """Raises unless two seeds' processes lower `next(state, *args)` to the same program
+  (constants included)."""
+  programs = {jax.jit(p.next).lower(state_spec, *args_spec).as_text() for p in (first, other)}
   if len(programs) > 1:
     raise ValueError(
       'process_fn(seed) builds a next that depends on the seed (two seeds compile to different '

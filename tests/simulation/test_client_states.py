@@ -441,3 +441,113 @@ def test_cohort_ids_that_do_not_match_the_data_are_refused(process, tmp_path):
       fl.simulation.run_training_process(
         process, select, 1, client_state_store=store, cohort_ids_fn=lambda r, ids=ids: ids
       )
+
+
+# SCAFFOLD in a sweep: a store per run, through the sweep's driver.
+
+SWEEP_RUNS = [
+  fl.templates.SweepRun(seed, {'client_work': {'learning_rate': lr}})
+  for lr in (0.05, 0.2)
+  for seed in (0, 1)
+]
+
+
+def _scaffold_fn(seed):
+  return fl.algorithms.build_scaffold(
+    ref.linear_model(5, 3, seed), 0.1, population_size=POPULATION, seed=seed
+  )
+
+
+def _sweep_select(round_num):
+  ids = _cohort_ids(POPULATION)(round_num)
+  return fl.data.build_client_batches(
+    [CLIENTS[fl.data.client_key(i) % len(CLIENTS)] for i in ids],
+    batch_size=4,
+    num_steps=3,
+    seed=(1, round_num),
+    client_keys=[fl.data.client_key(i) for i in ids],
+  )
+
+
+def _run_scaffold_sweep(sweep, root, total, stores, managers=None):
+  def metrics_managers(run_dir):
+    return [
+      *fl.simulation._sweep.default_metrics_managers(run_dir),
+      *(managers or {}).get(os.path.basename(run_dir), []),
+    ]
+
+  return fl.simulation.run_sweep(
+    sweep,
+    _sweep_select,
+    total,
+    [root / f'run_{k}' for k in range(len(SWEEP_RUNS))],
+    runs_per_program=2,
+    metrics_managers_fn=metrics_managers,
+    client_state_stores=stores,
+    cohort_ids_fn=_cohort_ids(POPULATION),
+  )
+
+
+def _stores(process, root, name):
+  return [
+    fl.simulation.SQLiteClientStateStore(root / f'{name}_{k}.sqlite', process.initial_client_state)
+    for k in range(len(SWEEP_RUNS))
+  ]
+
+
+@pytest.mark.parametrize('runs_per_lane', [1, None], ids=['in-sequence', 'vectorized'])
+def test_scaffold_in_a_sweep_equals_its_runs_alone(tmp_path, runs_per_lane):
+  sweep = fl.templates.build_sweep(_scaffold_fn, SWEEP_RUNS, runs_per_lane=runs_per_lane)
+  stores = _stores(sweep.process, tmp_path, 'sweep')
+  states = _run_scaffold_sweep(sweep, tmp_path / 'sweep', 3, stores)
+  for k, run in enumerate(SWEEP_RUNS):
+    lr = run.hparams['client_work']['learning_rate']
+    process = fl.algorithms.build_scaffold(
+      ref.linear_model(5, 3, run.seed), lr, population_size=POPULATION, seed=run.seed
+    )
+    alone_store = fl.simulation.InMemoryClientStateStore(process.initial_client_state)
+    alone = fl.simulation.run_training_process(
+      process,
+      _sweep_select,
+      3,
+      client_state_store=alone_store,
+      cohort_ids_fn=_cohort_ids(POPULATION),
+    )
+    # Float32 rounding only (the sweep's program fuses or vectorizes the round differently).
+    for a, b in zip(_leaves(states[k]), _leaves(alone), strict=True):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(
+      _leaves(stores[k].get(ALL_IDS)), _leaves(alone_store.get(ALL_IDS)), strict=True
+    ):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert len(stores[k]) == len(alone_store) > 3
+    assert np.any(_leaves(states[k].client_work.control_variate)[0])
+
+
+def test_a_killed_scaffold_sweep_resumes_bitwise(tmp_path):
+  sweep = fl.templates.build_sweep(_scaffold_fn, SWEEP_RUNS)
+  reference_stores = _stores(sweep.process, tmp_path, 'reference')
+  reference = _run_scaffold_sweep(sweep, tmp_path / 'reference', 5, reference_stores)
+  # Run 2 crashes in round 3 before its checkpoint: its group (runs 2, 3) resumes from round 2,
+  # its stores rolled back; the other group from round 3.
+  stores = _stores(sweep.process, tmp_path, 'run')
+  with pytest.raises(RuntimeError, match='simulated crash at round 3'):
+    _run_scaffold_sweep(sweep, tmp_path / 'run', 5, stores, {'run_2': [_CrashAt(3)]})
+  for store in stores:
+    store.close()  # as a killed process: the crashed round's puts were never committed
+  stores = _stores(sweep.process, tmp_path, 'run')  # a new process: nothing but the files
+  resumed = _run_scaffold_sweep(sweep, tmp_path / 'run', 5, stores)
+  for k in range(len(SWEEP_RUNS)):
+    _assert_bitwise(resumed[k], reference[k])
+    _assert_bitwise(stores[k].get(ALL_IDS), reference_stores[k].get(ALL_IDS))
+
+
+def test_a_stateful_sweep_needs_a_store_per_run(tmp_path):
+  sweep = fl.templates.build_sweep(_scaffold_fn, SWEEP_RUNS)
+  store = fl.simulation.InMemoryClientStateStore(sweep.process.initial_client_state)
+  with pytest.raises(ValueError, match='this process keeps per-client state'):
+    _run_scaffold_sweep(sweep, tmp_path, 1, None)
+  with pytest.raises(ValueError, match='a sequence of 4 stores, one per run'):
+    _run_scaffold_sweep(sweep, tmp_path, 1, [store])
+  with pytest.raises(ValueError, match='must be distinct'):
+    _run_scaffold_sweep(sweep, tmp_path, 1, [store] * 4)
