@@ -186,6 +186,7 @@ def _run_sweep(sweep, selection, configs, run_dirs, experiments, runs_per_progra
       epsilon_budget=config['epsilon_budget'],
       client_state_stores=stores,
       cohort_ids_fn=cohort_ids_fn,
+      vectorized_evaluation=True,  # one compiled evaluation of each program's runs
     )
   finally:
     for store in stores or ():

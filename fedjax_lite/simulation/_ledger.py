@@ -104,10 +104,11 @@ class RunLedger:
       self._store.commit(round_num, rounds)
     self.checkpoint_manager.save_checkpoint(state, round_num)
 
-  def start(self, state: Any) -> None:
-    """Round 0 of a fresh run: the initial state evaluated, released and checkpointed."""
+  def start(self, state: Any, evaluation: tuple[dict, float] | None = None) -> None:
+    """Round 0 of a fresh run: the initial state evaluated (or `evaluation`, `(metrics,
+    seconds)` computed by the driver), released and checkpointed."""
     if self._evaluate is not None:
-      evaluation, seconds = self._evaluate(state, 0)
+      evaluation, seconds = evaluation or self._evaluate(state, 0)
       flat = flat_with(EVALUATION_KEY, evaluation)
       self.release({**flat, **flat_with(TIMING_KEY, {'evaluation_seconds': seconds})}, 0)
     if self.checkpoint_manager is not None:
@@ -132,12 +133,15 @@ class RunLedger:
     state: Any,
     timing: dict[str, float],
     extra: Mapping[str, Any] | None = None,
+    evaluation: tuple[dict, float] | None = None,
   ) -> dict[str, Any]:
     """Releases round `round_num`'s flat metrics and evaluates and checkpoints it when due.
 
     `timing` holds `data_seconds` and `train_seconds`; `examples_per_second`,
     `evaluation_seconds` and `round_seconds` are added. `extra` holds flat driver metrics
-    (e.g. `memory/...`). Returns the released flat metrics.
+    (e.g. `memory/...`). `evaluation`, `(metrics, seconds)`, is this round's evaluation when
+    the driver computed it (e.g. for a group of runs at once). Returns the released flat
+    metrics.
     """
     if not isinstance(process_metrics, Mapping):
       raise TypeError(
@@ -154,7 +158,7 @@ class RunLedger:
       timing['examples_per_second'] = num_examples / max(timing['train_seconds'], 1e-12)
     timing['round_seconds'] = timing['data_seconds'] + timing['train_seconds']
     if self.evaluates(round_num):
-      evaluation, seconds = self._evaluate(state, round_num)
+      evaluation, seconds = evaluation or self._evaluate(state, round_num)
       flat.update(flat_with(EVALUATION_KEY, evaluation))
       timing['evaluation_seconds'] = seconds
       timing['round_seconds'] += seconds

@@ -233,6 +233,7 @@ def run_sweep(
   epsilon_budget: float | None = None,
   client_state_stores: Sequence[Any] | None = None,
   cohort_ids_fn: Callable[[int], Any] | None = None,
+  vectorized_evaluation: bool = False,
 ) -> list[Any]:
   """Runs every run of `sweep` for rounds 1..`total_rounds`, resuming from its checkpoints.
 
@@ -292,6 +293,10 @@ def run_sweep(
       from).
     cohort_ids_fn: with `client_state_stores`, `round_num -> ids` of the round's shared cohort,
       or a sequence of K id lists when each run has its own cohort, in the data's order.
+    vectorized_evaluation: evaluate a group's runs in one compiled call
+      (`sweep.over_runs(evaluation_fn)`, laid out as `sweep.next`), each run released with the
+      call's seconds over the group's size; `evaluation_fn` must then be traceable (as
+      `build_evaluation_fn`'s is). False: one call per run.
 
   Returns:
     The final state of each run, in the order of `sweep.runs`.
@@ -360,11 +365,14 @@ def run_sweep(
         runs, last_rounds, accountants, stores, strict=True
       )
     ]
-    _start(sweep, groups, runs, ledgers, total_rounds)
+    evaluate_group = None
+    if vectorized_evaluation and evaluation_fn is not None:
+      evaluate_group = _group_evaluation(sweep, evaluation_fn, evaluation_selection_fn)
+    _start(sweep, groups, runs, ledgers, total_rounds, evaluate_group)
     for run in runs:
       run.write_config()
     cohorts = None if cohort_ids_fn is None else _Cohorts(cohort_ids_fn, stores)
-    _train(sweep, groups, ledgers, training_selection_fn, progress, cohorts)
+    _train(sweep, groups, ledgers, training_selection_fn, progress, cohorts, evaluate_group)
     return [state for group in groups for state in sweep.unstack(group.state)]
 
 
@@ -429,7 +437,27 @@ def _accountants(privacy_accountant: Any, num_runs: int) -> list[Any]:
   return [privacy_accountant] * num_runs
 
 
-def _start(sweep, groups, runs, ledgers, total_rounds) -> None:
+def _group_evaluation(sweep, evaluation_fn, evaluation_selection_fn):
+  """`(group state, round_num) -> [(metrics, seconds)]` per run: one compiled evaluation of
+  every run of the group, its seconds shared equally."""
+  evaluate_runs = jax.jit(sweep.over_runs(evaluation_fn))
+
+  def evaluate_group(state, round_num):
+    start = time.perf_counter()
+    metrics = evaluate_runs(state, evaluation_selection_fn(round_num))
+    jax.block_until_ready(metrics)
+    per_run = sweep.unstack(jax.device_get(metrics))
+    if not isinstance(per_run[0], Mapping):
+      raise TypeError(
+        f'evaluation_fn must return a mapping of metrics; got {type(per_run[0]).__name__}'
+      )
+    seconds = (time.perf_counter() - start) / len(per_run)
+    return [(dict(m), seconds) for m in per_run]
+
+  return evaluate_group
+
+
+def _start(sweep, groups, runs, ledgers, total_rounds, evaluate_group) -> None:
   """Resumes each group, or initializes it (round 0: evaluated, checkpointed); clears the
   metrics each run released after the round it starts from."""
   initial = None
@@ -445,8 +473,13 @@ def _start(sweep, groups, runs, ledgers, total_rounds) -> None:
     initial = sweep.initialize() if initial is None else initial
     group.state = jax.tree.map(lambda x, g=group: x[g.start : g.stop], initial)
     members = ledgers[group.start : group.stop]
-    for ledger, state in zip(members, sweep.unstack(group.state), strict=True):
-      ledger.start(state)
+    evaluations = [None] * len(members)
+    if evaluate_group is not None:
+      evaluations = evaluate_group(group.state, 0)
+    for ledger, state, evaluation in zip(
+      members, sweep.unstack(group.state), evaluations, strict=True
+    ):
+      ledger.start(state, evaluation)
 
 
 def _keep_stopped(running: np.ndarray, new: Any, old: Any) -> Any:
@@ -469,7 +502,7 @@ def _round_data(data: Any, num_runs: int, round_num: int) -> Any:
   return data
 
 
-def _train(sweep, groups, ledgers, selection_fn, progress, cohorts) -> None:
+def _train(sweep, groups, ledgers, selection_fn, progress, cohorts, evaluate_group) -> None:
   """Rounds from the earliest group's next one; in each, every group behind it advances, until
   each run's last round (its ledger's: the total, or the last within its ε budget)."""
   last_rounds = [ledger.last_round for ledger in ledgers]
@@ -506,13 +539,15 @@ def _train(sweep, groups, ledgers, selection_fn, progress, cohorts) -> None:
         running = np.array([round_num <= ledger.last_round for ledger in members])
         if not running.all():  # runs past their budget keep their state
           group.state = _keep_stopped(running, group.state, previous)
-        needed = any(
-          ledger.needs_state(round_num) for ledger in members if round_num <= ledger.last_round
-        )
+        live = [ledger for ledger in members if round_num <= ledger.last_round]
+        needed = any(ledger.needs_state(round_num) for ledger in live)
         states = sweep.unstack(group.state) if needed else [None] * size
+        evaluations = [None] * size
+        if evaluate_group is not None and any(ledger.evaluates(round_num) for ledger in live):
+          evaluations = evaluate_group(group.state, round_num)
         per_run = sweep.unstack(jax.device_get(metrics))
-        for k, ledger, run_metrics, state in zip(
-          range(group.start, group.stop), members, per_run, states, strict=True
+        for k, ledger, run_metrics, state, evaluation in zip(
+          range(group.start, group.stop), members, per_run, states, evaluations, strict=True
         ):
           if round_num > ledger.last_round:
             continue
@@ -520,7 +555,7 @@ def _train(sweep, groups, ledgers, selection_fn, progress, cohorts) -> None:
             cohorts.put(k, jax.tree.map(lambda x, i=k - group.start: x[i], client_states[0]))
           timing = {'data_seconds': data_seconds, 'train_seconds': train_seconds}
           extra = {f'{MEMORY_KEY}/temp_bytes_per_run': memory[key]}
-          flat = ledger.end_round(round_num, run_metrics, state, timing, extra)
+          flat = ledger.end_round(round_num, run_metrics, state, timing, extra, evaluation)
           loop.warn_if_no_usable_client(flat, data if shared else data[k], round_num)
       bar.update(round_num, {})
     for ledger in ledgers:  # the sweep completed: each run's final checkpoint is kept

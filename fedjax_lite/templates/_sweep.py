@@ -45,12 +45,27 @@ class Sweep(NamedTuple):
       For a stateful process (`process.initial_client_state`, e.g. SCAFFOLD), `next(state,
       client_batches, client_states)` takes and returns (`StatefulLearningProcessOutput`) each
       run's cohort states, leaves `[runs, clients, ...]`.
+    runs_per_lane: the runs vectorized together (None: all); the groups run in sequence.
   """
 
   runs: tuple[SweepRun, ...]
   process: _processes.LearningProcess
   initialize: Callable[[], Any]
   next: Callable[[Any, Any], _processes.LearningProcessOutput]
+  runs_per_lane: int | None = None
+
+  def over_runs(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`fn(run_state, *shared) -> out` as `(state [runs, ...], *shared) -> out [runs, ...]`,
+    laid out as `next` is (`runs_per_lane`): e.g. one evaluation call for every run of a group.
+    `fn` must be traceable; wrap the result in `jax.jit` to compile it once."""
+
+    def mapped(state, *shared):
+      run_fn = lambda run_state: fn(run_state, *shared)
+      if self.runs_per_lane is None or self.runs_per_lane >= _num_runs(state):
+        return jax.vmap(run_fn)(state)
+      return jax.lax.map(run_fn, state, batch_size=self.runs_per_lane)
+
+    return mapped
 
   def unstack(self, state: Any) -> list[Any]:
     """The state of each run of a sweep state (leaves `[runs, ...]` -> a list of states)."""
@@ -216,7 +231,7 @@ def build_sweep(
       return jax.vmap(run_next)(per_run_args)
     return jax.lax.map(run_next, per_run_args, batch_size=runs_per_lane)
 
-  return Sweep(runs, first, initialize, jax.jit(next_fn))
+  return Sweep(runs, first, initialize, jax.jit(next_fn), runs_per_lane)
 
 
 def _check_seed_free_next(first, other, state_spec, args_spec) -> None:

@@ -38,7 +38,7 @@ def problem():
   return sweep, training_selection_fn, evaluation_fn, evaluation_selection_fn
 
 
-def run(problem, root, total_rounds, extra_managers=None, selection_fn=None):
+def run(problem, root, total_rounds, extra_managers=None, selection_fn=None, **kwargs):
   sweep, training_selection_fn, evaluation_fn, evaluation_selection_fn = problem
 
   def managers(run_dir):
@@ -55,6 +55,7 @@ def run(problem, root, total_rounds, extra_managers=None, selection_fn=None):
     evaluation_selection_fn=evaluation_selection_fn,
     rounds_per_evaluation=2,
     metrics_managers_fn=managers,
+    **kwargs,
   )
 
 
@@ -94,6 +95,27 @@ def test_each_run_is_an_ordinary_run_folder_equal_to_a_separate_run(problem, tmp
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
     final = evaluation_fn(states[k], evaluation_selection_fn(3))
     assert np.isclose(metrics[3]['evaluation/loss'], final['loss'])
+
+
+def test_vectorized_evaluation_equals_evaluating_run_by_run(problem, tmp_path):
+  run(problem, tmp_path / 'by_run', 3)
+  calls = []
+  sweep, selection_fn, evaluation_fn, evaluation_selection_fn = problem
+
+  def counted_evaluation_fn(state, data):
+    calls.append(1)  # at trace time only: once per group size
+    return evaluation_fn(state, data)
+
+  together = (sweep, selection_fn, counted_evaluation_fn, evaluation_selection_fn)
+  run(together, tmp_path / 'together', 3, vectorized_evaluation=True)
+  assert len(calls) == 1  # one compiled evaluation of each group of 2, rounds 0, 2 and 3
+  for k in range(len(RUNS)):
+    by_run = fl.simulation.load_metrics(tmp_path / 'by_run' / f'run_{k}' / 'metrics.jsonl')
+    rows = fl.simulation.load_metrics(tmp_path / 'together' / f'run_{k}' / 'metrics.jsonl')
+    for round_num in (0, 2, 3):
+      for key in ('evaluation/loss', 'evaluation/accuracy', 'evaluation/num_examples'):
+        np.testing.assert_allclose(rows[round_num][key], by_run[round_num][key], atol=1e-6)
+      assert rows[round_num]['timing/evaluation_seconds'] > 0
 
 
 def test_a_killed_sweep_resumes_bitwise(problem, tmp_path):
