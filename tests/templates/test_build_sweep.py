@@ -169,3 +169,28 @@ def test_bad_arguments():
   sweep = fl.templates.build_sweep(process_fn, RUNS[:1])
   with pytest.raises(ValueError, match=r"states\[0\] is not a state of this sweep's process"):
     sweep.stack([{'w': np.zeros(3)}])
+
+
+@LAYOUTS
+def test_a_sweep_of_sharded_processes_equals_the_unsharded_sweep(runs_per_lane):
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ('clients',))
+
+  def sharded_fn(seed):
+    model = ref.dropout_linear_model(5, 3, seed)
+    return fl.algorithms.build_weighted_fed_avg(
+      model,
+      fl.optimizers.build_sgdm(0.1),
+      fl.optimizers.build_sgdm(1.0, momentum=0.9),
+      seed=seed,
+      mesh=mesh,
+    )
+
+  sharded = fl.templates.build_sweep(sharded_fn, RUNS, runs_per_lane=runs_per_lane)
+  plain = fl.templates.build_sweep(process_fn, RUNS, runs_per_lane=runs_per_lane)
+  a, b = sharded.initialize(), plain.initialize()
+  for round_num in range(1, ROUNDS + 1):  # 3 clients over 2 devices: one padded client
+    a, metrics_a = sharded.next(a, cohort(round_num))
+    b, metrics_b = plain.next(b, cohort(round_num))
+  for k in range(len(RUNS)):
+    assert_close(jax.tree.map(lambda x, k=k: x[k], b), a, k)
+    assert_close(jax.tree.map(lambda x, k=k: x[k], metrics_b), metrics_a, k)
