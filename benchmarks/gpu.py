@@ -9,9 +9,11 @@ Rows, most important first (every configuration's small case, then the largest o
           `build_weighted_fed_avg(..., client_chunk_size=K)` for the MLP and the EMNIST CNN at
           100, 1,000 and 10,000 clients and K = 64, 256, 1,024: client-examples/s, the ratio to
           that cohort's bound and ceiling, XLA's compiled temporaries of `next`;
-  sweep   `sweep.measure` (benchmarks/sweep.py: `fedjax-lite train`'s digits MLP, 10 clients a
-          round) at K = 1, 16, 64, 256 runs: the sweep program's round against K runs one after
-          another.
+  sweep   `sweep.measure` (benchmarks/sweep.py) on the fedavg rows' MLP round and cohort
+          (`--sweep-clients`, 100 clients a round, chunk the backend's default) at K = 1, 16, 64,
+          256 runs (client learning rates 0.03/0.1/0.3 and seeds differing), all K vectorized on
+          an accelerator (`runs_per_lane` the backend's default): the sweep program's round
+          against K runs one after another (design target: >= 8x at K = 64 on an H100).
 A (model, clients) cohort is made once (round 0's ids), put on the device before any clock
 starts, and every round of its rows runs on it: the rows time the compiled program, not the host
 (data_pipeline.py and scaling.py time the host's part). Each row: 1 warm-up round (compilation),
@@ -144,8 +146,25 @@ def fedavg_row(row: dict, cohort: Cohort, rounds: int, budget: Budget) -> None:
     row['max_abs_diff_vs_first_chunk'] = workload.max_abs_diff(weights, cohort.first_weights)
 
 
-def sweep_row(row: dict, rounds: int, population: list) -> None:
-  row.update(sweep.measure(row['runs'], population, rounds))  # no budget checks inside
+def sweep_process(seed: int) -> fl.LearningProcess:
+  """The fedavg rows' MLP process (`workload.build_mlp`, chunk the backend's default), its
+  initial weights and keys from `seed`."""
+  model = fl.models.mlp_classifier(
+    workload.NUM_FEATURES, workload.NUM_CLASSES, hidden=(200, 200), seed=seed
+  )
+  assert workload.num_params(model) == workload.MLP_PARAMS
+  return fl.algorithms.build_weighted_fed_avg(
+    model,
+    fl.optimizers.build_sgdm(workload.CLIENT_LR),
+    fl.optimizers.build_sgdm(workload.SERVER_LR),
+    seed=seed,
+  )
+
+
+def sweep_row(row: dict, cohort: Cohort, rounds: int) -> None:
+  cohorts = [cohort.batches] * (rounds + 1)  # every round on the one cohort, as fedavg rows
+  # no budget checks inside
+  row.update(sweep.measure(row['runs'], cohorts, process_fn=sweep_process))
   row['temp_KB_per_run'] = row['temp_bytes_per_run'] / 1024
   row['temp_KB_one_run'] = row['temp_bytes_one_run'] / 1024
 
@@ -164,7 +183,9 @@ def plan(args) -> list[dict]:
     return rows
 
   mlp, cnn, runs = sorted(args.mlp_clients), sorted(args.cnn_clients), sorted(args.runs)
-  sweeps = lambda ks: [{'kind': 'sweep', 'model': 'digits-mlp', 'runs': k} for k in ks]
+  sweeps = lambda ks: [
+    {'kind': 'sweep', 'model': 'mlp', 'cohort_clients': args.sweep_clients, 'runs': k} for k in ks
+  ]
   rows = [r for n in mlp[:-1] for r in group('mlp', n)] + sweeps(runs[:-1])
   rows += [r for n in cnn[:-1] for r in group('cnn', n)]
   rows += group('mlp', mlp[-1]) if mlp else []
@@ -219,7 +240,7 @@ def run(args, results: dict) -> None:
     key = (row['kind'], row['model'])
     smallest[key] = min(smallest.get(key, size(row)), size(row))
   results['rows'] = done = []
-  cohort = population = None
+  cohort = None
   for row in rows:
     row['name'] = name(row)
     left = budget.left() - RESERVE_S
@@ -236,15 +257,15 @@ def run(args, results: dict) -> None:
       row['estimate_s'] = guess
       start = time.perf_counter()
       try:
+        clients = row.get('clients') or row['cohort_clients']
+        if cohort is None or cohort.key != (row['model'], clients):
+          cohort = None  # free the previous cohort first
+          cohort = Cohort(row['model'], clients)
+          row.update(cohort_make_s=cohort.make_s, cohort_put_s=cohort.put_s)
+        row['examples'] = cohort.examples
         if row['kind'] == 'sweep':
-          population = population or sweep.load_population()
-          sweep_row(row, args.rounds, population)
+          sweep_row(row, cohort, args.rounds)
         else:
-          if cohort is None or cohort.key != (row['model'], row['clients']):
-            cohort = None  # free the previous cohort first
-            cohort = Cohort(row['model'], row['clients'])
-            row.update(cohort_make_s=cohort.make_s, cohort_put_s=cohort.put_s)
-          row['examples'] = cohort.examples
           measure = refs_row if row['kind'] == 'refs' else fedavg_row
           measure(row, cohort, args.rounds, budget)
         row['status'] = 'done'
@@ -299,7 +320,7 @@ def print_tables(rows: Sequence[dict]) -> None:
     ('references (pooled examples, one lax.scan)', 'refs', REFS_COLUMNS),
     ('FedAvg round (device-resident cohort)', 'fedavg', FEDAVG_COLUMNS),
     (
-      'sweep vs sequential (benchmarks/sweep.py workload)',
+      'sweep vs sequential (WORKLOAD MLP, one cohort; benchmarks/sweep.py measure)',
       'sweep',
       [*sweep.COLUMNS, ('seconds', '.1f')],
     ),
@@ -322,13 +343,16 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument('--cnn-clients', type=int, nargs='*', default=[100, 1000, 10000])
   parser.add_argument('--chunk-sizes', type=int, nargs='+', default=[64, 256, 1024])
   parser.add_argument('--runs', type=int, nargs='*', default=[1, 16, 64, 256], help='sweep K')
+  parser.add_argument(
+    '--sweep-clients', type=int, default=workload.COHORT, help="the sweep rows' MLP cohort"
+  )
   parser.add_argument('--quick', action='store_true', help='a CPU smoke run: small rows')
   parser.add_argument('--out', default='benchmarks/results/gpu.json')
   args = parser.parse_args(argv)
   if args.quick:
     args.mlp_clients, args.cnn_clients, args.chunk_sizes = [10, 100], [10], [8, 64]
     args.runs, args.rounds = [1, 4], 1
-  sizes = (*args.mlp_clients, *args.cnn_clients, *args.chunk_sizes, *args.runs)
+  sizes = (*args.mlp_clients, *args.cnn_clients, *args.chunk_sizes, *args.runs, args.sweep_clients)
   if args.rounds < 1 or args.budget_s <= 0 or min(sizes, default=1) < 1:
     print(
       'error: --rounds, --budget-s, clients, chunk sizes and runs must be >= 1', file=sys.stderr
@@ -345,7 +369,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   results = {
     'meta': meta,
     'workload': {
-      'source': 'benchmarks/WORKLOAD.md, homo variant; sweeps: benchmarks/sweep.py',
+      'source': 'benchmarks/WORKLOAD.md, homo variant (sweeps too: its MLP)',
+      'sweep': (
+        f'sweep.measure on the MLP round at {args.sweep_clients} clients (one cohort), '
+        'client learning rates 0.03/0.1/0.3 and seeds by run, runs_per_lane the backend default; '
+        'design target >= 8x sequential at K = 64 on an H100'
+      ),
       'steps_per_client': scaling.STEPS,
       'batch_size': workload.BATCH_SIZE,
       'ceiling_batch_size': workload.DP_BATCH_SIZE,

@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import harness
 import jax
@@ -61,10 +61,9 @@ def sweep_runs(k: int) -> list[fl.templates.SweepRun]:
   ]
 
 
-def measure(
-  k: int, clients: list[dict], rounds: int, runs_per_lane: int | str | None = 'auto'
-) -> dict:
-  """One row: K runs as one program and one after another, on the same cohorts."""
+def digits_cohorts(clients: list[dict], rounds: int) -> list[fl.ClientBatches]:
+  """`rounds + 1` cohorts of the digits workload (round 0's is the warm-up), padded to one shape
+  and on the device."""
   steps = fl.data.client_steps(max(len(c['y']) for c in clients), EPOCHS, BATCH_SIZE)
   cohorts = []
   for r in range(rounds + 1):
@@ -73,6 +72,17 @@ def measure(
       [clients[i] for i in ids], batch_size=BATCH_SIZE, num_epochs=EPOCHS, num_steps=steps
     )
     cohorts.append(jax.device_put(batches))
+  return cohorts
+
+
+def measure(
+  k: int,
+  cohorts: Sequence[fl.ClientBatches],
+  runs_per_lane: int | str | None = 'auto',
+  process_fn: Callable[[int], fl.LearningProcess] = process_fn,
+) -> dict:
+  """One row: K runs of `process_fn(seed)` as one program and one after another, on the same
+  cohorts: `cohorts[r]` is round r's (device-resident, one shape), round 0 the warm-up."""
   examples = float(np.mean([np.sum(c.mask) for c in cohorts[1:]]))
   lanes = fl.templates.default_runs_per_lane() if runs_per_lane == 'auto' else runs_per_lane
   sweep = fl.templates.build_sweep(process_fn, sweep_runs(k), runs_per_lane=lanes)
@@ -137,11 +147,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.rounds < 1 or not args.runs or min(args.runs) < 1:
     print('error: --rounds and --runs must be >= 1', file=sys.stderr)
     return 2
-  clients = load_population()
+  cohorts = digits_cohorts(load_population(), args.rounds)
   rows = []
   lanes = [None if v == 'all' else v if v == 'auto' else int(v) for v in args.runs_per_lane]
   for k, lane in [(k, lane) for k in args.runs for lane in lanes]:
-    row = measure(k, clients, args.rounds, lane)
+    row = measure(k, cohorts, lane)
     row['temp_KB_per_run'] = row['temp_bytes_per_run'] / 1024
     row['temp_KB_one_run'] = row['temp_bytes_one_run'] / 1024
     rows.append(row)
