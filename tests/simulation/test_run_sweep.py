@@ -284,3 +284,39 @@ def test_a_dp_sweep_refuses_a_budget_below_one_round(problem, tmp_path):
     _dp_sweep(problem, tmp_path, 8, [_Accountant(0.5)], 1.0)
   with pytest.raises(ValueError, match='epsilon_budget needs a privacy_accountant'):
     _dp_sweep(problem, tmp_path, 8, None, 1.0)
+
+
+def _mime_fn(seed):
+  model = ref.linear_model(5, 3, seed)
+  return fl.algorithms.build_mime(model, fl.optimizers.build_sgdm(0.1, momentum=0.9), seed=seed)
+
+
+@pytest.mark.parametrize('kind', ['one run', 'sweep group'])
+def test_mime_killed_and_resumed_equals_uninterrupted(tmp_path, kind):
+  """Mime's server state (the base optimizer's, broadcast to clients) through either driver."""
+  _, training_selection_fn, _, evaluation_selection_fn = sp.make_problem()
+  if kind == 'one run':
+    process = _mime_fn(0)
+    evaluation_fn = fl.simulation.build_evaluation_fn(
+      process, fl.algorithms.build_fed_eval(ref.linear_model(5, 3))
+    )
+    problem = (process, training_selection_fn, evaluation_fn, evaluation_selection_fn)
+    reference = sp.run_experiment(problem, tmp_path / 'reference', 5)
+    with pytest.raises(RuntimeError, match='simulated crash at round 3'):
+      sp.run_experiment(problem, tmp_path / 'run', 5, extra_managers=[_CrashAt(3)])
+    resumed = sp.run_experiment(problem, tmp_path / 'run', 5)
+    _assert_bitwise(weights(resumed), weights(reference))
+    _assert_same_metric_files(tmp_path / 'run', tmp_path / 'reference')
+    return
+  sweep = fl.templates.build_sweep(_mime_fn, RUNS)
+  evaluation_fn = fl.simulation.build_evaluation_fn(
+    sweep.process, fl.algorithms.build_fed_eval(ref.linear_model(5, 3))
+  )
+  problem = (sweep, training_selection_fn, evaluation_fn, evaluation_selection_fn)
+  reference = run(problem, tmp_path / 'reference', 5)
+  with pytest.raises(RuntimeError, match='simulated crash at round 3'):
+    run(problem, tmp_path / 'run', 5, extra_managers={'run_2': [_CrashAt(3)]})
+  resumed = run(problem, tmp_path / 'run', 5)
+  for k in range(len(RUNS)):
+    _assert_bitwise(weights(resumed[k]), weights(reference[k]))
+    _assert_same_metric_files(tmp_path / 'run' / f'run_{k}', tmp_path / 'reference' / f'run_{k}')
