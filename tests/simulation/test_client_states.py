@@ -281,7 +281,8 @@ def _cohort_ids(population):
   return cohort_ids
 
 
-def _run(process, store, run_dir, total, population=POPULATION, managers=()):
+def _select_fn(population):
+  """`round_num -> ClientBatches` of `_cohort_ids(population)(round_num)`, in that order."""
   cohort_ids = _cohort_ids(population)
 
   def select(round_num):
@@ -294,9 +295,14 @@ def _run(process, store, run_dir, total, population=POPULATION, managers=()):
       client_keys=[fl.data.client_key(i) for i in ids],
     )
 
+  return select
+
+
+def _run(process, store, run_dir, total, population=POPULATION, managers=()):
+  cohort_ids = _cohort_ids(population)
   return fl.simulation.run_training_process(
     process,
-    select,
+    _select_fn(population),
     total,
     checkpoint_manager=fl.simulation.FileCheckpointManager(run_dir, keep=2),
     metrics_managers=managers,
@@ -458,15 +464,7 @@ def _scaffold_fn(seed):
   )
 
 
-def _sweep_select(round_num):
-  ids = _cohort_ids(POPULATION)(round_num)
-  return fl.data.build_client_batches(
-    [CLIENTS[fl.data.client_key(i) % len(CLIENTS)] for i in ids],
-    batch_size=4,
-    num_steps=3,
-    seed=(1, round_num),
-    client_keys=[fl.data.client_key(i) for i in ids],
-  )
+_sweep_select = _select_fn(POPULATION)
 
 
 def _run_scaffold_sweep(sweep, root, total, stores, managers=None):
