@@ -366,11 +366,6 @@ def build_experiment(config: Mapping[str, Any], *, multihost: bool = False) -> E
     model = _model(config, test_arrays['x'], num_classes)
     inputs = _catalogue.BuildInputs(model, _aggregator(config), mesh, train.num_clients)
     process = algorithm.build(config, inputs)
-    if multihost and process.initial_client_state is not None:
-      raise ConfigError(
-        f'{flag("algorithm")} {algorithm.name} keeps per-client state, which multi-process '
-        'runs do not carry yet; run it in one process'
-      )
     evaluation = algorithms.build_fed_eval(model)
     evaluation_data = data.build_client_batches(
       [test_arrays], batch_size=min(EVAL_BATCH_SIZE, len(test_arrays['y'])), shuffle=False
@@ -404,7 +399,9 @@ def build_experiment(config: Mapping[str, Any], *, multihost: bool = False) -> E
     )
 
   def cohort_ids_fn(round_num: int) -> list:
-    return [train.client_ids[i] for i in sample(round_num)]
+    ids = [train.client_ids[i] for i in sample(round_num)]
+    # Multi-process: one id per client of training_data_fn's padded cohort.
+    return multihost_lib.padded_cohort_ids(ids, mesh) if multihost else ids
 
   def training_data_fn(round_num: int) -> data.ClientBatches:
     cohort = sample(round_num)
@@ -424,7 +421,9 @@ def build_experiment(config: Mapping[str, Any], *, multihost: bool = False) -> E
       local = jax.tree.map(
         np.zeros_like, batch([train.client_ids[cohort[0]]], round_num, round_buckets)
       )
-    return multihost_lib.global_batches(multihost_lib.pad_block(local, stop - start), padded, mesh)
+    local = multihost_lib.pad_block(local, stop - start)
+    # The cohort's client_ids replicated, so that every process can check cohort_ids_fn's.
+    return multihost_lib.global_batches(local, padded, mesh, cohort_ids_fn(round_num))
 
   evaluation_fn = simulation.build_evaluation_fn(process, evaluation)
   if multihost:  # evaluation runs on each process's own copy of the (replicated) state

@@ -223,9 +223,15 @@ def _train_locked(args, out: str, config: dict[str, Any], experiment: Any, *, pr
     )
   store = None
   if getattr(process, 'initial_client_state', None) is not None:  # e.g. SCAFFOLD
-    store = simulation.SQLiteClientStateStore(
+    open_store = lambda: simulation.SQLiteClientStateStore(
       os.path.join(out, CLIENT_STATES_FILE), process.initial_client_state
     )
+    if args.distributed:  # process 0 holds the file; each round it broadcasts the cohort's states
+      store = multihost.PrimaryClientStateStore(
+        open_store, process.initial_client_state, config['clients_per_round']
+      )
+    else:
+      store = open_store()
   start = time.perf_counter()
   compiling = simulation.CompileTimer()
   try:

@@ -5,7 +5,10 @@ it, and the blocks form one global `ClientBatches` sharded over every device of 
 (`global_batches`). The round is the ordinary sharded round (`mesh=`): each device trains its
 clients and one `psum` leaves the same server state on every process. Only the primary process
 (`is_primary`) writes metrics and checkpoints; a resumed run restores on the primary and
-broadcasts (`broadcast_from_primary`), so no shared file system is needed.
+broadcasts (`broadcast_from_primary`), so no shared file system is needed. A stateful process's
+client states (SCAFFOLD) stay in the primary's store too (`PrimaryClientStateStore`): each round
+the primary reads the cohort's states and broadcasts them, and writes back the states the round
+returns, gathered from every process.
 
 Launch (`docs/simulation.md` has the commands):
 - several processes on one machine: `fedjax-lite train --processes N`;
@@ -38,6 +41,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from fedjax_lite.data import _client_batches
+from fedjax_lite.simulation import _client_states
 
 NUM_PROCESSES_ENV = 'FEDJAX_LITE_NUM_PROCESSES'
 PROCESS_ID_ENV = 'FEDJAX_LITE_PROCESS_ID'
@@ -98,18 +102,41 @@ def cohort_block(cohort_size: int, mesh: Mesh) -> tuple[int, int, int]:
 
 
 def global_batches(
-  local: _client_batches.ClientBatches, padded_size: int, mesh: Mesh
+  local: _client_batches.ClientBatches,
+  padded_size: int,
+  mesh: Mesh,
+  cohort_ids: Sequence[Any] | None = None,
 ) -> _client_batches.ClientBatches:
   """One global `ClientBatches` `[padded_size, ...]` from every process's block (`local`,
   `[padded_size // processes, ...]`, the same step count on every process), sharded over the
-  mesh's clients axis."""
+  mesh's clients axis.
+
+  With `cohort_ids` (the whole cohort's ids, the same on every process, e.g.
+  `padded_cohort_ids`), `client_ids` is built from them and replicated instead, so every process
+  can read the cohort's ids (`run_training_process` checks a stateful run's `cohort_ids_fn`
+  against them); the values are the blocks' own.
+  """
   sharding = NamedSharding(mesh, PartitionSpec(CLIENTS_AXIS))
 
   def to_global(x):
     x = np.asarray(x)
     return jax.make_array_from_process_local_data(sharding, x, (padded_size, *x.shape[1:]))
 
-  return jax.tree.map(to_global, local)
+  batches = jax.tree.map(to_global, local)
+  if cohort_ids is None or local.client_ids is None:
+    return batches
+  if len(cohort_ids) != padded_size:
+    raise ValueError(f'cohort_ids has {len(cohort_ids)} ids; expected {padded_size}')
+  low_bits = np.asarray(_client_states.client_keys(list(cohort_ids)), np.uint64).astype(np.uint32)
+  return batches._replace(client_ids=replicated(low_bits, mesh))
+
+
+def padded_cohort_ids(ids: Sequence[Any], mesh: Mesh) -> list[Any]:
+  """`ids` followed by `0`s up to the padded cohort's size (`cohort_block`): the ids of a
+  multi-process round's clients in the order of its `global_batches` (a padding client's data
+  has `client_ids` 0). A `PrimaryClientStateStore` reads and writes only the first `len(ids)`."""
+  padded = cohort_block(len(ids), mesh)[2]
+  return [*ids, *[0] * (padded - len(ids))]
 
 
 def pad_block(local: _client_batches.ClientBatches, size: int) -> _client_batches.ClientBatches:
@@ -202,17 +229,164 @@ class PrimaryCheckpointManager:
       self._manager.mark_kept(round_num)
 
 
+_SHARED_ERRORS = {
+  cls.__name__: cls for cls in (_client_states.ClientStateStoreError, ValueError, TypeError)
+}
+
+
+class PrimaryClientStateStore(_client_states.ClientStateStore):
+  """The client states of a stateful process (SCAFFOLD's control variates) in a multi-process
+  run: the primary process alone holds the store (its file), as `PrimaryCheckpointManager`
+  holds the checkpoints; the others hold none and open no file.
+
+  Every method is a collective: every process calls it, in the same order
+  (`run_training_process` does).
+  - `get(ids)`: the primary reads the cohort's states and broadcasts them; each process places
+    its block on the mesh's clients axis as `global_batches` places the data, so the round gets
+    them sharded like its clients (the same placement every round: it compiles once).
+  - `put(ids, stacked)`: the states the round returns, sharded over the processes, are gathered
+    (`process_allgather`), and the primary writes them.
+  - `commit`, `rollback` and `len` run on the primary.
+  An exception on the primary (`ClientStateStoreError`: a damaged file, or one out of step with
+  the checkpoint; `ValueError`; ...) is raised on every process, the same type with the same
+  message (another type as a `ClientStateStoreError` naming it), so the run stops as one
+  instead of leaving the others waiting in their next collective.
+
+  `ids` are a round's `num_clients` ids followed by its padding (`padded_cohort_ids`), one per
+  client of the round's data: padding clients get `default` and are never stored.
+
+  Args:
+    open_store: `() -> ClientStateStore`, called on the primary only (e.g. opening the run's
+      `SQLiteClientStateStore`); what it raises is raised on every process.
+    default: the state of a client never seen (`process.initial_client_state`).
+    num_clients: the clients of a round, before padding.
+    mesh: the round's mesh (default `global_mesh()`).
+  """
+
+  def __init__(
+    self,
+    open_store: Any,
+    default: Any,
+    num_clients: int,
+    mesh: Mesh | None = None,
+  ):
+    super().__init__(default)
+    self._mesh = global_mesh() if mesh is None else mesh
+    self._num_clients = num_clients
+    self._start, self._stop, self._padded = cohort_block(num_clients, self._mesh)
+    self._sharding = NamedSharding(self._mesh, PartitionSpec(CLIENTS_AXIS))
+    self._store = None
+    self._store = self._on_primary(open_store)
+
+  @property
+  def store(self) -> _client_states.ClientStateStore | None:
+    """The store itself on the primary process; None on the others."""
+    return self._store
+
+  def _on_primary(self, fn: Any, like: Any = None) -> Any:
+    """`fn()` run on the primary; with `like` (its result's shapes, zeros) its result is
+    broadcast to every process. Its exception is raised on every process."""
+    result, error = None, None
+    if is_primary():
+      try:
+        result = fn()
+      except Exception as e:  # every process must hear of it, whatever it is
+        error = e
+    if jax.process_count() == 1:
+      if error is not None:
+        raise error
+      return result
+    payload = like if result is None or like is None else result
+    failed, value = broadcast_from_primary((np.int32(error is not None), payload))
+    if failed:
+      kind, message = broadcast_json(None if error is None else [type(error).__name__, str(error)])
+      if error is not None:
+        raise error
+      if kind in _SHARED_ERRORS:
+        raise _SHARED_ERRORS[kind](message)
+      raise _client_states.ClientStateStoreError(
+        f'the client state store failed on process 0: {kind}: {message}'
+      )
+    return result if like is None else value
+
+  def _cohort(self, ids: Sequence[Any]) -> list[Any]:
+    """The round's clients of `ids` (without the padding), checked against the round's size."""
+    ids = list(ids)
+    if len(ids) != self._padded:
+      raise ValueError(
+        f'ids has {len(ids)} ids; a round of {self._num_clients} clients over {self._mesh.size} '
+        f'devices has {self._padded} (fl.simulation.multihost.padded_cohort_ids)'
+      )
+    return ids[: self._num_clients]
+
+  def get(self, ids: Sequence[Any]) -> Any:
+    """The states of `ids`, global arrays `[len(ids), ...]` sharded over the mesh's clients axis
+    (the padding clients' are `default`)."""
+    cohort = self._cohort(ids)
+    like = jax.tree.map(lambda d: np.zeros((len(cohort), *d.shape), d.dtype), self.default)
+    stacked = self._on_primary(lambda: self._store.get(cohort), like)
+
+    def place(x, default):
+      padding = np.broadcast_to(default, (self._padded - len(cohort), *default.shape))
+      x = np.concatenate([np.asarray(x, default.dtype), padding])
+      block = x[self._start : self._stop]
+      return jax.make_array_from_process_local_data(self._sharding, block, x.shape)
+
+    return jax.tree.map(place, stacked, self.default)
+
+  def put(self, ids: Sequence[Any], stacked: Any) -> None:
+    """Writes `stacked` (leaves `[len(ids), ...]`, e.g. the round's returned client states,
+    sharded over the processes) as the states of `ids` on the primary; padding is dropped."""
+    cohort = self._cohort(ids)
+    stacked = jax.tree.map(_gathered, stacked)
+    self._on_primary(
+      lambda: self._store.put(cohort, jax.tree.map(lambda x: x[: len(cohort)], stacked))
+    )
+
+  def commit(self, round_num, keep_rounds=()):
+    keep = list(keep_rounds)  # the primary's checkpoint rounds (the others know none)
+    self._on_primary(lambda: self._store.commit(round_num, keep))
+
+  def rollback(self, round_num):
+    self._on_primary(lambda: self._store.rollback(round_num))
+
+  def __len__(self) -> int:
+    return int(self._on_primary(lambda: np.int64(len(self._store)), np.int64(0)))
+
+  def _read(self, keys, ids):  # `get` is the primary store's
+    raise NotImplementedError
+
+  def _write(self, keys, rows):  # `put` is the primary store's
+    raise NotImplementedError
+
+  def close(self) -> None:
+    """Closes the primary's store (puts since its last commit are lost)."""
+    close = getattr(self._store, 'close', None)
+    if close is not None:
+      close()
+
+
+def _gathered(x: Any) -> np.ndarray:
+  """`x` whole on this process's host: an array sharded over processes is all-gathered (every
+  process must call this for it); other arrays are copied from this process's devices."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return to_host(x)
+
+
 def local_metrics(process: Any) -> Any:
   """`process` for a multi-process driver: `next` returns its metrics as host arrays (this
   process's copy), and `initialize` returns the state on `replicated_sharding()`, where `next`
   returns it, so every round runs the program the first one compiled (an initial state on one
-  device compiled the round again at round 2, seconds per process).
+  device compiled the round again at round 2, seconds per process). A stateful process's `next`
+  returns its client states as the round leaves them (sharded over the processes:
+  `PrimaryClientStateStore.put` gathers them).
   """
   initialize = jax.jit(process.initialize, out_shardings=replicated_sharding())
 
   def next_fn(state, *args, **kwargs):
-    state, metrics = process.next(state, *args, **kwargs)
-    return state, to_host(metrics)
+    state, metrics, *client_states = process.next(state, *args, **kwargs)
+    return (state, to_host(metrics), *client_states)
 
   return process._replace(initialize=initialize, next=next_fn)
 

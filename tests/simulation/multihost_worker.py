@@ -8,7 +8,8 @@ process batching its block of every cohort; every process saves the final weight
 after another until it is stopped (a process that never ends by itself).
 
 `multihost_worker.py --compiles OUT ARGS...`: runs `fedjax-lite train --distributed ARGS` and
-writes to `OUT/compiles<rank>.json` how many times JAX compiled the round and evaluation.
+writes to `OUT/compiles<rank>.json` how many times JAX compiled the round and evaluation, and how
+many client state files (`SQLiteClientStateStore`) the process opened.
 """
 
 import json
@@ -68,7 +69,7 @@ def hold(out):
 def count_compiles(out, argv):
   """`fedjax-lite train --distributed ARGV`; writes `OUT/compiles<rank>.json`: the compilations
   JAX logged of a `next` whose arguments include client data on the clients axis (the round),
-  and of the other `next`s (evaluation's)."""
+  and of the other `next`s (evaluation's), and the client state files opened."""
   messages = []
 
   class Record(logging.Handler):
@@ -77,10 +78,18 @@ def count_compiles(out, argv):
 
   jax.config.update('jax_log_compiles', True)
   logging.getLogger('jax').addHandler(Record())
+  opened = []
+  open_store = fl.simulation.SQLiteClientStateStore.__init__
+
+  def counted_open(self, path, default):
+    opened.append(path)
+    open_store(self, path, default)
+
+  fl.simulation.SQLiteClientStateStore.__init__ = counted_open
   status = cli.main(['train', *argv, '--distributed'])  # joins the run (multihost.initialize)
   nexts = [m for m in messages if m.startswith('Compiling jit(next_fn) ')]
   rounds = sum(f"spec=P('{multihost.CLIENTS_AXIS}',)" in m for m in nexts)
-  counts = {'round': rounds, 'evaluation': len(nexts) - rounds}
+  counts = {'round': rounds, 'evaluation': len(nexts) - rounds, 'client_state_files': len(opened)}
   with open(os.path.join(out, f'compiles{jax.process_index()}.json'), 'w') as f:
     json.dump(counts, f)
   sys.exit(status)

@@ -2,11 +2,13 @@
 weights, a resumed run continues from process 0's checkpoint, and stopping the launcher (or
 losing a process) stops the whole run promptly."""
 
+import contextlib
 import json
 import os
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -14,7 +16,9 @@ import time
 import multihost_worker
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec
 
+import fedjax_lite as fl
 from fedjax_lite import cli
 from fedjax_lite.simulation import multihost
 
@@ -76,6 +80,94 @@ def test_two_processes_train_as_one_and_resume_from_process_0(tmp_path, monkeypa
   ]
 
 
+def _client_states(path):
+  """`{client key: (round committed, state bytes as float32)}` of a client state file."""
+  with contextlib.closing(sqlite3.connect(path)) as db:
+    rows = db.execute('SELECT key, version, value FROM states').fetchall()
+  return {key: (version, np.frombuffer(value, np.float32)) for key, version, value in rows}
+
+
+def test_scaffold_in_two_processes_trains_as_one_and_resumes_from_process_0(tmp_path, monkeypatch):
+  # SCAFFOLD's control variates live in process 0's client state file: each round process 0
+  # reads the cohort's and broadcasts them, and writes back those the round returns.
+  monkeypatch.chdir(tmp_path)
+  scaffold = ['--algorithm', 'scaffold']
+  assert cli.main(['train', *ARGS, *scaffold, '--out', 'one']) == 0
+  # Stopped after round 2 (a finished 2-round run), then extended to round 4: the resumed run
+  # rolls process 0's file back to round 2 and goes on from its control variates; restarting
+  # them at zero (or from a file ahead of the checkpoint) would change rounds 3-4 far beyond 1e-5.
+  _train(tmp_path / 'two', *scaffold, '--rounds', '2')
+  assert _rows(tmp_path / 'two').keys() == {0, 1, 2}
+  _train(tmp_path / 'two', *scaffold)
+  one, two = _rows(tmp_path / 'one'), _rows(tmp_path / 'two')
+  assert one.keys() == two.keys() == {0, 1, 2, 3, 4}
+  # The cohort split over processes sums in another order: measured up to 1.3e-7 (train loss);
+  # rtol 1e-5 leaves room for other CPUs' summation orders, and fails on any lost state.
+  for round_num in one:
+    for key, value in one[round_num].items():
+      np.testing.assert_allclose(two[round_num][key], value, rtol=1e-5, err_msg=key)
+  # The same clients' states, committed at the same rounds (measured: up to 6e-7 of the largest).
+  one_states = _client_states(tmp_path / 'one' / cli.CLIENT_STATES_FILE)
+  two_states = _client_states(tmp_path / 'two' / cli.CLIENT_STATES_FILE)
+  assert one_states.keys() == two_states.keys() and one_states
+  for key, (version, state) in one_states.items():
+    assert two_states[key][0] == version
+    np.testing.assert_allclose(two_states[key][1], state, rtol=1e-5, atol=1e-5 * abs(state).max())
+  # One file, process 0's (test_the_round_compiles_once_... counts who opens it).
+  assert sorted(os.listdir(tmp_path / 'two')) == [
+    '.lock',
+    'checkpoints',
+    cli.CLIENT_STATES_FILE,
+    'config.json',
+    'metrics.csv',
+    'metrics.jsonl',
+  ]
+  # A client state file that process 0 cannot resume from stops every process with its error
+  # (process 1 too, on its own: none is left waiting in a collective to be killed).
+  os.remove(tmp_path / 'two' / cli.CLIENT_STATES_FILE)
+  argv = ['train', *ARGS, *scaffold, '--out', str(tmp_path / 'two'), '--rounds', '5']
+  result = subprocess.run(
+    [sys.executable, '-m', 'fedjax_lite.cli', *argv, '--processes', '2'],
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert result.returncode == 2, result.stderr[-2000:]
+  error = result.stderr.splitlines()[-1]
+  path = tmp_path / 'two' / cli.CLIENT_STATES_FILE
+  assert error.startswith(f'fedjax-lite train: error: {path} has no client states committed'), error
+  assert 'stopped process' not in result.stderr
+
+
+def test_the_primary_store_pads_places_and_drops_the_padding_in_one_process():
+  # The test process's devices (8, or 1 once this file's fixture started JAX): a cohort of 5 is
+  # padded to a multiple of them.
+  mesh = multihost.global_mesh()
+  padded = multihost.cohort_block(5, mesh)[2]
+  default = {'c': np.zeros(3, np.float32)}
+  inner = fl.simulation.InMemoryClientStateStore(default)
+  store = multihost.PrimaryClientStateStore(lambda: inner, default, 5, mesh)
+  assert store.store is inner
+  ids = multihost.padded_cohort_ids(['a', 'b', 'c', 'd', 'e'], mesh)
+  assert ids == ['a', 'b', 'c', 'd', 'e', *[0] * (padded - 5)]
+  states = store.get(ids)
+  assert states['c'].shape == (padded, 3)
+  clients_axis = NamedSharding(mesh, PartitionSpec(multihost.CLIENTS_AXIS))
+  assert states['c'].sharding.is_equivalent_to(clients_axis, 2)  # as the round's data
+  store.put(ids, {'c': states['c'] + np.arange(padded, dtype=np.float32)[:, None]})
+  assert len(store) == len(inner) == 5  # the padding clients are not stored
+  expected = [0, 1, 2, 3, 4, *[0] * (padded - 5)]
+  np.testing.assert_array_equal(store.get(ids)['c'][:, 0], expected)
+  store.commit(1)
+  store.put(ids, {'c': np.ones((padded, 3), np.float32)})
+  store.rollback(1)
+  np.testing.assert_array_equal(inner.get(['e'])['c'], [[4, 4, 4]])
+  with pytest.raises(ValueError, match=f'ids has {padded + 1} ids; a round of 5 clients over '):
+    store.get([*ids, 0])
+  with pytest.raises(fl.simulation.ClientStateStoreError, match='round 7'):
+    store.rollback(7)
+
+
 @pytest.mark.parametrize(
   ('argv', 'per_process'),
   [
@@ -109,11 +201,15 @@ def test_both_processes_hold_the_one_process_weights(tmp_path):
 WORKER = os.path.join(os.path.dirname(__file__), 'multihost_worker.py')
 
 
-def test_the_round_compiles_once_in_each_process_fresh_and_resumed(tmp_path):
+@pytest.mark.parametrize('algorithm', ['fedavg', 'scaffold'])
+def test_the_round_compiles_once_in_each_process_fresh_and_resumed(tmp_path, algorithm):
   # Before: the state left `initialize` (or the restored checkpoint) on one device and the round
   # returned it replicated over the mesh, so every process compiled the round again at its second
-  # round (seconds each). Evaluation, every round here, compiles once too.
+  # round (seconds each). Evaluation, every round here, compiles once too. SCAFFOLD's client
+  # states, broadcast by process 0 each round, are placed like the cohort: no compile either, and
+  # only process 0 opens the client state file.
   run = ['--clients-per-round', '5', '--eval-every', '1', '--quiet', '--out', str(tmp_path / 'run')]
+  run += ['--algorithm', algorithm]
   for name, rounds in [('fresh', 3), ('resumed', 6)]:  # rounds 1-3, then 4-6 from round 3
     out = tmp_path / name
     out.mkdir()
@@ -121,7 +217,8 @@ def test_the_round_compiles_once_in_each_process_fresh_and_resumed(tmp_path):
     assert multihost.launch(command, 2) == 0
     for rank in (0, 1):
       counts = json.loads((out / f'compiles{rank}.json').read_text())
-      assert counts == {'round': 1, 'evaluation': 1}, (name, rank)
+      files = int(algorithm == 'scaffold' and rank == 0)
+      assert counts == {'round': 1, 'evaluation': 1, 'client_state_files': files}, (name, rank)
   assert max(_rows(tmp_path / 'run')) == 6
 
 
