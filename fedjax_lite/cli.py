@@ -28,7 +28,7 @@ from fedjax_lite.simulation import multihost
 
 CONFIG_FILE = 'config.json'
 CHECKPOINT_DIR = 'checkpoints'
-CLIENT_STATES_FILE = 'client_states.sqlite'
+CLIENT_STATES_FILE = _config.CLIENT_STATES_FILE
 
 
 class _PrintMetrics(simulation.MetricsManager):
