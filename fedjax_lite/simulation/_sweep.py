@@ -506,6 +506,7 @@ def _train(sweep, groups, ledgers, selection_fn, progress, cohorts, evaluate_gro
   """Rounds from the earliest group's next one; in each, every group behind it advances, until
   each run's last round (its ledger's: the total, or the last within its ε budget)."""
   last_rounds = [ledger.last_round for ledger in ledgers]
+  check = getattr(sweep.process.next, 'check_client_data', None)  # e.g. labels vs classes
   memory: dict[Any, float] = {}
   first_round = min(group.round for group in groups) + 1
   final_round = max(last_rounds)
@@ -519,6 +520,9 @@ def _train(sweep, groups, ledgers, selection_fn, progress, cohorts, evaluate_gro
       data = _round_data(selection_fn(round_num), len(ledgers), round_num)
       data_seconds = (time.perf_counter() - start) / len(ledgers)
       shared = isinstance(data, ClientBatches)
+      if check is not None:  # on the host: inside the sweep's program the data is traced
+        for run_data in [data] if shared else data:
+          check(run_data)
       if cohorts is not None:
         cohorts.start_round(round_num, data)
       for group in advancing:

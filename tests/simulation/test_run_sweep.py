@@ -320,3 +320,14 @@ def test_mime_killed_and_resumed_equals_uninterrupted(tmp_path, kind):
   for k in range(len(RUNS)):
     _assert_bitwise(weights(resumed[k]), weights(reference[k]))
     _assert_same_metric_files(tmp_path / 'run' / f'run_{k}', tmp_path / 'reference' / f'run_{k}')
+
+
+def test_a_label_outside_the_model_classes_stops_the_sweep_naming_the_client(problem, tmp_path):
+  def bad_selection_fn(round_num):
+    batches = problem[1](round_num)
+    labels = np.array(batches.batch['y'])
+    labels[1, 0, 0] = 7  # the model predicts 3 classes
+    return batches._replace(batch={**batches.batch, 'y': labels})
+
+  with pytest.raises(ValueError, match=r'client 1 of the cohort .* has label 7'):
+    run(problem, tmp_path, 2, selection_fn=bad_selection_fn)
