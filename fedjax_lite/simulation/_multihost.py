@@ -275,7 +275,6 @@ class PrimaryClientStateStore(_client_states.ClientStateStore):
     self._num_clients = num_clients
     self._start, self._stop, self._padded = cohort_block(num_clients, self._mesh)
     self._sharding = NamedSharding(self._mesh, PartitionSpec(CLIENTS_AXIS))
-    self._store = None
     self._store = self._on_primary(open_store)
 
   @property

@@ -55,6 +55,10 @@ def assert_close(run_tree, sweep_tree, k):
 LAYOUTS = pytest.mark.parametrize(
   'runs_per_lane', [1, 3, None], ids=['in-sequence', 'groups-of-3', 'vectorized']
 )
+# The layouts at their ends (groups of 3 mix both, and `test_four_runs...` covers them).
+EXTREME_LAYOUTS = pytest.mark.parametrize(
+  'runs_per_lane', [1, None], ids=['in-sequence', 'vectorized']
+)
 
 
 @LAYOUTS
@@ -106,7 +110,7 @@ def test_next_compiles_once_for_every_round_and_group_of_one_size():
   assert traces == [1, 1]
 
 
-@LAYOUTS
+@EXTREME_LAYOUTS
 def test_per_run_cohorts_equal_separate_runs(runs_per_lane):
   runs = RUNS[:3]
   # Each run its own cohorts, of different lengths: the steps are padded to the longest.
@@ -171,7 +175,7 @@ def test_bad_arguments():
     sweep.stack([{'w': np.zeros(3)}])
 
 
-@LAYOUTS
+@EXTREME_LAYOUTS
 def test_a_sweep_of_sharded_processes_equals_the_unsharded_sweep(runs_per_lane):
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ('clients',))
 
