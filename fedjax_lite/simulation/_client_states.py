@@ -68,23 +68,58 @@ def _row_crc(key: int, row: bytes) -> int:
 
 
 class ClientStateStore(abc.ABC):
-  """What every store shares: keys, checks and the byte encoding of client states. A store
-  implements `_read`, `_write`, `__len__` (clients with a row), `commit` and `rollback`."""
+  """The per-client states a driver threads through the rounds (`run_training_process`,
+  `run_sweep`): `get`/`put` a cohort's states, `commit`/`rollback` with the checkpoints, the
+  number of clients stored, and the `default` state of a client never seen."""
 
   def __init__(self, default: Any):
     """Args:
     default: the state of a client never seen: a pytree of arrays without a client axis."""
     self._default = jax.tree.map(np.asarray, jax.device_get(default))
-    leaves, self._treedef = jax.tree.flatten(self._default)
-    if not leaves:
+    if not jax.tree.leaves(self._default):
       raise ValueError('default must be a pytree with at least one array leaf')
-    self._leaf_specs = [(leaf.shape, leaf.dtype) for leaf in leaves]
-    self._default_row = self._encode(jax.tree.map(lambda x: x[None], self._default))[0]
 
   @property
   def default(self) -> Any:
     """The state of a client never seen (numpy leaves, no client axis)."""
     return self._default
+
+  @abc.abstractmethod
+  def get(self, ids: Sequence[Any]) -> Any:
+    """The states of `ids` stacked in their order: leaves `[len(ids), ...]`."""
+
+  @abc.abstractmethod
+  def put(self, ids: Sequence[Any], stacked: Any) -> None:
+    """Stores `stacked` (leaves `[len(ids), ...]`, like `get` returns) as the states of `ids`."""
+
+  @abc.abstractmethod
+  def __len__(self) -> int: ...
+
+  @abc.abstractmethod
+  def commit(self, round_num: int, keep_rounds: Iterable[int] = ()) -> None:
+    """Makes the current contents restorable as `round_num`; forgets what only rounds not in
+    `keep_rounds` (and not `round_num`) would restore."""
+
+  @abc.abstractmethod
+  def rollback(self, round_num: int) -> None:
+    """Returns to the contents committed as `round_num` (round 0 never committed: empty).
+
+    Raises:
+      ClientStateStoreError: round `round_num` (> 0) was never committed to this store, or its
+        contents are damaged.
+    """
+
+
+class _RowStore(ClientStateStore):
+  """A store of one byte row per client: keys, checks and the byte encoding of client states.
+  A row store implements `_read`, `_write`, `__len__` (clients with a row), `commit` and
+  `rollback`."""
+
+  def __init__(self, default: Any):
+    super().__init__(default)
+    leaves, self._treedef = jax.tree.flatten(self._default)
+    self._leaf_specs = [(leaf.shape, leaf.dtype) for leaf in leaves]
+    self._default_row = self._encode(jax.tree.map(lambda x: x[None], self._default))[0]
 
   def get(self, ids: Sequence[Any]) -> Any:
     """The states of `ids` stacked in their order: numpy leaves `[len(ids), ...]`."""
@@ -131,29 +166,12 @@ class ClientStateStore(abc.ABC):
     return json.dumps([[list(shape), dtype.str] for shape, dtype in self._leaf_specs])
 
   @abc.abstractmethod
-  def __len__(self) -> int: ...
-
-  @abc.abstractmethod
   def _read(self, keys: list[int], ids: Sequence[Any]) -> list[bytes | None]:
     """Each key's row, None for a client without one (`ids`, the keys' ids, name a damaged
     row)."""
 
   @abc.abstractmethod
   def _write(self, keys: list[int], rows: list[bytes]) -> None: ...
-
-  @abc.abstractmethod
-  def commit(self, round_num: int, keep_rounds: Iterable[int] = ()) -> None:
-    """Makes the current contents restorable as `round_num`; forgets what only rounds not in
-    `keep_rounds` (and not `round_num`) would restore."""
-
-  @abc.abstractmethod
-  def rollback(self, round_num: int) -> None:
-    """Returns to the contents committed as `round_num` (round 0 never committed: empty).
-
-    Raises:
-      ClientStateStoreError: round `round_num` (> 0) was never committed to this store, or its
-        contents are damaged.
-    """
 
 
 def client_keys(ids: Any) -> list[int]:
@@ -172,7 +190,7 @@ def client_keys(ids: Any) -> list[int]:
   return keys
 
 
-class InMemoryClientStateStore(ClientStateStore):
+class InMemoryClientStateStore(_RowStore):
   """Client states in a dict; one snapshot per committed round.
 
   Snapshots share the stored bytes (a commit copies the dict, not the states). With `directory`
@@ -285,7 +303,7 @@ _INDEX_SQL = (
 )
 
 
-class SQLiteClientStateStore(ClientStateStore):
+class SQLiteClientStateStore(_RowStore):
   """Client states in one SQLite file, a row per client ever put: a million-client population
   costs only the clients sampled.
 

@@ -352,12 +352,6 @@ class PrimaryClientStateStore(_client_states.ClientStateStore):
   def __len__(self) -> int:
     return int(self._on_primary(lambda: np.int64(len(self._store)), np.int64(0)))
 
-  def _read(self, keys, ids):  # `get` is the primary store's
-    raise NotImplementedError
-
-  def _write(self, keys, rows):  # `put` is the primary store's
-    raise NotImplementedError
-
   def close(self) -> None:
     """Closes the primary's store (puts since its last commit are lost)."""
     close = getattr(self._store, 'close', None)
