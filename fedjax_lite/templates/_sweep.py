@@ -60,10 +60,7 @@ class Sweep(NamedTuple):
     `fn` must be traceable; wrap the result in `jax.jit` to compile it once."""
 
     def mapped(state, *shared):
-      run_fn = lambda run_state: fn(run_state, *shared)
-      if self.runs_per_lane is None or self.runs_per_lane >= _num_runs(state):
-        return jax.vmap(run_fn)(state)
-      return jax.lax.map(run_fn, state, batch_size=self.runs_per_lane)
+      return _map_runs(lambda run_state: fn(run_state, *shared), state, self.runs_per_lane)
 
     return mapped
 
@@ -85,6 +82,14 @@ class Sweep(NamedTuple):
     (the compilation is the one `next` itself uses: nothing is compiled twice)."""
     compiled = self.next.lower(state, client_batches, *client_states).compile()
     return compiled.memory_analysis().temp_size_in_bytes / _num_runs(state)
+
+
+def _map_runs(fn: Callable[[Any], Any], xs: Any, runs_per_lane: int | None) -> Any:
+  """`fn` over the leading run axis of `xs`: `runs_per_lane` runs vectorized together, the
+  groups in sequence (`lax.map` with `batch_size`); all of them vectorized when None."""
+  if runs_per_lane is None or runs_per_lane >= _num_runs(xs):
+    return jax.vmap(fn)(xs)
+  return jax.lax.map(fn, xs, batch_size=runs_per_lane)
 
 
 def _num_runs(state: Any) -> int:
@@ -227,9 +232,7 @@ def build_sweep(
       batches = rest.pop(0) if per_run else client_batches
       return first.next(run_state, batches, *rest)
 
-    if runs_per_lane is None or runs_per_lane >= num_runs:
-      return jax.vmap(run_next)(per_run_args)
-    return jax.lax.map(run_next, per_run_args, batch_size=runs_per_lane)
+    return _map_runs(run_next, per_run_args, runs_per_lane)
 
   return Sweep(runs, first, initialize, jax.jit(next_fn), runs_per_lane)
 
