@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import numpy_reference as ref
 import pytest
+from test_client_work import _compose
 
 import fedjax_lite as fl
 
@@ -105,29 +106,19 @@ def _direction_reference(w, b, d, client_batches, lr):
   return w - dw, b - db, d, len(directions)
 
 
-def _compose(model, client_work, aggregator=None):
-  spec = fl.tree.tree_specs(model.initial_weights)
-  return fl.templates.compose_learning_process(
-    lambda: model.initial_weights,
-    fl.templates.build_broadcast_process(spec),
-    client_work,
-    aggregator or fl.aggregators.MeanFactory().create(spec.trainable),
-    fl.templates.build_apply_optimizer_finalizer(fl.optimizers.build_sgdm(1.0), spec),
-  )
-
-
-def _stacked_mean(spec):
+class _StackedMeanFactory:
   """The weighted mean as a stacked aggregation (`next` only): the updates come `[clients, ...]`."""
-  mean = fl.aggregators.MeanFactory().create(spec)
-  return fl.templates.AggregationProcess(mean.initialize, mean.next, True)
+
+  def create(self, spec):
+    mean = fl.aggregators.MeanFactory().create(spec)
+    return fl.templates.AggregationProcess(mean.initialize, mean.next, True)
 
 
 @pytest.mark.parametrize('stacked', [False, True], ids=['streamed', 'stacked'])
 def test_a_broadcast_server_value_from_the_public_api_matches_numpy(stacked):
   model = ref.linear_model(5, 3)
   batches = fl.data.build_client_batches(ref.random_clients(SIZES), batch_size=4)
-  spec = fl.tree.tree_specs(model.initial_weights)
-  aggregator = _stacked_mean(spec.trainable) if stacked else None
+  aggregator = _StackedMeanFactory() if stacked else None
   process = _compose(model, _direction_work(model, 0.1), aggregator)
   state = process.initialize()
   w, b = (np.asarray(model.initial_weights.trainable[k], np.float64) for k in ('w', 'b'))
