@@ -77,14 +77,14 @@ class RunLedger:
     self._rounds_per_evaluation = rounds_per_evaluation
     self._rounds_per_checkpoint = rounds_per_checkpoint
     self._accountant = privacy_accountant
-    self._store = client_state_store
+    self.client_state_store = client_state_store
     self._reserved = (EVALUATION_KEY, TIMING_KEY, PRIVACY_KEY, *reserved)
 
   def resume_at(self, round_num: int) -> None:
     """The run resumes from its checkpoint of `round_num`: its client-state store rolls back to
     that round (refusing a store that has not reached it)."""
-    if self._store is not None:
-      self._store.rollback(round_num)
+    if self.client_state_store is not None:
+      self.client_state_store.rollback(round_num)
 
   def clear_after(self, first_round: int) -> None:
     """Drops what an interrupted run released from `first_round` on (metrics managers that can)."""
@@ -99,9 +99,9 @@ class RunLedger:
 
   def save(self, state: Any, round_num: int) -> None:
     """Checkpoints `state` as round `round_num`, the client states committed first."""
-    if self._store is not None:
+    if self.client_state_store is not None:
       rounds = getattr(self.checkpoint_manager, 'checkpoint_rounds', list)()
-      self._store.commit(round_num, rounds)
+      self.client_state_store.commit(round_num, rounds)
     self.checkpoint_manager.save_checkpoint(state, round_num)
 
   def start(self, state: Any, evaluation: tuple[dict, float] | None = None) -> None:

@@ -8,6 +8,7 @@ one call of the vectorized `next`); every run is checkpointed and resumed on its
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import time
@@ -20,7 +21,7 @@ import numpy as np
 
 from fedjax_lite import tree as tree_lib
 from fedjax_lite.data import ClientBatches
-from fedjax_lite.simulation import _checkpoint, _ledger, _lock, _metrics_managers, _progress
+from fedjax_lite.simulation import _checkpoint, _driver, _ledger, _lock, _metrics_managers
 from fedjax_lite.simulation import _training_loop as loop
 from fedjax_lite.templates import Sweep
 
@@ -174,43 +175,128 @@ class _Run:
       json.dump(self.config, f, indent=1)
 
 
-class _Group:
-  """Runs `start:stop` of the sweep: their stacked state and the round it is the result of."""
+class _GroupRunner:
+  """A `Runner` of runs `start:stop` of a sweep (see `_driver.drive`): their state stacked on a
+  run axis, advanced by one call of `sweep.next` a round.
 
-  def __init__(self, start: int, stop: int):
-    self.start, self.stop = start, stop
+  Args:
+    sweep: the sweep.
+    start, stop: the group's runs.
+    runs: every run's folder.
+    ledgers: every run's records.
+    total_rounds: the sweep's rounds (a checkpoint past them is an error).
+    initial: `() -> every run's initial state`, stacked (computed once for all groups).
+    cohorts: a stateful sweep's `_Cohorts`, or None.
+    evaluate_group: `(group state, round_num) -> [(metrics, seconds)]`, or None (the ledgers
+      evaluate run by run).
+  """
+
+  def __init__(self, sweep, start, stop, runs, ledgers, total_rounds, initial, cohorts, evaluate):
+    self._sweep, self.start_run, self.stop_run = sweep, start, stop
+    self._runs, self._ledgers = runs[start:stop], ledgers[start:stop]
+    self._total_rounds, self._initial = total_rounds, initial
+    self._cohorts, self._evaluate = cohorts, evaluate
+    self._num_runs = len(ledgers)
+    self._memory: dict[Any, float] = {}
+    self.last_round = max(ledger.last_round for ledger in self._ledgers)
     self.state, self.round = None, 0
 
+  def start(self) -> None:
+    self._resume()
+    for ledger in self._ledgers:
+      if self.state is not None:
+        ledger.resume_at(self.round)
+      ledger.clear_after(0 if self.state is None else self.round + 1)
+    if self.state is None:
+      self.state = jax.tree.map(lambda x: x[self.start_run : self.stop_run], self._initial())
+      evaluations = [None] * len(self._ledgers)
+      if self._evaluate is not None:
+        evaluations = self._evaluate(self.state, 0)
+      for ledger, state, evaluation in zip(
+        self._ledgers, self._sweep.unstack(self.state), evaluations, strict=True
+      ):
+        ledger.start(state, evaluation)
+    for run in self._runs:
+      run.write_config()
 
-def _resume(sweep: Sweep, group: _Group, runs: list[_Run], total_rounds: int) -> None:
-  """Loads the group's latest round that every run of it has (None if one has none)."""
-  members = runs[group.start : group.stop]
-  latest = [run.checkpoints.latest_readable_round() for run in members]
-  if all(r is None for r in latest):
-    return
-  if None in latest:  # restarting the group would leave the others' later checkpoints behind
-    missing = [run.dir for run, r in zip(members, latest, strict=True) if r is None]
-    raise ValueError(
-      f'{", ".join(missing)} hold no checkpoint while the other runs of their group do; the '
-      'group cannot resume together. Tip: move those run folders away and rerun them apart.'
-    )
-  common = min(latest)
-  if common > total_rounds:
-    raise ValueError(
-      f'the latest checkpoint is of round {common}, past total_rounds={total_rounds}. '
-      'Tip: raise total_rounds, or use fresh run folders.'
-    )
-  structure = jax.eval_shape(sweep.process.initialize)
-  states = []
-  for run in members:
-    try:
-      states.append(run.checkpoints.load_checkpoint(structure, common))
-    except FileNotFoundError:
+  def _resume(self) -> None:
+    """Loads the group's latest round that every run of it has (none if one has none)."""
+    latest = [run.checkpoints.latest_readable_round() for run in self._runs]
+    if all(r is None for r in latest):
+      return
+    if None in latest:  # restarting the group would leave the others' later checkpoints behind
+      missing = [run.dir for run, r in zip(self._runs, latest, strict=True) if r is None]
       raise ValueError(
-        f'{run.dir} no longer holds round {common}, the latest round every run of its group '
-        'has; its runs cannot resume together. Tip: keep at least 2 checkpoints (keep=2).'
-      ) from None
-  group.state, group.round = sweep.stack(states), common
+        f'{", ".join(missing)} hold no checkpoint while the other runs of their group do; the '
+        'group cannot resume together. Tip: move those run folders away and rerun them apart.'
+      )
+    common = min(latest)
+    if common > self._total_rounds:
+      raise ValueError(
+        f'the latest checkpoint is of round {common}, past total_rounds={self._total_rounds}. '
+        'Tip: raise total_rounds, or use fresh run folders.'
+      )
+    structure = jax.eval_shape(self._sweep.process.initialize)
+    states = []
+    for run in self._runs:
+      try:
+        states.append(run.checkpoints.load_checkpoint(structure, common))
+      except FileNotFoundError:
+        raise ValueError(
+          f'{run.dir} no longer holds round {common}, the latest round every run of its group '
+          'has; its runs cannot resume together. Tip: keep at least 2 checkpoints (keep=2).'
+        ) from None
+    self.state, self.round = self._sweep.stack(states), common
+
+  def step(self, round_num: int, data: Any, data_seconds: float) -> list[dict[str, Any]]:
+    sweep, size = self._sweep, self.stop_run - self.start_run
+    shared = isinstance(data, ClientBatches)
+    group_data = data if shared else stack_client_batches(data[self.start_run : self.stop_run])
+    specs = tree_lib.tree_specs(group_data)
+    key = (jax.tree.structure(specs), tuple(jax.tree.leaves(specs)))
+    client_states = ()
+    if self._cohorts is not None:
+      client_states = (self._cohorts.get(self.start_run, self.stop_run),)
+    if key not in self._memory:  # compiles `next` for these shapes; the call below reuses it
+      self._memory[key] = sweep.temp_bytes_per_run(self.state, group_data, *client_states)
+    start = time.perf_counter()
+    previous = self.state
+    self.state, metrics, *client_states = sweep.next(self.state, group_data, *client_states)
+    jax.block_until_ready((self.state, metrics))
+    train_seconds = (time.perf_counter() - start) / size
+    self.round = round_num
+    running = np.array([round_num <= ledger.last_round for ledger in self._ledgers])
+    if not running.all():  # runs past their budget keep their state
+      self.state = _keep_stopped(running, self.state, previous)
+    live = [ledger for ledger in self._ledgers if round_num <= ledger.last_round]
+    states = [None] * size
+    if any(ledger.needs_state(round_num) for ledger in live):
+      states = sweep.unstack(self.state)
+    evaluations = [None] * size
+    if self._evaluate is not None and any(ledger.evaluates(round_num) for ledger in live):
+      evaluations = self._evaluate(self.state, round_num)
+    timing = {'data_seconds': data_seconds / self._num_runs, 'train_seconds': train_seconds}
+    extra = {f'{MEMORY_KEY}/temp_bytes_per_run': self._memory[key]}
+    released = []
+    for k, ledger, run_metrics, state, evaluation in zip(
+      range(self.start_run, self.stop_run),
+      self._ledgers,
+      sweep.unstack(jax.device_get(metrics)),
+      states,
+      evaluations,
+      strict=True,
+    ):
+      if round_num > ledger.last_round:
+        continue
+      if self._cohorts is not None:
+        self._cohorts.put(k, jax.tree.map(lambda x, i=k - self.start_run: x[i], client_states[0]))
+      released.append(ledger.end_round(round_num, run_metrics, state, timing, extra, evaluation))
+      loop.warn_if_no_usable_client(released[-1], data if shared else data[k], round_num)
+    return released
+
+  def finish(self) -> None:
+    for ledger in self._ledgers:
+      ledger.finish()
 
 
 def run_sweep(
@@ -336,7 +422,6 @@ def run_sweep(
   if size is None:  # what fits in the device's (a CPU: the host's) memory
     size = runs_that_fit(sweep, training_selection_fn(1))
   size = size or num_runs
-  groups = [_Group(i, min(i + size, num_runs)) for i in range(0, num_runs, size)]
   with contextlib.ExitStack() as stack:
     for run_dir in run_dirs:
       stack.enter_context(_lock.RunFolderLock(run_dir))
@@ -368,11 +453,34 @@ def run_sweep(
     evaluate_group = None
     if vectorized_evaluation and evaluation_fn is not None:
       evaluate_group = _group_evaluation(sweep, evaluation_fn, evaluation_selection_fn)
-    _start(sweep, groups, runs, ledgers, total_rounds, evaluate_group)
-    for run in runs:
-      run.write_config()
     cohorts = None if cohort_ids_fn is None else _Cohorts(cohort_ids_fn, stores)
-    _train(sweep, groups, ledgers, training_selection_fn, progress, cohorts, evaluate_group)
+    initial = functools.cache(sweep.initialize)
+    groups = [
+      _GroupRunner(
+        sweep,
+        start,
+        min(start + size, num_runs),
+        runs,
+        ledgers,
+        total_rounds,
+        initial,
+        cohorts,
+        evaluate_group,
+      )
+      for start in range(0, num_runs, size)
+    ]
+    check = getattr(sweep.process.next, 'check_client_data', None)  # e.g. labels vs classes
+
+    def round_data(round_num):
+      data = _round_data(training_selection_fn(round_num), num_runs, round_num)
+      if check is not None:  # on the host: inside the sweep's program the data is traced
+        for run_data in [data] if isinstance(data, ClientBatches) else data:
+          check(run_data)
+      if cohorts is not None:
+        cohorts.start_round(round_num, data)
+      return data
+
+    _driver.drive(groups, round_data, progress)
     return [state for group in groups for state in sweep.unstack(group.state)]
 
 
@@ -457,31 +565,6 @@ def _group_evaluation(sweep, evaluation_fn, evaluation_selection_fn):
   return evaluate_group
 
 
-def _start(sweep, groups, runs, ledgers, total_rounds, evaluate_group) -> None:
-  """Resumes each group, or initializes it (round 0: evaluated, checkpointed); clears the
-  metrics each run released after the round it starts from."""
-  initial = None
-  for group in groups:
-    _resume(sweep, group, runs, total_rounds)
-    fresh = group.state is None
-    for ledger in ledgers[group.start : group.stop]:
-      if not fresh:
-        ledger.resume_at(group.round)
-      ledger.clear_after(0 if fresh else group.round + 1)
-    if not fresh:
-      continue
-    initial = sweep.initialize() if initial is None else initial
-    group.state = jax.tree.map(lambda x, g=group: x[g.start : g.stop], initial)
-    members = ledgers[group.start : group.stop]
-    evaluations = [None] * len(members)
-    if evaluate_group is not None:
-      evaluations = evaluate_group(group.state, 0)
-    for ledger, state, evaluation in zip(
-      members, sweep.unstack(group.state), evaluations, strict=True
-    ):
-      ledger.start(state, evaluation)
-
-
 def _keep_stopped(running: np.ndarray, new: Any, old: Any) -> Any:
   """`new` for the runs `running` (`[runs] bool`), `old` for the others (leaves `[runs, ...]`)."""
 
@@ -500,69 +583,3 @@ def _round_data(data: Any, num_runs: int, round_num: int) -> Any:
       f'{num_runs} (one per run); got {type(data).__name__}'
     )
   return data
-
-
-def _train(sweep, groups, ledgers, selection_fn, progress, cohorts, evaluate_group) -> None:
-  """Rounds from the earliest group's next one; in each, every group behind it advances, until
-  each run's last round (its ledger's: the total, or the last within its ε budget)."""
-  last_rounds = [ledger.last_round for ledger in ledgers]
-  check = getattr(sweep.process.next, 'check_client_data', None)  # e.g. labels vs classes
-  memory: dict[Any, float] = {}
-  first_round = min(group.round for group in groups) + 1
-  final_round = max(last_rounds)
-  bar = _progress.RoundProgress(final_round, first_round, progress)
-  try:
-    for round_num in range(first_round, final_round + 1):
-      advancing = [g for g in groups if g.round < round_num <= max(last_rounds[g.start : g.stop])]
-      if not advancing:
-        continue
-      start = time.perf_counter()
-      data = _round_data(selection_fn(round_num), len(ledgers), round_num)
-      data_seconds = (time.perf_counter() - start) / len(ledgers)
-      shared = isinstance(data, ClientBatches)
-      if check is not None:  # on the host: inside the sweep's program the data is traced
-        for run_data in [data] if shared else data:
-          check(run_data)
-      if cohorts is not None:
-        cohorts.start_round(round_num, data)
-      for group in advancing:
-        group_data = data if shared else stack_client_batches(data[group.start : group.stop])
-        size = group.stop - group.start
-        specs = tree_lib.tree_specs(group_data)
-        key = (size, jax.tree.structure(specs), tuple(jax.tree.leaves(specs)))
-        client_states = () if cohorts is None else (cohorts.get(group.start, group.stop),)
-        if key not in memory:  # compiles `next` for these shapes; the call below reuses it
-          memory[key] = sweep.temp_bytes_per_run(group.state, group_data, *client_states)
-        start = time.perf_counter()
-        previous = group.state
-        group.state, metrics, *client_states = sweep.next(group.state, group_data, *client_states)
-        jax.block_until_ready((group.state, metrics))
-        train_seconds = (time.perf_counter() - start) / size
-        group.round = round_num
-        members = ledgers[group.start : group.stop]
-        running = np.array([round_num <= ledger.last_round for ledger in members])
-        if not running.all():  # runs past their budget keep their state
-          group.state = _keep_stopped(running, group.state, previous)
-        live = [ledger for ledger in members if round_num <= ledger.last_round]
-        needed = any(ledger.needs_state(round_num) for ledger in live)
-        states = sweep.unstack(group.state) if needed else [None] * size
-        evaluations = [None] * size
-        if evaluate_group is not None and any(ledger.evaluates(round_num) for ledger in live):
-          evaluations = evaluate_group(group.state, round_num)
-        per_run = sweep.unstack(jax.device_get(metrics))
-        for k, ledger, run_metrics, state, evaluation in zip(
-          range(group.start, group.stop), members, per_run, states, evaluations, strict=True
-        ):
-          if round_num > ledger.last_round:
-            continue
-          if cohorts is not None:
-            cohorts.put(k, jax.tree.map(lambda x, i=k - group.start: x[i], client_states[0]))
-          timing = {'data_seconds': data_seconds, 'train_seconds': train_seconds}
-          extra = {f'{MEMORY_KEY}/temp_bytes_per_run': memory[key]}
-          flat = ledger.end_round(round_num, run_metrics, state, timing, extra, evaluation)
-          loop.warn_if_no_usable_client(flat, data if shared else data[k], round_num)
-      bar.update(round_num, {})
-    for ledger in ledgers:  # the sweep completed: each run's final checkpoint is kept
-      ledger.finish()
-  finally:
-    bar.close()

@@ -19,9 +19,9 @@ from fedjax_lite import tree as tree_lib
 from fedjax_lite.simulation import (
   _checkpoint,
   _client_states,
+  _driver,
   _ledger,
   _metrics_managers,
-  _progress,
 )
 
 
@@ -231,16 +231,6 @@ def run_training_process(
           f'checkpoint_manager must have a callable .{method}; got {checkpoint_manager!r}'
         )
 
-  state, resumed_round = None, 0
-  if checkpoint_manager is not None:
-    state, resumed_round = checkpoint_manager.load_latest_checkpoint(
-      jax.eval_shape(process.initialize)
-    )
-    if state is not None and resumed_round > total_rounds:
-      raise ValueError(
-        f'the latest checkpoint is of round {resumed_round}, past total_rounds={total_rounds}. '
-        'Tip: raise total_rounds, or use a fresh checkpoint folder.'
-      )
   evaluate = None
   if evaluation_fn is not None:
     evaluate = lambda state, r: _ledger.evaluate(evaluation_fn, evaluation_selection_fn, state, r)
@@ -254,57 +244,95 @@ def run_training_process(
     privacy_accountant=privacy_accountant,
     client_state_store=client_state_store,
   )
-  first_round = resumed_round + 1 if state is not None else 0
-  if state is not None:
-    ledger.resume_at(resumed_round)
-  ledger.clear_after(first_round)
-  if state is not None and resumed_round > last_round:
-    warnings.warn(
-      f'the checkpoint of round {resumed_round} is past round {last_round}, the last within '
-      f'epsilon_budget={epsilon_budget:g} (epsilon {privacy_accountant.epsilon(resumed_round):.4g}'
-      '); no round was run',
-      RuntimeWarning,
-      stacklevel=2,
-    )
-  if state is None:
-    state = process.initialize()
-    ledger.start(state)
-    first_round = 1
+  runner = ProcessRunner(process, ledger, total_rounds, cohort_ids_fn, donate_state)
+  _driver.drive([runner], training_selection_fn, progress)
+  return runner.state
 
-  next_fn = process.next
-  if donate_state and hasattr(next_fn, 'lower'):  # a jitted next (every built process)
-    donated = jax.jit(next_fn, donate_argnums=0)
-    check = getattr(process.next, 'check_client_data', None)  # traced inside jit: run it here
-    if check is None:
-      next_fn = donated
-    else:
 
-      def next_fn(state, data, *client_states):
-        check(data)
-        return donated(state, data, *client_states)
+class ProcessRunner:
+  """A `Runner` of one process's run (see `_driver.drive`): its state, advanced by
+  `process.next` (jitted with the state donated), its client states through its ledger's store.
 
-  bar = _progress.RoundProgress(last_round, first_round, progress)
-  try:
-    for round_num in range(first_round, last_round + 1):
-      start = time.perf_counter()
-      data = training_selection_fn(round_num)
-      data_seconds = time.perf_counter() - start
-      if client_state_store is None:
-        state, process_metrics = next_fn(state, data)
+  Args:
+    process: the run's process (`initialize`, `next`).
+    ledger: the run's records; its checkpoint manager holds the checkpoints it resumes from.
+    total_rounds: the run's rounds (a checkpoint past them is an error).
+    cohort_ids_fn: `round_num -> ids` of a stateful process's cohort, or None.
+    donate_state: `next` reuses the buffers of the state it replaces.
+  """
+
+  def __init__(
+    self,
+    process: Any,
+    ledger: _ledger.RunLedger,
+    total_rounds: int,
+    cohort_ids_fn: Callable[[int], Any] | None = None,
+    donate_state: bool = True,
+  ):
+    self._process, self._ledger = process, ledger
+    self._total_rounds, self._cohort_ids_fn = total_rounds, cohort_ids_fn
+    self._store = ledger.client_state_store
+    self.last_round = ledger.last_round
+    self.state, self.round = None, 0
+    self._next = process.next
+    if donate_state and hasattr(process.next, 'lower'):  # a jitted next (every built process)
+      donated = jax.jit(process.next, donate_argnums=0)
+      check = getattr(process.next, 'check_client_data', None)  # traced inside jit: run it here
+      if check is None:
+        self._next = donated
       else:
-        ids = cohort_ids(cohort_ids_fn, round_num, data)
-        state, process_metrics, client_states = next_fn(state, data, client_state_store.get(ids))
-        client_state_store.put(ids, client_states)
-      jax.block_until_ready((state, process_metrics))
-      train_seconds = time.perf_counter() - start - data_seconds
-      timing = {'data_seconds': data_seconds, 'train_seconds': train_seconds}
-      flat = ledger.end_round(round_num, process_metrics, state, timing)
-      warn_if_no_usable_client(flat, data, round_num)
-      bar.update(round_num, flat)
-    ledger.finish(max(last_round, first_round - 1))
-  finally:
-    bar.close()
-  return state
+
+        def checked_next(state, data, *client_states):
+          check(data)
+          return donated(state, data, *client_states)
+
+        self._next = checked_next
+
+  def start(self) -> None:
+    checkpoints = self._ledger.checkpoint_manager
+    if checkpoints is not None:
+      self.state, self.round = checkpoints.load_latest_checkpoint(
+        jax.eval_shape(self._process.initialize)
+      )
+    if self.state is None:
+      self._ledger.clear_after(0)
+      self.state, self.round = self._process.initialize(), 0
+      self._ledger.start(self.state)
+      return
+    if self.round > self._total_rounds:
+      raise ValueError(
+        f'the latest checkpoint is of round {self.round}, past total_rounds='
+        f'{self._total_rounds}. Tip: raise total_rounds, or use a fresh checkpoint folder.'
+      )
+    self._ledger.resume_at(self.round)
+    self._ledger.clear_after(self.round + 1)
+    if self.round > self.last_round:
+      warnings.warn(
+        f'the checkpoint of round {self.round} is past round {self.last_round}, the last its '
+        'epsilon_budget allows; no round was run',
+        RuntimeWarning,
+        stacklevel=4,
+      )
+
+  def step(self, round_num: int, data: Any, data_seconds: float) -> list[dict[str, Any]]:
+    start = time.perf_counter()
+    if self._store is None:
+      self.state, process_metrics = self._next(self.state, data)
+    else:
+      ids = cohort_ids(self._cohort_ids_fn, round_num, data)
+      self.state, process_metrics, client_states = self._next(
+        self.state, data, self._store.get(ids)
+      )
+      self._store.put(ids, client_states)
+    jax.block_until_ready((self.state, process_metrics))
+    self.round = round_num
+    timing = {'data_seconds': data_seconds, 'train_seconds': time.perf_counter() - start}
+    flat = self._ledger.end_round(round_num, process_metrics, self.state, timing)
+    warn_if_no_usable_client(flat, data, round_num)
+    return [flat]
+
+  def finish(self) -> None:
+    self._ledger.finish(max(self.last_round, self.round))
 
 
 def check_client_states(process: Any, store: Any, cohort_ids_fn: Any) -> None:
