@@ -25,7 +25,7 @@ def build_weighted_fed_avg(
   model_distributor: _processes.DistributionProcess | None = None,
   model_aggregator: Any = None,
   metrics_aggregator: Callable | None = None,
-  client_chunk_size: int | None = None,
+  client_chunk_size: int | str | None = 'auto',
   mesh: Mesh | None = None,
   seed: int = 0,
 ) -> _processes.LearningProcess:
@@ -82,7 +82,7 @@ def build_unweighted_fed_avg(
   model_distributor: _processes.DistributionProcess | None = None,
   model_aggregator: Any = None,
   metrics_aggregator: Callable | None = None,
-  client_chunk_size: int | None = None,
+  client_chunk_size: int | str | None = 'auto',
   mesh: Mesh | None = None,
   seed: int = 0,
 ) -> _processes.LearningProcess:

@@ -16,7 +16,7 @@ def build_fed_eval(
   *,
   model_distributor: _processes.DistributionProcess | None = None,
   metrics_aggregator: Callable | None = None,
-  client_chunk_size: int | None = None,
+  client_chunk_size: int | str | None = 'auto',
   mesh: Mesh | None = None,
 ) -> _processes.LearningProcess:
   """Evaluates the global model (`training=False`) on each round's clients.

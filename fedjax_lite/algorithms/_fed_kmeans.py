@@ -142,7 +142,7 @@ def build_fed_kmeans(
   distributor: _processes.DistributionProcess | None = None,
   sum_aggregator: Any = None,
   *,
-  client_chunk_size: int | None = None,
+  client_chunk_size: int | str | None = 'auto',
   mesh: Mesh | None = None,
 ) -> _processes.LearningProcess:
   """Federated mini-batch k-means, TFF's `tff.learning.algorithms.build_fed_kmeans` (after
@@ -180,7 +180,7 @@ def build_fed_kmeans(
     distributor: default `fl.templates.build_broadcast_process`.
     sum_aggregator: an unweighted factory summing `(sums, counts)`; default
       `fl.aggregators.SumFactory()`.
-    client_chunk_size: clients vmapped together.
+    client_chunk_size: clients vmapped together (see `fl.templates.build_client_work`).
     mesh: a `jax.sharding.Mesh` with a `'clients'` axis: each device runs its own clients.
 
   Returns:

@@ -52,7 +52,7 @@ def build_weighted_fed_prox(
   model_distributor: _processes.DistributionProcess | None = None,
   model_aggregator: Any = None,
   metrics_aggregator: Callable | None = None,
-  client_chunk_size: int | None = None,
+  client_chunk_size: int | str | None = 'auto',
   mesh: Mesh | None = None,
   seed: int = 0,
 ) -> _processes.LearningProcess:
@@ -113,7 +113,7 @@ def build_unweighted_fed_prox(
   model_distributor: _processes.DistributionProcess | None = None,
   model_aggregator: Any = None,
   metrics_aggregator: Callable | None = None,
-  client_chunk_size: int | None = None,
+  client_chunk_size: int | str | None = 'auto',
   mesh: Mesh | None = None,
   seed: int = 0,
 ) -> _processes.LearningProcess:

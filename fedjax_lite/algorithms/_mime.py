@@ -127,7 +127,9 @@ def _mime_client_work(
   def set_hparams(state, hparams):
     return state._replace(optimizer_state=optimizers.set_hparams(state.optimizer_state, hparams))
 
-  return _processes.ClientWorkProcess(initialize, next_fn, get_hparams, set_hparams, streams=True)
+  return _processes.ClientWorkProcess(
+    initialize, next_fn, get_hparams, set_hparams, streams=True, auto_chunk=train_pass.auto_chunk
+  )
 
 
 def _build(
@@ -156,7 +158,7 @@ def build_weighted_mime_lite(
   model_distributor: _processes.DistributionProcess | None = None,
   model_aggregator: Any = None,
   metrics_aggregator: Callable | None = None,
-  client_chunk_size: int | None = None,
+  client_chunk_size: int | str | None = 'auto',
   mesh: Mesh | None = None,
   seed: int = 0,
 ) -> _processes.LearningProcess:
@@ -203,7 +205,7 @@ def build_unweighted_mime_lite(
   model_distributor: _processes.DistributionProcess | None = None,
   model_aggregator: Any = None,
   metrics_aggregator: Callable | None = None,
-  client_chunk_size: int | None = None,
+  client_chunk_size: int | str | None = 'auto',
   mesh: Mesh | None = None,
   seed: int = 0,
 ) -> _processes.LearningProcess:
@@ -236,7 +238,7 @@ def build_mime(
   model_distributor: _processes.DistributionProcess | None = None,
   model_aggregator: Any = None,
   metrics_aggregator: Callable | None = None,
-  client_chunk_size: int | None = None,
+  client_chunk_size: int | str | None = 'auto',
   mesh: Mesh | None = None,
   seed: int = 0,
 ) -> _processes.LearningProcess:

@@ -126,7 +126,9 @@ def _scaffold_client_work(model, hparams, **client_work_kwargs) -> _processes.Cl
   def set_hparams(state, hparams):
     return state._replace(client_work=work.set_hparams(state.client_work, hparams))
 
-  return _processes.ClientWorkProcess(initialize, next_fn, get_hparams, set_hparams, streams=True)
+  return _processes.ClientWorkProcess(
+    initialize, next_fn, get_hparams, set_hparams, streams=True, auto_chunk=work.auto_chunk
+  )
 
 
 def _check_positive(name: str, value: Any, kinds: tuple = (int, float, np.number)) -> None:
@@ -149,7 +151,7 @@ def build_scaffold(
   model_distributor: _processes.DistributionProcess | None = None,
   model_aggregator: Any = None,
   metrics_aggregator: Callable | None = None,
-  client_chunk_size: int | None = None,
+  client_chunk_size: int | str | None = 'auto',
   mesh: Mesh | None = None,
   seed: int = 0,
 ) -> _processes.LearningProcess:

@@ -83,7 +83,9 @@ def _scheduled_client_work(
       )
     return state._replace(client_work=work.set_hparams(state.client_work, hparams))
 
-  return _processes.ClientWorkProcess(initialize, next_fn, get_hparams, set_hparams, streams=True)
+  return _processes.ClientWorkProcess(
+    initialize, next_fn, get_hparams, set_hparams, streams=True, auto_chunk=work.auto_chunk
+  )
 
 
 def build_weighted_fed_avg_with_optimizer_schedule(
@@ -98,7 +100,7 @@ def build_weighted_fed_avg_with_optimizer_schedule(
   model_distributor: _processes.DistributionProcess | None = None,
   model_aggregator: Any = None,
   metrics_aggregator: Callable | None = None,
-  client_chunk_size: int | None = None,
+  client_chunk_size: int | str | None = 'auto',
   mesh: Mesh | None = None,
   seed: int = 0,
 ) -> _processes.LearningProcess:

@@ -174,7 +174,7 @@ def build_reconstruction_pass(
   fm: models.FunctionalModel,
   model: _model.ReconstructionModel,
   optimizer: optax.GradientTransformation,
-  client_chunk_size: int | None,
+  client_chunk_size: int | str | None,
   mesh: Mesh | None,
 ) -> _processes.ClientWorkProcess:
   """Client work whose per-client output is the client's reconstructed local weights.
@@ -267,7 +267,7 @@ def build_reconstruction_client_work(
   ),
   metrics_aggregator: Callable | None = None,
   jointly_train_variables: bool = False,
-  client_chunk_size: int | None = None,
+  client_chunk_size: int | str | None = 'auto',
   mesh: Mesh | None = None,
   seed: int = 0,
 ) -> _processes.ClientWorkProcess:
@@ -368,5 +368,10 @@ def build_reconstruction_client_work(
     )
 
   return _processes.ClientWorkProcess(
-    initialize, next_fn, _client_work.get_hparams, _client_work.set_hparams, streams=True
+    initialize,
+    next_fn,
+    _client_work.get_hparams,
+    _client_work.set_hparams,
+    streams=True,
+    auto_chunk=post_pass.auto_chunk,
   )

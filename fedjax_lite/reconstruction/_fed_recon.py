@@ -32,7 +32,7 @@ def build_fed_recon(
   model_aggregator: Any = None,
   metrics_aggregator: Callable | None = None,
   jointly_train_variables: bool = False,
-  client_chunk_size: int | None = None,
+  client_chunk_size: int | str | None = 'auto',
   mesh: Mesh | None = None,
   seed: int = 0,
 ) -> _processes.LearningProcess:

@@ -24,7 +24,7 @@ def build_fed_recon_eval(
   dataset_split_fn: _dataset_split.DatasetSplitFn | None = None,
   model_distributor: _processes.DistributionProcess | None = None,
   metrics_aggregator: Callable | None = None,
-  client_chunk_size: int | None = None,
+  client_chunk_size: int | str | None = 'auto',
   mesh: Mesh | None = None,
   seed: int = 0,
 ) -> _processes.LearningProcess:
@@ -55,7 +55,7 @@ def build_fed_recon_eval(
     dataset_split_fn: default `build_dataset_split_fn(split_dataset=True)`.
     model_distributor: default `build_broadcast_process`.
     metrics_aggregator: `(finalize) -> (client states) -> metrics`; default sum then finalize.
-    client_chunk_size: clients vmapped together.
+    client_chunk_size: clients vmapped together (see `fl.templates.build_client_work`).
     mesh: a `jax.sharding.Mesh` with a `'clients'` axis: each device runs its own clients.
     seed: seeds the per-round keys.
   """
@@ -111,6 +111,7 @@ def build_fed_recon_eval(
     _templates_client_work.get_hparams,
     _templates_client_work.set_hparams,
     streams=True,
+    auto_chunk=eval_pass.auto_chunk,
   )
   return _common.compose(
     _client_work.GlobalModel(model.initial_global_weights, model.input_spec),

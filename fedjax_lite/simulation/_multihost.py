@@ -381,6 +381,9 @@ def local_metrics(process: Any) -> Any:
     state, metrics, *client_states = process.next(state, *args, **kwargs)
     return (state, to_host(metrics), *client_states)
 
+  for name in ('tune', 'layout'):  # a measured layout (TunedNext): measured in every process
+    if hasattr(process.next, name):
+      setattr(next_fn, name, getattr(process.next, name))
   return process._replace(initialize=initialize, next=next_fn)
 
 

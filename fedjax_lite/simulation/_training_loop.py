@@ -24,6 +24,8 @@ from fedjax_lite.simulation import (
   _metrics_managers,
 )
 
+LAYOUT_KEY = 'layout'
+
 
 def build_evaluation_fn(
   training_process: Any, evaluation_process: Any
@@ -243,6 +245,7 @@ def run_training_process(
     rounds_per_checkpoint=rounds_per_checkpoint,
     privacy_accountant=privacy_accountant,
     client_state_store=client_state_store,
+    reserved=(LAYOUT_KEY,),
   )
   runner = ProcessRunner(process, ledger, total_rounds, cohort_ids_fn, donate_state)
   _driver.drive([runner], training_selection_fn, progress)
@@ -274,19 +277,18 @@ class ProcessRunner:
     self._store = ledger.client_state_store
     self.last_round = ledger.last_round
     self.state, self.round = None, 0
-    self._next = process.next
-    if donate_state and hasattr(process.next, 'lower'):  # a jitted next (every built process)
-      donated = jax.jit(process.next, donate_argnums=0)
-      check = getattr(process.next, 'check_client_data', None)  # traced inside jit: run it here
-      if check is None:
-        self._next = donated
-      else:
-
-        def checked_next(state, data, *client_states):
-          check(data)
-          return donated(state, data, *client_states)
-
-        self._next = checked_next
+    self._tuned = False
+    next_fn = process.next
+    self._check = None  # a host-side data check `next` cannot run once re-jitted
+    self._tune = getattr(next_fn, 'tune', None)  # a TunedNext: its layout is measured
+    if donate_state and hasattr(next_fn, 'with_donated_state'):
+      next_fn = next_fn.with_donated_state()  # the candidate kept is the program run
+      self._tune = next_fn.tune
+      self._check = getattr(process.next, 'check_client_data', None)
+    elif donate_state and hasattr(next_fn, 'lower'):  # a jitted next (every built process)
+      next_fn = jax.jit(next_fn, donate_argnums=0)
+      self._check = getattr(process.next, 'check_client_data', None)
+    self._next = next_fn
 
   def start(self) -> None:
     checkpoints = self._ledger.checkpoint_manager
@@ -315,19 +317,28 @@ class ProcessRunner:
       )
 
   def step(self, round_num: int, data: Any, data_seconds: float) -> list[dict[str, Any]]:
-    start = time.perf_counter()
-    if self._store is None:
-      self.state, process_metrics = self._next(self.state, data)
-    else:
+    if self._check is not None:
+      self._check(data)
+    args = (self.state, data)
+    if self._store is not None:
       ids = cohort_ids(self._cohort_ids_fn, round_num, data)
-      self.state, process_metrics, client_states = self._next(
-        self.state, data, self._store.get(ids)
-      )
-      self._store.put(ids, client_states)
+      args += (self._store.get(ids),)
+    timing = {'data_seconds': data_seconds}
+    extra = {}
+    if self._tune is not None:  # the layout is chosen (or recalled) before its shape compiles
+      start = time.perf_counter()
+      extra[f'{LAYOUT_KEY}/client_chunk_size'] = self._tune(*args)
+      if not self._tuned:
+        timing['tuning_seconds'] = time.perf_counter() - start
+        self._tuned = True
+    start = time.perf_counter()
+    self.state, process_metrics, *client_states = self._next(*args)
+    if self._store is not None:
+      self._store.put(ids, client_states[0])
     jax.block_until_ready((self.state, process_metrics))
     self.round = round_num
-    timing = {'data_seconds': data_seconds, 'train_seconds': time.perf_counter() - start}
-    flat = self._ledger.end_round(round_num, process_metrics, self.state, timing)
+    timing['train_seconds'] = time.perf_counter() - start
+    flat = self._ledger.end_round(round_num, process_metrics, self.state, timing, extra)
     warn_if_no_usable_client(flat, data, round_num)
     return [flat]
 

@@ -27,6 +27,7 @@ from fedjax_lite.templates._finalizers import (
   build_apply_optimizer_finalizer,
   build_identity_finalizer,
 )
+from fedjax_lite.templates._layout import LayoutCache, TunedNext
 from fedjax_lite.templates._processes import (
   AggregationProcess,
   ClientResult,
@@ -56,6 +57,7 @@ __all__ = [
   'EstimationProcess',
   'FinalizerProcess',
   'IterativeProcess',
+  'LayoutCache',
   'LearningAlgorithmState',
   'LearningProcess',
   'LearningProcessOutput',
@@ -72,6 +74,7 @@ __all__ = [
   'TemplateNextFnNumArgsError',
   'TemplateNotMeasuredProcessOutputError',
   'TemplateStateNotAssignableError',
+  'TunedNext',
   'build_apply_optimizer_finalizer',
   'build_broadcast_process',
   'build_client_work',

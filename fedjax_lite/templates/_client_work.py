@@ -21,7 +21,7 @@ from fedjax_lite import metrics as metrics_lib
 from fedjax_lite import models, optimizers
 from fedjax_lite import tree as tree_lib
 from fedjax_lite.data import _client_batches
-from fedjax_lite.templates import _cohort, _processes
+from fedjax_lite.templates import _cohort, _layout, _processes
 
 
 class ClientWeighting(enum.Enum):
@@ -217,8 +217,11 @@ def check_optimizer(optimizer: Any, name: str) -> None:
     )
 
 
-def _has_convolution(model: models.FunctionalModel) -> bool:
-  """Whether the model's forward pass convolves (read from its jaxpr; nothing is computed)."""
+def _cpu_convolution(model: models.FunctionalModel) -> bool:
+  """Whether JAX runs on a CPU and the model's forward pass convolves (read from its jaxpr;
+  nothing is computed)."""
+  if jax.default_backend() != 'cpu':
+    return False
   spec = jax.tree.map(lambda s: jax.ShapeDtypeStruct((1, *s.shape[1:]), s.dtype), model.input_spec)
   x, _ = models.split_batch(spec)
   jaxpr = jax.make_jaxpr(lambda w, x: model.predict_on_batch(w, x, False))(model.initial_weights, x)
@@ -362,7 +365,7 @@ def build_client_work(
   client_weighting: ClientWeighting | Callable = ClientWeighting.NUM_EXAMPLES,
   metrics_aggregator: Callable | None = None,
   evaluation: bool = False,
-  client_chunk_size: int | None = None,
+  client_chunk_size: int | str | None = 'auto',
   mesh: Mesh | None = None,
   seed: int = 0,
 ) -> _processes.ClientWorkProcess:
@@ -419,8 +422,10 @@ def build_client_work(
       default `fl.metrics.sum_then_finalize`, which streams (states summed in the loop).
     evaluation: report `{'eval': {'current_round_metrics', 'total_rounds_metrics'}}` (the
       state sums metric states over rounds) instead of training measurements; no update.
-    client_chunk_size: clients vmapped together; default a few on CPU (one for a model that
-      convolves), many on accelerators.
+    client_chunk_size: clients vmapped together. `'auto'` (the default): measured the first
+      time the round runs on a new shape, among a few candidates (`fl.templates.TunedNext`;
+      a model that convolves runs one client per lane on a CPU, unmeasured); None: the
+      backend's default (8 on a CPU, 256 on an accelerator); an int fixes it.
     mesh: a `jax.sharding.Mesh` with a `'clients'` axis: every device runs its own clients.
     seed: seeds the per-round keys.
 
@@ -439,8 +444,8 @@ def build_client_work(
   metric_init, metric_update, metric_finalize = training_metric_fns(model)
   aggregate_metrics = (metrics_aggregator or metrics_lib.sum_then_finalize)(metric_finalize)
   initial_hparams = {} if hparams is None else hparams
-  if client_chunk_size is None and jax.default_backend() == 'cpu' and _has_convolution(model):
-    client_chunk_size = _cohort.CPU_CONV_CHUNK
+  if client_chunk_size in (None, _layout.AUTO) and _cpu_convolution(model):
+    client_chunk_size = _cohort.CPU_CONV_CHUNK  # nothing to measure: one client per lane wins
   check_data = client_data_check(model)
   takes_broadcast = _takes_broadcast(client_loop_fn)
 
@@ -560,7 +565,13 @@ def build_client_work(
     return _processes.MeasuredProcessOutput(new_state, result, measurements)
 
   return _processes.ClientWorkProcess(
-    initialize, next_fn, get_hparams, set_hparams, streams=True, check_client_data=check_data
+    initialize,
+    next_fn,
+    get_hparams,
+    set_hparams,
+    streams=True,
+    check_client_data=check_data,
+    auto_chunk=client_chunk_size == _layout.AUTO,
   )
 
 
@@ -613,7 +624,7 @@ def build_model_delta_client_work(
   client_weighting: ClientWeighting | Callable = ClientWeighting.NUM_EXAMPLES,
   metrics_aggregator: Callable | None = None,
   *,
-  client_chunk_size: int | None = None,
+  client_chunk_size: int | str | None = 'auto',
   mesh: Mesh | None = None,
   seed: int = 0,
 ) -> _processes.ClientWorkProcess:
@@ -634,7 +645,8 @@ def build_model_delta_client_work(
     optimizer: client optimizer; its hyperparameters are this process's state.
     client_weighting: `ClientWeighting` or `(client metrics) -> [] weight`.
     metrics_aggregator: default `fl.metrics.sum_then_finalize`.
-    client_chunk_size: clients vmapped together; default a few on CPU, many on accelerators.
+    client_chunk_size: clients vmapped together: `'auto'` (measured), None or an int (see
+      `build_client_work`).
     mesh: optional `Mesh` with a `'clients'` axis (see `build_client_work`).
     seed: seeds the per-round keys passed to models that take an `rng`.
   """

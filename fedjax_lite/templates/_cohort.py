@@ -24,6 +24,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from fedjax_lite import tree as tree_lib
 from fedjax_lite.data import _client_batches
+from fedjax_lite.templates import _layout
 
 # On a CPU, vmapping a few clients at a time beats both one-at-a-time and the whole cohort at
 # once (benchmarks/WORKLOAD.md); accelerators want the widest vmap that fits. Vmapped over
@@ -44,11 +45,17 @@ def default_chunk_size(num_clients: int) -> int:
   return max(1, min(chunk, num_clients))
 
 
-def check_chunk_size(client_chunk_size: int | None) -> None:
-  if client_chunk_size is not None and (
-    not isinstance(client_chunk_size, int) or client_chunk_size < 1
+def check_chunk_size(client_chunk_size: int | str | None) -> None:
+  if client_chunk_size is None or client_chunk_size == _layout.AUTO:
+    return
+  if (
+    isinstance(client_chunk_size, bool)
+    or not isinstance(client_chunk_size, int)
+    or (client_chunk_size < 1)
   ):
-    raise ValueError(f'client_chunk_size must be None or an int >= 1; got {client_chunk_size!r}')
+    raise ValueError(
+      f"client_chunk_size must be 'auto', None or an int >= 1; got {client_chunk_size!r}"
+    )
 
 
 def check_mesh(mesh: Any) -> None:
@@ -81,6 +88,8 @@ def client_ids(client_batches: _client_batches.ClientBatches) -> jax.Array:
 def _local_loop(init_fn, step_fn, finalize_fn, chunk_size, batch, mask, ids, inputs, present):
   """The chunked loop over the clients this device holds; returns `(summed, stacked)`."""
   num_clients = mask.shape[0]
+  if chunk_size == _layout.AUTO:  # the chunk a TunedNext traces this round with, if any
+    chunk_size = _layout.traced_chunk()
   chunk = min(chunk_size or default_chunk_size(num_clients), num_clients)
   num_chunks = -(-num_clients // chunk)
   # Even chunks: 100 clients at 32 run as 4 chunks of 25, not 4 of 32 with 28 empty lanes.
@@ -139,7 +148,7 @@ def run_clients(
   client_batches: _client_batches.ClientBatches,
   client_inputs: Any = (),
   *,
-  client_chunk_size: int | None = None,
+  client_chunk_size: int | str | None = None,
   mesh: Mesh | None = None,
 ) -> tuple[Any, Any]:
   """Runs every client's local loop; returns `(summed over clients, stacked [clients, ...])`.
@@ -153,7 +162,8 @@ def run_clients(
     client_batches: leaves `[clients, steps, batch_size, ...]`, mask `[clients, steps,
       batch_size]`, optional `client_ids` `[clients]`.
     client_inputs: a pytree with leaves `[clients, ...]`, one slice per client (or `()`).
-    client_chunk_size: clients vmapped together; default `default_chunk_size`.
+    client_chunk_size: clients vmapped together; default `default_chunk_size`; `'auto'`: the
+      chunk the `TunedNext` tracing this round chose (`_layout`), else the default.
     mesh: optional `Mesh` with a `'clients'` axis: each device runs the loop over its own
       clients and the sums are combined by one `psum`; a cohort that does not divide by the
       device count is padded with empty clients, which contribute nothing.

@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 import jax
 
 from fedjax_lite import tree as tree_lib
-from fedjax_lite.templates import _processes
+from fedjax_lite.templates import _layout, _processes
 
 
 class LearningAlgorithmState(NamedTuple):
@@ -32,14 +32,17 @@ def _host_checked(jitted: Callable, check: Callable[[Any], None]) -> Callable:
   round is dispatched: never inside the compiled round (it sees no value there). Under an outer
   `jit`/`vmap` the check skips traced data itself (a driver that re-jits `next` can call
   `next.check_client_data(client_batches)` first). Keeps `jitted`'s `lower`, `trace`,
-  `eval_shape` and cache size, so the wrapper still reads as a jitted function."""
+  `eval_shape` and cache size, so the wrapper still reads as a jitted function (and a
+  `TunedNext`'s `tune`, `layout` and `with_donated_state`)."""
 
   @functools.wraps(jitted)
   def next_fn(state, client_batches, *args, **kwargs):
     check(client_batches)
     return jitted(state, client_batches, *args, **kwargs)
 
-  for name in ('lower', 'trace', 'eval_shape', '_cache_size', 'clear_cache'):
+  kept = ('lower', 'trace', 'eval_shape', '_cache_size', 'clear_cache')
+  tuned = ('tune', 'layout', 'with_donated_state')  # a TunedNext's
+  for name in kept + tuned:
     if hasattr(jitted, name):
       setattr(next_fn, name, getattr(jitted, name))
   # For a driver that jits `next` again (donating the state): the check to run before it.
@@ -211,7 +214,10 @@ def compose_learning_process(
       finalizer=model_finalizer.set_hparams(state.finalizer, hparams.get('finalizer', {})),
     )
 
-  jitted_next = jax.jit(next_fn)
+  if client_work.auto_chunk:  # the chunk is measured the first time a shape runs
+    jitted_next = _layout.TunedNext(next_fn, lambda args: args[1].mask.shape[0])
+  else:
+    jitted_next = jax.jit(next_fn)
   if client_work.check_client_data is not None:
     jitted_next = _host_checked(jitted_next, client_work.check_client_data)
   return _processes.LearningProcess(

@@ -260,6 +260,7 @@ class _ClientWorkProcessFields(NamedTuple):
   set_hparams: Callable[[Any, Any], Any] = _set_no_hparams
   streams: bool = False
   check_client_data: Callable[[Any], None] | None = None
+  auto_chunk: bool = False
 
 
 class ClientWorkProcess(_ClientWorkProcessFields):
@@ -282,6 +283,9 @@ class ClientWorkProcess(_ClientWorkProcessFields):
   data against what the client work knows (e.g. labels against the model's classes) and raises
   a ValueError naming the client; `compose_learning_process` runs it on the host before each
   round is dispatched, never inside the compiled round.
+
+  `auto_chunk`: its cohort loop runs with `client_chunk_size='auto'`, so
+  `compose_learning_process` makes the round's `next` a `TunedNext` that measures the chunk.
   """
 
   __slots__ = ()
@@ -294,6 +298,7 @@ class ClientWorkProcess(_ClientWorkProcessFields):
     set_hparams=_set_no_hparams,
     streams: bool = False,
     check_client_data: Callable[[Any], None] | None = None,
+    auto_chunk: bool = False,
     *,
     weights_spec: Any = None,
     client_data_spec: Any = None,
@@ -321,7 +326,14 @@ class ClientWorkProcess(_ClientWorkProcessFields):
           f'client work results must have a leading client axis of {num_clients}; got {bad}'
         )
     return super().__new__(
-      cls, initialize, next, get_hparams, set_hparams, bool(streams), check_client_data
+      cls,
+      initialize,
+      next,
+      get_hparams,
+      set_hparams,
+      bool(streams),
+      check_client_data,
+      bool(auto_chunk),
     )
 
 

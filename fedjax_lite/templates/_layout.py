@@ -1,0 +1,359 @@
+"""The round's lane layout, measured: `client_chunk_size='auto'`.
+
+How many clients share a vmapped step decides the round's speed, and the best number depends on
+the machine and on what else runs on it: on a CPU, a few model copies fit the per-core cache
+while more spill into a shared L3 that other tenants thrash; an accelerator wants hundreds. So a
+process built with `client_chunk_size='auto'` (the default) does not fix the number: the first
+time its `next` runs on concrete data of a new shape, a `TunedNext` compiles a few candidate
+chunks, times each on that round's real cohort, keeps the fastest, and remembers it in memory
+and on disk (`LayoutCache`), keyed by the machine and the shapes of the round's arguments. Later
+rounds, later runs with the same shapes on the same kind of machine, and traced calls (a driver
+that re-jits `next`, a sweep) use the remembered chunk; with none remembered, a traced call uses
+the backend's default (`_cohort.default_chunk_size`).
+
+The chunk changes the order of float sums only: the tuned round equals any fixed chunk's to
+float tolerance.
+
+Environment:
+  FEDJAX_LITE_TUNE=0: never measure; `'auto'` is the backend's default chunk (as `--no-tune`).
+  FEDJAX_LITE_CACHE_DIR: where `layouts.json` lives (default: JAX's compilation cache folder
+    when one is set, else `~/.cache/fedjax_lite`).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import hashlib
+import json
+import os
+import platform
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedjax_lite import tree as tree_lib
+
+AUTO = 'auto'
+CACHE_FILE = 'layouts.json'
+TUNE_ENV = 'FEDJAX_LITE_TUNE'
+CACHE_DIR_ENV = 'FEDJAX_LITE_CACHE_DIR'
+_CPU_CANDIDATES = (1, 2, 4, 8, 16)
+_ACCELERATOR_CANDIDATES = (64, 128, 256, 512, 1024)
+
+# The chunk a `TunedNext` variant is tracing with; `_cohort` reads it for `'auto'`.
+_TRACED_CHUNK: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+  'fedjax_lite_client_chunk', default=None
+)
+
+
+def traced_chunk() -> int | None:
+  """The client chunk the round being traced was asked for by its `TunedNext`, or None."""
+  return _TRACED_CHUNK.get()
+
+
+def tuning_enabled() -> bool:
+  return os.environ.get(TUNE_ENV, '1').strip().lower() not in ('0', 'false', 'no', 'off')
+
+
+def effective_chunk(chunk: int, num_clients: int) -> int:
+  """The lanes a chunk of `chunk` really has over `num_clients` (the cohort loop evens chunks:
+  100 clients at 32 run as 4 chunks of 25)."""
+  chunk = max(1, min(chunk, num_clients))
+  num_chunks = -(-num_clients // chunk)
+  return -(-num_clients // num_chunks)
+
+
+def candidates(num_clients: int, backend: str | None = None) -> list[int]:
+  """The chunks worth timing for a cohort of `num_clients` on `backend` (default: JAX's),
+  ascending, each a distinct layout once chunks are evened."""
+  backend = backend or jax.default_backend()
+  base = _CPU_CANDIDATES if backend == 'cpu' else _ACCELERATOR_CANDIDATES
+  return sorted({effective_chunk(c, num_clients) for c in base})
+
+
+@functools.cache
+def machine() -> str:
+  """What makes timings comparable: the backend, its devices and, on a CPU, the processor and
+  the cores this process may use."""
+  devices = jax.devices()
+  name = f'{devices[0].platform}:{devices[0].device_kind}x{len(devices)}'
+  if devices[0].platform == 'cpu':
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    name += f':{_processor()}:{cores}cores'
+  return name
+
+
+@functools.cache
+def _processor() -> str:
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def default_cache_dir() -> str:
+  """`$FEDJAX_LITE_CACHE_DIR`, else JAX's compilation cache folder, else
+  `~/.cache/fedjax_lite`."""
+  folder = os.environ.get(CACHE_DIR_ENV) or jax.config.jax_compilation_cache_dir
+  return folder or os.path.join(os.path.expanduser('~'), '.cache', 'fedjax_lite')
+
+
+class LayoutCache:
+  """Chosen chunks on disk: `<folder>/layouts.json`, `{key: {'chunk', 'seconds', ...}}`.
+
+  An unreadable file or entry is ignored with a warning (the layout is measured again and the
+  entry rewritten); writes replace the file atomically, so readers never see half of one.
+  """
+
+  def __init__(self, folder: str | os.PathLike | None = None):
+    self.path = os.path.join(os.fspath(folder or default_cache_dir()), CACHE_FILE)
+
+  def _entries(self) -> dict[str, Any]:
+    try:
+      with open(self.path) as f:
+        entries = json.load(f)
+    except FileNotFoundError:
+      return {}
+    except (OSError, ValueError) as error:
+      warnings.warn(f'ignoring the layout cache {self.path}: {error}', RuntimeWarning, 3)
+      return {}
+    if not isinstance(entries, dict):
+      warnings.warn(f'ignoring the layout cache {self.path}: not a mapping', RuntimeWarning, 3)
+      return {}
+    return entries
+
+  def get(self, key: str) -> int | None:
+    """The chunk stored for `key`, or None (none stored, or an entry that makes no sense)."""
+    entry = self._entries().get(key)
+    if entry is None:
+      return None
+    chunk = entry.get('chunk') if isinstance(entry, dict) else None
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+      warnings.warn(
+        f'ignoring a corrupted entry of the layout cache {self.path} ({entry!r}); measuring again',
+        RuntimeWarning,
+        3,
+      )
+      return None
+    return chunk
+
+  def put(self, key: str, chunk: int, seconds: dict[int, float], description: str) -> None:
+    """Stores `chunk` for `key` with the timings it won (seconds per candidate chunk)."""
+    entries = self._entries()
+    entries[key] = {
+      'chunk': int(chunk),
+      'seconds': {str(c): float(s) for c, s in sorted(seconds.items())},
+      'round': description,
+    }
+    folder = os.path.dirname(self.path)
+    try:
+      os.makedirs(folder, exist_ok=True)
+      with tempfile.NamedTemporaryFile('w', dir=folder, delete=False, suffix='.tmp') as f:
+        json.dump(entries, f, indent=1, sort_keys=True)
+      os.replace(f.name, self.path)
+    except OSError as error:  # a read-only home: the choice still holds for this process
+      warnings.warn(f'could not write the layout cache {self.path}: {error}', RuntimeWarning, 3)
+
+
+def _wall_seconds(chunk: int, run: Callable[[], Any]) -> float:
+  del chunk
+  start = time.perf_counter()
+  run()
+  return time.perf_counter() - start
+
+
+def _agreed(value: float) -> float:
+  """`value` as process 0 has it, in every process of a multi-process run (so every process
+  takes the same path through the search and compiles the same candidates)."""
+  if jax.process_count() == 1:
+    return value
+  from jax.experimental import multihost_utils
+
+  return float(multihost_utils.broadcast_one_to_all(np.float64(value)))
+
+
+def search(chunks: Sequence[int], measure: Callable[[int], float], start: int) -> int:
+  """The chunk a descent from `chunks[start]` ends at: it moves to the faster neighbour (by
+  `measure(chunk)`, seconds, each measured once) while one is faster. Chunk sizes have one
+  best region (too few lanes waste the vector units, too many spill the cache), so this
+  measures 3 or 4 of them instead of all."""
+  seconds: dict[int, float] = {}
+
+  def timed(i):
+    if i not in seconds:
+      seconds[i] = measure(chunks[i])
+    return seconds[i]
+
+  i = start
+  while True:
+    here = timed(i)
+    around = [j for j in (i - 1, i + 1) if 0 <= j < len(chunks)]
+    best = min(around, key=timed, default=None)
+    if best is None or timed(best) >= here:
+      return chunks[i]
+    i = best
+
+
+class TunedNext:
+  """A round's `next` whose client chunk is measured per shape of its arguments.
+
+  Calls with concrete arrays of a new shape first `tune` (compile candidates, time them on these
+  arguments, keep the fastest); traced calls use the chunk chosen for their shape, else the
+  backend's default. `lower`, `eval_shape` and `_cache_size` read as those of a jitted
+  function. `layout(*args)` says what a call with these arguments runs with.
+
+  Args:
+    next_fn: the round, traceable; its cohort loops run with `client_chunk_size='auto'`.
+    num_clients_fn: `args -> clients of the round` (for the candidates and the default).
+    cache: where choices persist across processes (default: `LayoutCache()`).
+    timer: `(chunk, run) -> seconds` of one call of the compiled candidate (`run()` calls it
+      and waits); the wall clock by default, a fake clock in tests.
+    repeats: calls timed per candidate; the fastest counts.
+  """
+
+  def __init__(
+    self,
+    next_fn: Callable[..., Any],
+    num_clients_fn: Callable[[tuple], int],
+    *,
+    cache: LayoutCache | None = None,
+    timer: Callable[[int, Callable[[], Any]], float] = _wall_seconds,
+    repeats: int = 2,
+    donate_state: bool = False,
+  ):
+    functools.update_wrapper(self, next_fn)
+    self._next_fn, self._num_clients = next_fn, num_clients_fn
+    self._cache, self._timer, self._repeats = cache, timer, repeats
+    self._donate = donate_state
+    self._variants: dict[int | None, Any] = {}
+    self._chosen: dict[str, int | None] = {}
+
+  def with_donated_state(self) -> TunedNext:
+    """This `next` with its state argument donated (`jax.jit(..., donate_argnums=0)`: the
+    round reuses the buffers of the state it replaces), sharing its choices. A driver that owns
+    the state calls this one: the candidate it keeps is the program it then runs, compiled
+    once."""
+    donating = TunedNext(
+      self._next_fn,
+      self._num_clients,
+      cache=self._cache,
+      timer=self._timer,
+      repeats=self._repeats,
+      donate_state=True,
+    )
+    donating._chosen = self._chosen
+    return donating
+
+  def _variant(self, chunk: int | None):
+    """`next_fn` jitted to trace its cohort loops with `chunk` (None: the default)."""
+    if chunk not in self._variants:
+      donate = (0,) if self._donate else ()
+      if chunk is None:
+        self._variants[chunk] = jax.jit(self._next_fn, donate_argnums=donate)
+      else:
+
+        def with_chunk(*args, **kwargs):
+          token = _TRACED_CHUNK.set(chunk)
+          try:
+            return self._next_fn(*args, **kwargs)
+          finally:
+            _TRACED_CHUNK.reset(token)
+
+        with_chunk.__name__ = with_chunk.__qualname__ = self._next_fn.__name__
+        self._variants[chunk] = jax.jit(with_chunk, donate_argnums=donate)
+    return self._variants[chunk]
+
+  def key(self, *args) -> str:
+    """The cache key of a call: the machine and the shapes and dtypes of its arguments."""
+    specs = tree_lib.tree_specs(args)
+    shapes = [(tuple(s.shape), str(s.dtype)) for s in jax.tree.leaves(specs)]
+    text = f'{machine()}|{jax.__version__}|{jax.tree.structure(specs)}|{shapes}'
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+  def layout(self, *args) -> int:
+    """The client chunk (lanes) a call with `args` runs with."""
+    chunk = self._chosen.get(self.key(*args))
+    num_clients = self._num_clients(args)
+    if chunk is None:
+      from fedjax_lite.templates import _cohort
+
+      chunk = _cohort.default_chunk_size(num_clients)
+    return effective_chunk(chunk, num_clients)
+
+  def tune(self, *args) -> int:
+    """Chooses the chunk for calls shaped as `args` (concrete arrays): remembered, cached on
+    disk, or measured now on `args`; returns its lanes. Measuring is skipped with
+    `FEDJAX_LITE_TUNE=0` (the default chunk is used)."""
+    key = self.key(*args)
+    if key in self._chosen:
+      return self.layout(*args)
+    chunk = None
+    if tuning_enabled():
+      cache = self._cache if self._cache is not None else LayoutCache()
+      stored = cache.get(key)
+      if jax.process_count() > 1:  # process 0's cache decides for every process
+        stored = int(_agreed(-1 if stored is None else stored))
+        stored = None if stored < 0 else stored
+      chunk = stored if stored is not None else self._measure(key, cache, args)
+    self._chosen[key] = chunk
+    return self.layout(*args)
+
+  def _measure(self, key: str, cache: LayoutCache, args: tuple) -> int:
+    from fedjax_lite.templates import _cohort
+
+    num_clients = self._num_clients(args)
+    chunks = candidates(num_clients)
+    default = effective_chunk(_cohort.default_chunk_size(num_clients), num_clients)
+    start = min(range(len(chunks)), key=lambda i: abs(chunks[i] - default))
+    seconds = {}
+
+    def measure(chunk):
+      compiled = self._variant(chunk).lower(*args).compile()  # the call later reuses it
+
+      def run():
+        state = jax.tree.map(jnp.copy, args[0]) if self._donate else args[0]
+        jax.block_until_ready(compiled(state, *args[1:]))
+
+      seconds[chunk] = _agreed(min(self._timer(chunk, run) for _ in range(self._repeats)))
+      return seconds[chunk]
+
+    chunk = search(chunks, measure, start)
+    specs = jax.tree.leaves(tree_lib.tree_specs(args[1:]))
+    description = f'{num_clients} clients; ' + ', '.join(
+      f'{tuple(s.shape)} {s.dtype}' for s in specs[:4]
+    )
+    if jax.process_index() == 0:
+      cache.put(key, chunk, seconds, description)
+    return chunk
+
+  def __call__(self, *args, **kwargs):
+    key = self.key(*args)
+    traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(args))
+    if key not in self._chosen and not traced:
+      self.tune(*args)
+    return self._variant(self._chosen.get(key))(*args, **kwargs)
+
+  def lower(self, *args, **kwargs):
+    return self._variant(self._chosen.get(self.key(*args))).lower(*args, **kwargs)
+
+  def eval_shape(self, *args, **kwargs):
+    return self._variant(None).eval_shape(*args, **kwargs)
+
+  def trace(self, *args, **kwargs):
+    return self._variant(self._chosen.get(self.key(*args))).trace(*args, **kwargs)
+
+  def _cache_size(self) -> int:
+    """Programs compiled for calls (the candidates compiled ahead of time while tuning are
+    not counted)."""
+    return sum(variant._cache_size() for variant in self._variants.values())
