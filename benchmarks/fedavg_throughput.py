@@ -34,8 +34,12 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 
@@ -94,9 +98,10 @@ class LoopRunner:
 
 
 class FedAvgRunner:
-  """(a): `build_weighted_fed_avg` at one chunk size; the carry is its server state."""
+  """(a): `build_weighted_fed_avg` at one chunk size, or `'auto'` (measured in its first round:
+  `chosen` and `tuning_s` say what and how long); the carry is its server state."""
 
-  def __init__(self, model: fl.FunctionalModel, chunk_size: int):
+  def __init__(self, model: fl.FunctionalModel, chunk_size: int | str):
     self.process = fl.algorithms.build_weighted_fed_avg(
       model,
       fl.optimizers.build_sgdm(CLIENT_LR),
@@ -105,11 +110,16 @@ class FedAvgRunner:
     )
     self.initial = self.process.initialize()
     self.compiled = self.process.next
+    self.chosen, self.tuning_s = (None, None) if chunk_size == 'auto' else (chunk_size, 0.0)
 
   def round(self, state, batches: fl.ClientBatches):
     t0 = time.perf_counter()
     batches = jax.block_until_ready(jax.device_put(batches))
     t1 = time.perf_counter()
+    if self.chosen is None:  # untimed: the first round is a warm-up
+      self.chosen = self.process.next.tune(state, batches)
+      self.tuning_s = time.perf_counter() - t1
+      t1 = time.perf_counter()
     state, _ = self.process.next(state, batches)
     jax.block_until_ready(self.process.get_model_weights(state))
     t2 = time.perf_counter()
@@ -222,10 +232,15 @@ def run_variant(
   recompiles = {
     name: fn._cache_size() - compiles_after_warmup.get(name, 0) for name, fn in counted.items()
   }
-  return records, checks, recompiles, num_steps
+  layouts = {
+    name: {'chosen': runner.chosen, 'tuning_s': runner.tuning_s}
+    for name, runner in runners.items()
+    if isinstance(runner, FedAvgRunner)
+  }
+  return records, checks, recompiles, num_steps, layouts
 
 
-def summarize(records):
+def summarize(records, layouts=None):
   out = {}
   for name, recs in records.items():
     rates = [rec['examples'] / rec['total_s'] for rec in recs]
@@ -240,6 +255,7 @@ def summarize(records):
     for part in ('batch_s', 'put_s', 'next_s'):
       if recs and part in recs[0]:
         summary[f'median_{part}'] = statistics.median(rec[part] for rec in recs)
+    summary.update((layouts or {}).get(name, {}))
     out[name] = summary
   bound = out.get('c', {}).get('median_ex_per_s')
   loop = out.get('b', {}).get('median_ex_per_s')
@@ -264,6 +280,8 @@ def median_over_runs(summaries: Sequence[dict]) -> dict:
       if (k.startswith('median_') or k.startswith('x_')) and v is not None
     ]
     out[name] = {k: statistics.median(s[name][k] for s in summaries) for k in keys}
+    if 'chosen' in summaries[0][name]:  # a measured layout: the most frequent choice
+      out[name]['chosen'] = statistics.mode(s[name]['chosen'] for s in summaries)
     out[name].setdefault('x_loop', None)
     out[name].setdefault('x_step_loop', None)
     out[name]['runs'] = len(summaries)
@@ -278,10 +296,17 @@ LABELS = {
 }
 
 
-def label(name: str) -> str:
+def label(name: str, chosen: int | None = None) -> str:
+  if name == 'aauto':
+    return f'(a) fedjax_lite, chunk auto (measured: {chosen})'
   if name.startswith('a'):
     return f'(a) fedjax_lite build_weighted_fed_avg, chunk {name[1:]}'
   return LABELS[name]
+
+
+def _order(name: str) -> tuple:
+  chunk = name[1:]
+  return ('dcbea'.index(name[0]), -1 if chunk == 'auto' else int(chunk) if name[0] == 'a' else 0)
 
 
 def print_table(title: str, summary: dict, log=print) -> None:
@@ -292,7 +317,7 @@ def print_table(title: str, summary: dict, log=print) -> None:
   )
   log(header)
   log('-' * len(header))
-  order = sorted(summary, key=lambda n: ('dcbea'.index(n[0]), int(n[1:]) if n[0] == 'a' else 0))
+  order = sorted(summary, key=_order)
   for name in order:
     s = summary[name]
     ex = s['median_ex_per_s']
@@ -301,7 +326,7 @@ def print_table(title: str, summary: dict, log=print) -> None:
       return f'{v:>{width}{spec}}' if v is not None else f'{"-":>{width}}'
 
     log(
-      f'{label(name):<48} {ex:>9,.0f} {fmt(s.get("x_bound"), 8, ".2f")} '
+      f'{label(name, s.get("chosen")):<48} {ex:>9,.0f} {fmt(s.get("x_bound"), 8, ".2f")} '
       f'{fmt(s.get("x_loop"), 7, ".2f")} {fmt(s.get("x_step_loop"), 5, ".2f")} '
       f'{s["median_round_s"]:>8.3f} {fmt(s.get("median_batch_s"), 8, ".3f")} '
       f'{fmt(s.get("median_put_s"), 7, ".3f")} {fmt(s.get("median_next_s"), 7, ".3f")}'
@@ -311,13 +336,127 @@ def print_table(title: str, summary: dict, log=print) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
+def run_condition(args, warmup: int, timed: int) -> dict:
+  """Every variant's tables under the machine's present condition; returns `{variant: ...}`."""
+  variants = {}
+  for variant in args.variants:
+    entry = variants.setdefault(variant, {})
+    if not args.skip_mlp:
+      runs = []
+      for rep in range(args.repeats):
+        records, checks, recompiles, num_steps, layouts = run_variant(
+          variant, 'mlp', args.chunk_sizes, ('a', 'b', 'c', 'd', 'e'), warmup, timed
+        )
+        summary = summarize(records, layouts)
+        runs.append(
+          {'checks': checks, 'recompiles_in_timed_rounds': recompiles, 'methods': summary}
+        )
+        print_table(
+          f'MLP, {variant}, run {rep + 1} of {args.repeats} ({timed} timed rounds, medians)',
+          summary,
+        )
+        print(f'  check after round 0, max |a - b| per chunk size: {checks}')
+        print(f'  compilations during timed rounds: {recompiles}')
+        if 'aauto' in layouts:
+          print(
+            f'  measured layout: chunk {layouts["aauto"]["chosen"]} in '
+            f'{layouts["aauto"]["tuning_s"]:.1f} s (compiling included)'
+          )
+      combined = median_over_runs([run['methods'] for run in runs])
+      entry['mlp'] = {'num_steps': num_steps, 'methods': combined, 'runs': runs}
+      if args.repeats > 1:
+        print_table(
+          f'MLP, {variant}: median over {args.repeats} runs of the per-run medians', combined
+        )
+    if args.cnn:
+      if args.cnn_chunk_size is not None:
+        best = args.cnn_chunk_size
+      elif jax.default_backend() == 'cpu':
+        best = 1  # the builders' CPU default for convolutional models (docs/ARCHITECTURE.md)
+      elif 'mlp' in entry:
+        fixed = [k for k in args.chunk_sizes if k != 'auto'] or [8]
+        best = max(fixed, key=lambda k: entry['mlp']['methods'][f'a{k}']['median_ex_per_s'])
+      else:
+        best = next((k for k in args.chunk_sizes if k != 'auto'), 8)
+      best = min(best, args.cnn_clients)
+      records, _, recompiles, num_steps, _ = run_variant(
+        variant, 'cnn', [best], ('a', 'c'), 1, 2, cohort_size=args.cnn_clients
+      )
+      summary = summarize(records)
+      entry['cnn'] = {
+        'num_steps': num_steps,
+        'cohort': args.cnn_clients,
+        'chunk_size': best,
+        'warmup_rounds': 1,
+        'timed_rounds': 2,
+        'recompiles_in_timed_rounds': recompiles,
+        'methods': summary,
+      }
+      print_table(
+        f'CNN, {variant} (cohort {args.cnn_clients}, chunk {best}, 2 timed rounds)', summary
+      )
+  return variants
+
+
+def _chunk(value: str) -> int | str:
+  if value == 'auto':
+    return value
+  if not value.isdigit() or int(value) < 1:
+    raise argparse.ArgumentTypeError(f"expected 'auto' or an int >= 1; got {value!r}")
+  return int(value)
+
+
+# A cache-heavy neighbour: streams a buffer 8x a 32 MiB L3 on one core, as another tenant of a
+# shared host does; bounded (it stops by itself after an hour) and stopped with the condition.
+NEIGHBOUR_BYTES = 256 << 20
+NEIGHBOUR = """
+import os, sys, time
+import numpy as np
+if hasattr(os, 'sched_setaffinity'):
+  os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})
+buffer = np.ones(int(sys.argv[1]) // 8)
+deadline = time.monotonic() + 3600
+while time.monotonic() < deadline:
+  buffer += 1.0
+"""
+LAYOUT_CACHE_ENV = 'FEDJAX_LITE_CACHE_DIR'
+
+
+@contextlib.contextmanager
+def neighbour(active: bool):
+  """A cache-heavy process running beside the benchmark while `active`."""
+  if not active:
+    yield
+    return
+  process = subprocess.Popen([sys.executable, '-c', NEIGHBOUR, str(NEIGHBOUR_BYTES)])
+  try:
+    time.sleep(1.0)  # its buffer allocated and streaming
+    yield
+  finally:
+    process.terminate()
+    process.wait()
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--quick', action='store_true', help='1 warm-up and 3 timed rounds')
   parser.add_argument(
     '--variants', nargs='+', choices=('homo', 'hetero'), default=['homo', 'hetero']
   )
-  parser.add_argument('--chunk-sizes', nargs='+', type=int, default=[4, 8, 16, 32, 100])
+  parser.add_argument(
+    '--chunk-sizes',
+    nargs='+',
+    type=_chunk,
+    default=['auto', 1, 2, 4, 8, 16],
+    help="fixed chunks, and 'auto' (measured in its first round, in each condition)",
+  )
+  parser.add_argument(
+    '--conditions',
+    nargs='+',
+    choices=('quiet', 'contended'),
+    default=['quiet', 'contended'],
+    help='contended: a neighbour process streams a buffer larger than L3 meanwhile',
+  )
   parser.add_argument(
     '--repeats', type=int, default=1, help='MLP runs per variant; figures are medians over runs'
   )
@@ -341,9 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
-  if any(k < 1 for k in args.chunk_sizes):
-    print('error: --chunk-sizes must be >= 1', file=sys.stderr)
-    return 2
+
   if args.repeats < 1:
     print('error: --repeats must be >= 1', file=sys.stderr)
     return 2
@@ -383,61 +520,14 @@ def main(argv: Sequence[str] | None = None) -> int:
       'repeats': args.repeats,
       'metric': 'client-examples per second, median over timed rounds (then over runs)',
     },
-    'variants': {},
+    'conditions': {},
   }
 
-  for variant in args.variants:
-    entry = results['variants'].setdefault(variant, {})
-    if not args.skip_mlp:
-      runs = []
-      for rep in range(args.repeats):
-        records, checks, recompiles, num_steps = run_variant(
-          variant, 'mlp', args.chunk_sizes, ('a', 'b', 'c', 'd', 'e'), warmup, timed
-        )
-        summary = summarize(records)
-        runs.append(
-          {'checks': checks, 'recompiles_in_timed_rounds': recompiles, 'methods': summary}
-        )
-        print_table(
-          f'MLP, {variant}, run {rep + 1} of {args.repeats} ({timed} timed rounds, medians)',
-          summary,
-        )
-        print(f'  check after round 0, max |a - b| per chunk size: {checks}')
-        print(f'  compilations during timed rounds: {recompiles}')
-      combined = median_over_runs([run['methods'] for run in runs])
-      entry['mlp'] = {'num_steps': num_steps, 'methods': combined, 'runs': runs}
-      if args.repeats > 1:
-        print_table(
-          f'MLP, {variant}: median over {args.repeats} runs of the per-run medians', combined
-        )
-    if args.cnn:
-      if args.cnn_chunk_size is not None:
-        best = args.cnn_chunk_size
-      elif jax.default_backend() == 'cpu':
-        best = 1  # the builders' CPU default for convolutional models (docs/ARCHITECTURE.md)
-      elif 'mlp' in entry:
-        best = max(
-          args.chunk_sizes, key=lambda k: entry['mlp']['methods'][f'a{k}']['median_ex_per_s']
-        )
-      else:
-        best = args.chunk_sizes[0]
-      best = min(best, args.cnn_clients)
-      records, _, recompiles, num_steps = run_variant(
-        variant, 'cnn', [best], ('a', 'c'), 1, 2, cohort_size=args.cnn_clients
-      )
-      summary = summarize(records)
-      entry['cnn'] = {
-        'num_steps': num_steps,
-        'cohort': args.cnn_clients,
-        'chunk_size': best,
-        'warmup_rounds': 1,
-        'timed_rounds': 2,
-        'recompiles_in_timed_rounds': recompiles,
-        'methods': summary,
-      }
-      print_table(
-        f'CNN, {variant} (cohort {args.cnn_clients}, chunk {best}, 2 timed rounds)', summary
-      )
+  for condition in args.conditions:
+    print(f'\n=== {condition} ===')
+    with tempfile.TemporaryDirectory() as layouts, neighbour(condition == 'contended'):
+      os.environ[LAYOUT_CACHE_ENV] = layouts  # 'auto' measures afresh in this condition
+      results['conditions'][condition] = {'variants': run_condition(args, warmup, timed)}
 
   elapsed = time.perf_counter() - start
   elapsed = time.perf_counter() - start

@@ -68,12 +68,14 @@ class BuildInputs(NamedTuple):
     aggregator: the model-update aggregation factory of `--aggregator`.
     mesh: a `Mesh` over the processes' devices (multi-process runs), or None.
     population_size: the number of training clients.
+    client_chunk_size: `'auto'` (measured), None (the backend's default) or an int.
   """
 
   model: models.FunctionalModel
   aggregator: Any
   mesh: Any
   population_size: int
+  client_chunk_size: int | str | None = 'auto'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +112,7 @@ def _client_server(build):
       optimizer(config, 'server'),
       model_aggregator=inputs.aggregator,
       mesh=inputs.mesh,
+      client_chunk_size=inputs.client_chunk_size,
       seed=config['seed'],
     )
 
@@ -122,6 +125,7 @@ def _fed_sgd(config, inputs):
     server_optimizer=optimizer(config, 'server'),
     model_aggregator=inputs.aggregator,
     mesh=inputs.mesh,
+    client_chunk_size=inputs.client_chunk_size,
     seed=config['seed'],
   )
 
@@ -134,6 +138,7 @@ def _fed_prox(config, inputs):
     optimizer(config, 'server'),
     model_aggregator=inputs.aggregator,
     mesh=inputs.mesh,
+    client_chunk_size=inputs.client_chunk_size,
     seed=config['seed'],
   )
 
@@ -146,6 +151,7 @@ def _adaptive(build):
       config['server_lr'],
       model_aggregator=inputs.aggregator,
       mesh=inputs.mesh,
+      client_chunk_size=inputs.client_chunk_size,
       seed=config['seed'],
     )
 
@@ -160,6 +166,7 @@ def _scaffold(config, inputs):
     population_size=inputs.population_size,
     model_aggregator=inputs.aggregator,
     mesh=inputs.mesh,
+    client_chunk_size=inputs.client_chunk_size,
     seed=config['seed'],
   )
 

@@ -89,6 +89,16 @@ def _choice(choices: Sequence[str]) -> Callable[[Any], str]:
   return parse
 
 
+def _chunk(value: Any) -> int | str:
+  """'auto' or an int >= 1."""
+  if value == 'auto':
+    return value
+  try:
+    return _int(1)(value)
+  except ValueError:
+    raise ValueError(f"expected 'auto' or an int >= 1; got {value!r}") from None
+
+
 def _bool(value: Any) -> bool:
   if isinstance(value, bool):
     return value
@@ -135,6 +145,10 @@ OPTIONS = (
   Option('bits', _int(1), 8, 'bits per coordinate, 1..16 (compression)'),
   Option('compute_dtype', _choice(('float32', 'bfloat16')), 'float32', 'forward/backward dtype'),
   Option('batch_size', _int(1), 16, 'examples per local step'),
+  Option(
+    'client_chunk_size', _chunk, 'auto', 'clients per vmapped step; auto: measured (see --no-tune)'
+  ),
+  Option('no_tune', _bool, False, "auto chunk: the backend's default (8 on a CPU), not measured"),
   Option('epochs', _int(1), 2, 'local epochs'),
   Option('max_steps', _optional(_int(1)), None, 'cap on local steps per client'),
   Option('seed', _int(0, 2**32 - 1), 0, 'seeds the model, partition, cohorts and shuffles'),
@@ -145,7 +159,15 @@ OPTIONS = (
 )
 OPTION_NAMES = tuple(o.name for o in OPTIONS)
 # Settings that may differ between a run and its resumption.
-RESUMABLE = ('rounds', 'eval_every', 'checkpoint_every', 'keep', 'tensorboard')
+RESUMABLE = (
+  'rounds',
+  'eval_every',
+  'checkpoint_every',
+  'keep',
+  'tensorboard',
+  'client_chunk_size',  # speed only: the chunk changes float sums' order, not the run
+  'no_tune',
+)
 # The per-client states of a stateful algorithm (SCAFFOLD) in a run folder.
 CLIENT_STATES_FILE = 'client_states.sqlite'
 

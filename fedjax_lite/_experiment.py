@@ -296,6 +296,13 @@ def _accountant(config: Mapping[str, Any], population: int):
   return accountant
 
 
+def client_chunk_size(config: Mapping[str, Any]) -> int | str | None:
+  """The processes' `client_chunk_size`: `--client-chunk-size`, where `--no-tune` turns
+  'auto' into the backend's default (None)."""
+  chunk = config['client_chunk_size']
+  return None if chunk == 'auto' and config['no_tune'] else chunk
+
+
 def _fed_recon(config: Mapping[str, Any], mesh: Any = None):
   """MovieLens users as clients, matrix factorization with local user embeddings.
 
@@ -328,6 +335,7 @@ def _fed_recon(config: Mapping[str, Any], mesh: Any = None):
     model_aggregator=_aggregator(config),
     seed=config['seed'],
     mesh=mesh,
+    client_chunk_size=client_chunk_size(config),
   )
   evaluation = reconstruction.build_fed_recon_eval(
     local,
@@ -336,6 +344,7 @@ def _fed_recon(config: Mapping[str, Any], mesh: Any = None):
       recon_epochs=MF_EVAL_RECON_EPOCHS, split_dataset=True
     ),
     seed=config['seed'],
+    client_chunk_size=client_chunk_size(config),
   )
   return train, test, process, evaluation
 
@@ -364,9 +373,11 @@ def build_experiment(config: Mapping[str, Any], *, multihost: bool = False) -> E
   else:
     train, test_arrays, num_classes = _load(config)
     model = _model(config, test_arrays['x'], num_classes)
-    inputs = _catalogue.BuildInputs(model, _aggregator(config), mesh, train.num_clients)
+    inputs = _catalogue.BuildInputs(
+      model, _aggregator(config), mesh, train.num_clients, client_chunk_size(config)
+    )
     process = algorithm.build(config, inputs)
-    evaluation = algorithms.build_fed_eval(model)
+    evaluation = algorithms.build_fed_eval(model, client_chunk_size=client_chunk_size(config))
     evaluation_data = data.build_client_batches(
       [test_arrays], batch_size=min(EVAL_BATCH_SIZE, len(test_arrays['y'])), shuffle=False
     )

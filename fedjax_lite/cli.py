@@ -64,6 +64,9 @@ class _PrintMetrics(simulation.MetricsManager):
     excluded = metrics.get('client_work/non_finite_clients')
     if excluded:
       parts.append(f'excluded {excluded:.0f} non-finite clients')
+    if 'timing/tuning_seconds' in metrics:  # the first round a process runs
+      chunk, seconds = metrics['layout/client_chunk_size'], metrics['timing/tuning_seconds']
+      parts.append(f'client chunk {chunk:.0f} (chosen in {seconds:.1f} s)')
     print('  '.join(parts), flush=True)
 
   def close(self) -> None:

@@ -22,8 +22,12 @@ def _in_tmp(tmp_path, monkeypatch):
 
 
 def _rows(path):
+  """A run's metrics without those that describe its speed (timing, memory, lanes)."""
   rows = [json.loads(line) for line in pathlib.Path(path).read_text().splitlines()]
-  return [{k: v for k, v in r.items() if not k.startswith(('timing/', 'memory/'))} for r in rows]
+  return [
+    {k: v for k, v in r.items() if not k.startswith(('timing/', 'memory/', 'layout/'))}
+    for r in rows
+  ]
 
 
 def _weights(run_dir):

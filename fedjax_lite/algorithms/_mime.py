@@ -128,7 +128,13 @@ def _mime_client_work(
     return state._replace(optimizer_state=optimizers.set_hparams(state.optimizer_state, hparams))
 
   return _processes.ClientWorkProcess(
-    initialize, next_fn, get_hparams, set_hparams, streams=True, auto_chunk=train_pass.auto_chunk
+    initialize,
+    next_fn,
+    get_hparams,
+    set_hparams,
+    streams=True,
+    auto_chunk=train_pass.auto_chunk,
+    client_devices=train_pass.client_devices,
   )
 
 

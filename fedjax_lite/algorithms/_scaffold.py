@@ -127,7 +127,13 @@ def _scaffold_client_work(model, hparams, **client_work_kwargs) -> _processes.Cl
     return state._replace(client_work=work.set_hparams(state.client_work, hparams))
 
   return _processes.ClientWorkProcess(
-    initialize, next_fn, get_hparams, set_hparams, streams=True, auto_chunk=work.auto_chunk
+    initialize,
+    next_fn,
+    get_hparams,
+    set_hparams,
+    streams=True,
+    auto_chunk=work.auto_chunk,
+    client_devices=work.client_devices,
   )
 
 

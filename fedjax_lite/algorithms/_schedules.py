@@ -84,7 +84,13 @@ def _scheduled_client_work(
     return state._replace(client_work=work.set_hparams(state.client_work, hparams))
 
   return _processes.ClientWorkProcess(
-    initialize, next_fn, get_hparams, set_hparams, streams=True, auto_chunk=work.auto_chunk
+    initialize,
+    next_fn,
+    get_hparams,
+    set_hparams,
+    streams=True,
+    auto_chunk=work.auto_chunk,
+    client_devices=work.client_devices,
   )
 
 

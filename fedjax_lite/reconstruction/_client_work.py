@@ -374,4 +374,5 @@ def build_reconstruction_client_work(
     _client_work.set_hparams,
     streams=True,
     auto_chunk=post_pass.auto_chunk,
+    client_devices=post_pass.client_devices,
   )

@@ -112,6 +112,7 @@ def build_fed_recon_eval(
     _templates_client_work.set_hparams,
     streams=True,
     auto_chunk=eval_pass.auto_chunk,
+    client_devices=eval_pass.client_devices,
   )
   return _common.compose(
     _client_work.GlobalModel(model.initial_global_weights, model.input_spec),

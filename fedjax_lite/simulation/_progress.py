@@ -140,6 +140,8 @@ class RoundProgress:
     info += f'{self._eval}{rate:.2f} rounds/s'
     if self._compile.total:
       info += f' (compiled in {self._compile.total:.1f} s)'
+    if 'layout/client_chunk_size' in flat_metrics:
+      info += f'  chunk {flat_metrics["layout/client_chunk_size"]:.0f}'
     excluded = next((v for k, v in flat_metrics.items() if k.endswith('non_finite_clients')), 0)
     if excluded:
       info += f'  excluded {excluded:.0f} non-finite clients'

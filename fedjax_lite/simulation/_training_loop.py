@@ -162,7 +162,11 @@ def run_training_process(
   `timing/data_seconds` (training_selection_fn), `timing/train_seconds` (process.next until its
   outputs are ready; the first round includes compilation), `timing/evaluation_seconds`,
   `timing/round_seconds` (the three together) and `timing/examples_per_second`
-  (the metrics' `num_examples` over train_seconds, when present).
+  (the metrics' `num_examples` over train_seconds, when present). A process whose chunk is
+  measured (`client_chunk_size='auto'`, `fl.templates.TunedNext`) also releases
+  `layout/client_chunk_size` every round and, in the first round this call runs,
+  `timing/tuning_seconds`: the part of its train_seconds spent choosing the chunk (measuring
+  candidates, or recalling the choice from `layouts.json`).
 
   Args:
     process: a `LearningProcess` (or any process with `initialize()` and `next(state, data)`
@@ -325,13 +329,12 @@ class ProcessRunner:
       args += (self._store.get(ids),)
     timing = {'data_seconds': data_seconds}
     extra = {}
+    start = time.perf_counter()
     if self._tune is not None:  # the layout is chosen (or recalled) before its shape compiles
-      start = time.perf_counter()
       extra[f'{LAYOUT_KEY}/client_chunk_size'] = self._tune(*args)
-      if not self._tuned:
+      if not self._tuned:  # part of the first round's train time, as its compilation is
         timing['tuning_seconds'] = time.perf_counter() - start
         self._tuned = True
-    start = time.perf_counter()
     self.state, process_metrics, *client_states = self._next(*args)
     if self._store is not None:
       self._store.put(ids, client_states[0])

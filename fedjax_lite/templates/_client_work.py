@@ -572,6 +572,7 @@ def build_client_work(
     streams=True,
     check_client_data=check_data,
     auto_chunk=client_chunk_size == _layout.AUTO,
+    client_devices=1 if mesh is None else mesh.shape[_cohort.CLIENTS_AXIS],
   )
 
 

@@ -215,7 +215,8 @@ def compose_learning_process(
     )
 
   if client_work.auto_chunk:  # the chunk is measured the first time a shape runs
-    jitted_next = _layout.TunedNext(next_fn, lambda args: args[1].mask.shape[0])
+    devices = client_work.client_devices  # each loops over its share of the cohort
+    jitted_next = _layout.TunedNext(next_fn, lambda args: -(-args[1].mask.shape[0] // devices))
   else:
     jitted_next = jax.jit(next_fn)
   if client_work.check_client_data is not None:

@@ -26,6 +26,7 @@ import contextvars
 import functools
 import hashlib
 import json
+import math
 import os
 import platform
 import tempfile
@@ -183,16 +184,22 @@ def _agreed(value: float) -> float:
   return float(multihost_utils.broadcast_one_to_all(np.float64(value)))
 
 
-def search(chunks: Sequence[int], measure: Callable[[int], float], start: int) -> int:
+def search(
+  chunks: Sequence[int],
+  measure: Callable[[int], float],
+  start: int,
+  over_budget: Callable[[], bool] = lambda: False,
+) -> int:
   """The chunk a descent from `chunks[start]` ends at: it moves to the faster neighbour (by
   `measure(chunk)`, seconds, each measured once) while one is faster. Chunk sizes have one
   best region (too few lanes waste the vector units, too many spill the cache), so this
-  measures 3 or 4 of them instead of all."""
+  measures 3 or 4 of them instead of all. Once `over_budget()`, no new chunk is measured: the
+  fastest measured so far is kept."""
   seconds: dict[int, float] = {}
 
   def timed(i):
     if i not in seconds:
-      seconds[i] = measure(chunks[i])
+      seconds[i] = math.inf if over_budget() else measure(chunks[i])
     return seconds[i]
 
   i = start
@@ -220,6 +227,9 @@ class TunedNext:
     timer: `(chunk, run) -> seconds` of one call of the compiled candidate (`run()` calls it
       and waits); the wall clock by default, a fake clock in tests.
     repeats: calls timed per candidate; the fastest counts.
+    budget_seconds: once measuring has taken this long (compiling included), no further
+      candidate is tried; the fastest so far is kept.
+    donate_state: the state argument is donated (see `with_donated_state`).
   """
 
   def __init__(
@@ -230,12 +240,13 @@ class TunedNext:
     cache: LayoutCache | None = None,
     timer: Callable[[int, Callable[[], Any]], float] = _wall_seconds,
     repeats: int = 2,
+    budget_seconds: float = 4.0,
     donate_state: bool = False,
   ):
     functools.update_wrapper(self, next_fn)
     self._next_fn, self._num_clients = next_fn, num_clients_fn
     self._cache, self._timer, self._repeats = cache, timer, repeats
-    self._donate = donate_state
+    self._budget, self._donate = budget_seconds, donate_state
     self._variants: dict[int | None, Any] = {}
     self._chosen: dict[str, int | None] = {}
 
@@ -250,6 +261,7 @@ class TunedNext:
       cache=self._cache,
       timer=self._timer,
       repeats=self._repeats,
+      budget_seconds=self._budget,
       donate_state=True,
     )
     donating._chosen = self._chosen
@@ -328,9 +340,13 @@ class TunedNext:
       seconds[chunk] = _agreed(min(self._timer(chunk, run) for _ in range(self._repeats)))
       return seconds[chunk]
 
-    chunk = search(chunks, measure, start)
+    if len(chunks) == 1:  # nothing to choose
+      return chunks[0]
+    began = time.perf_counter()
+    over_budget = lambda: _agreed(time.perf_counter() - began) > self._budget
+    chunk = search(chunks, measure, start, over_budget)
     specs = jax.tree.leaves(tree_lib.tree_specs(args[1:]))
-    description = f'{num_clients} clients; ' + ', '.join(
+    description = f'{num_clients} clients per device; ' + ', '.join(
       f'{tuple(s.shape)} {s.dtype}' for s in specs[:4]
     )
     if jax.process_index() == 0:

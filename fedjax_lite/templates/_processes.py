@@ -261,6 +261,7 @@ class _ClientWorkProcessFields(NamedTuple):
   streams: bool = False
   check_client_data: Callable[[Any], None] | None = None
   auto_chunk: bool = False
+  client_devices: int = 1
 
 
 class ClientWorkProcess(_ClientWorkProcessFields):
@@ -285,7 +286,8 @@ class ClientWorkProcess(_ClientWorkProcessFields):
   round is dispatched, never inside the compiled round.
 
   `auto_chunk`: its cohort loop runs with `client_chunk_size='auto'`, so
-  `compose_learning_process` makes the round's `next` a `TunedNext` that measures the chunk.
+  `compose_learning_process` makes the round's `next` a `TunedNext` that measures the chunk;
+  `client_devices`: the devices its cohort is sharded over (each loops over its share).
   """
 
   __slots__ = ()
@@ -299,6 +301,7 @@ class ClientWorkProcess(_ClientWorkProcessFields):
     streams: bool = False,
     check_client_data: Callable[[Any], None] | None = None,
     auto_chunk: bool = False,
+    client_devices: int = 1,
     *,
     weights_spec: Any = None,
     client_data_spec: Any = None,
@@ -334,6 +337,7 @@ class ClientWorkProcess(_ClientWorkProcessFields):
       bool(streams),
       check_client_data,
       bool(auto_chunk),
+      int(client_devices),
     )
 
 

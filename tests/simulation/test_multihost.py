@@ -35,8 +35,12 @@ def _one_device_per_process(monkeypatch):
 
 
 def _rows(out):
+  """A run's metrics by round, without those that describe its speed (timing, lanes)."""
   rows = [json.loads(line) for line in (out / 'metrics.jsonl').read_text().splitlines()]
-  return {r['round_num']: {k: v for k, v in r.items() if not k.startswith('timing/')} for r in rows}
+  return {
+    r['round_num']: {k: v for k, v in r.items() if not k.startswith(('timing/', 'layout/'))}
+    for r in rows
+  }
 
 
 def _client_states(path):

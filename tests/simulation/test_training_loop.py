@@ -113,10 +113,15 @@ def test_matches_a_plain_loop_with_exact_schedules(problem, tmp_path):
   for round_num in range(1, 8):
     expected, metrics = process.next(expected, training_selection_fn(round_num))
     got = memory.metrics[round_num]
-    process_keys = [k for k in got if not k.startswith(('timing/', 'evaluation/'))]
+    process_keys = [k for k in got if not k.startswith(('timing/', 'evaluation/', 'layout/'))]
     assert {k: got[k] for k in process_keys} == fl.simulation.flatten_metrics(metrics)
+    # The chunk its 3 clients ran in (the default 8, capped by the cohort); the time to choose
+    # it in the first round (here, with tuning off, only looked up).
+    assert got['layout/client_chunk_size'] == 3
+    assert ('timing/tuning_seconds' in got) == (round_num == 1)
     is_eval = round_num in (3, 6, 7)
-    assert set(got) - set(process_keys) - timing_keys == (
+    layout_keys = {'layout/client_chunk_size', 'timing/tuning_seconds'}
+    assert set(got) - set(process_keys) - timing_keys - layout_keys == (
       {
         'evaluation/loss',
         'evaluation/accuracy',
