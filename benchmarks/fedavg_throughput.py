@@ -4,7 +4,8 @@ Times one FedAvg round five ways on the same cohorts and the same examples, and 
 client-examples per second (median over the timed rounds):
 
   (a) fedjax_lite: `fl.algorithms.build_weighted_fed_avg(..., client_chunk_size=K)`, one compiled
-      `next` per round, every round padded to the same number of steps (compiled once);
+      `next` per round, every round padded to the same number of steps (compiled once); K fixed,
+      or `'auto'`, the default, measured in its (untimed) first round;
   (b) a Python loop over the clients calling one jitted per-client update (a `lax.scan` over that
       client's own batches), summing example-weighted models on the device;
   (c) the centralized bound: the round's examples pooled, ceil(total / 16) SGD steps of batch 16
@@ -26,9 +27,14 @@ they share the noise of a busy machine.
 After the first round the script checks that (a), for every chunk size, (b) and (e) produce the
 same global weights (within 1e-4): all are fed the same `build_client_batches` output.
 
+Every table is timed in each of `--conditions`: `quiet` (the machine as it is) and `contended`
+(a neighbour process streams a 256 MiB buffer on one core meanwhile, as another tenant of a
+shared host thrashes its L3). Each condition measures `'auto'` afresh (its own layout cache).
+
 Usage:
   python benchmarks/fedavg_throughput.py [--quick] [--variants homo hetero]
-      [--chunk-sizes 4 8 16 32 100] [--cnn] [--out benchmarks/results/fedavg_throughput.json]
+      [--chunk-sizes auto 1 2 4 8 16] [--conditions quiet contended] [--cnn]
+      [--out benchmarks/results/fedavg_throughput.json]
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ choice never changes the result."""
 import inspect
 import json
 import logging
+import math
 
 import jax
 import numpy as np
@@ -55,10 +56,14 @@ class FakeClock:
     return self.seconds[chunk]
 
 
-def _tuned(process, clock, cache=None):
+def _tuned(process, clock, cache=None, budget_seconds=math.inf):
   raw = inspect.unwrap(process.next)  # the round, untuned
   return fl.templates.TunedNext(
-    raw, lambda args: args[1].mask.shape[0], cache=cache or fl.templates.LayoutCache(), timer=clock
+    raw,
+    lambda args: args[1].mask.shape[0],
+    cache=cache or fl.templates.LayoutCache(),
+    timer=clock,
+    budget_seconds=budget_seconds,  # the fake clock decides, however slow compiling is here
   )
 
 
@@ -114,6 +119,15 @@ def test_a_corrupted_cache_entry_is_ignored_with_a_warning(tmp_path):
   (tmp_path / 'layouts.json').write_text('{not json')
   with pytest.warns(RuntimeWarning, match='ignoring the layout cache'):
     assert _tuned(process, FakeClock(clock.seconds), cache).tune(state, batches) == 9
+
+
+def test_a_spent_budget_keeps_the_fastest_measured_so_far(tmp_path):
+  process, batches = _fed_avg(), _batches()
+  state = process.initialize()
+  clock = FakeClock({1: 0.0, 2: 0.0, 4: 0.0, 6: 1.0, 9: 0.0})
+  cache = fl.templates.LayoutCache(tmp_path)
+  assert _tuned(process, clock, cache, budget_seconds=0).tune(state, batches) == 6
+  assert clock.timed == []  # spent before the first candidate: the default, unmeasured
 
 
 def test_no_tuning_when_turned_off(monkeypatch):
