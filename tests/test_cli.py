@@ -528,3 +528,35 @@ def test_round_lines_show_seconds_per_round_without_compilation(capsys):
   assert seconds == pytest.approx(30.0 - compiled, abs=0.01)
   assert 'examples/s' not in first  # that round's rate includes compiling
   assert second == 'round    2  loss 0.2500  s/round 0.250  examples/s 40'
+
+
+def test_the_chunk_is_measured_once_reported_and_can_be_fixed_or_left_unmeasured(
+  monkeypatch, capsys, tmp_path
+):
+  monkeypatch.setenv('FEDJAX_LITE_TUNE', '1')  # as a user runs it (the suite turns it off)
+  monkeypatch.setenv('FEDJAX_LITE_CACHE_DIR', str(tmp_path / 'layouts'))
+  argv = ['train', *SMALL, '--rounds', '2', '--epochs', '1']
+
+  def round_line(out, round_num):
+    return next(line for line in out.splitlines() if line.startswith(f'round {round_num:4d}'))
+
+  assert cli.main([*argv, '--out', 'auto']) == 0
+  out = capsys.readouterr().out
+  chosen = re.search(r'client chunk (\d+) \(chosen in \d+\.\d s\)', round_line(out, 1))
+  assert chosen and 'client chunk' not in round_line(out, 2), out
+  rows = [json.loads(line) for line in pathlib.Path('auto/metrics.jsonl').read_text().splitlines()]
+  chunk = int(chosen[1])
+  assert [r.get('layout/client_chunk_size') for r in rows] == [None, chunk, chunk]
+  assert [
+    e['chunk'] for e in json.loads((tmp_path / 'layouts' / 'layouts.json').read_text()).values()
+  ] == [chunk]
+  for out, chunk_argv in [('fixed', ['--client-chunk-size', '3']), ('default', ['--no-tune'])]:
+    assert cli.main([*argv, '--out', out, *chunk_argv]) == 0
+    assert 'client chunk' not in round_line(capsys.readouterr().out, 1)
+    assert 'layout/client_chunk_size' not in _last_metrics(out)  # nothing measured
+    assert json.loads(pathlib.Path(f'{out}/config.json').read_text())['client_chunk_size'] == (
+      3 if out == 'fixed' else 'auto'
+    )
+  assert cli.main([*argv, '--out', 'bad', '--client-chunk-size', '0']) == 2
+  err = capsys.readouterr().err
+  assert "--client-chunk-size: expected 'auto' or an int >= 1; got '0'" in err, err

@@ -201,3 +201,20 @@ def test_a_resumed_run_recalls_its_layout_reports_it_and_compiles_once(tmp_path,
   assert len(rounds) == 1  # the round, once: no candidate compiled
   assert [resumed[r]['layout/client_chunk_size'] for r in (3, 4)] == [chunk, chunk]
   assert resumed[3]['timing/tuning_seconds'] < first[1]['timing/tuning_seconds']
+
+
+def test_another_kind_of_machine_measures_again(tmp_path, monkeypatch):
+  process, batches = _fed_avg(), _batches()
+  state = process.initialize()
+  cache = fl.templates.LayoutCache(tmp_path)
+  first = FakeClock({1: 5.0, 2: 4.0, 4: 1.0, 6: 2.0, 9: 3.0})
+  assert _tuned(process, first, cache).tune(state, batches) == 4
+  monkeypatch.setattr(_layout, 'machine', lambda: 'gpu:H100x1')  # the run resumes elsewhere
+  other = FakeClock({1: 1.0, 2: 2.0, 4: 3.0, 6: 4.0, 9: 5.0})
+  assert _tuned(process, other, cache).tune(state, batches) == 1 and other.timed
+  assert sorted(
+    e['chunk'] for e in json.loads((tmp_path / 'layouts.json').read_text()).values()
+  ) == [
+    1,
+    4,
+  ]
