@@ -17,6 +17,7 @@ MODELS = _catalogue.MODELS
 ALGORITHMS = tuple(_catalogue.ALGORITHMS)
 OPTIMIZERS = tuple(_catalogue.OPTIMIZERS)
 PARTITIONS = ('dirichlet', 'iid', 'shards', 'power_law')
+STRAGGLER_POLICIES = ('drop', 'partial')
 AGGREGATORS = (
   'mean',
   'robust',
@@ -151,6 +152,13 @@ OPTIONS = (
   Option('no_tune', _bool, False, "auto chunk: the backend's default (8 on a CPU), not measured"),
   Option('epochs', _int(1), 2, 'local epochs'),
   Option('max_steps', _optional(_int(1)), None, 'cap on local steps per client'),
+  Option(
+    'stragglers',
+    _number(0, 1, low_inclusive=True),
+    0.0,
+    'share of each cohort doing part of its work',
+  ),
+  Option('straggler_policy', _choice(STRAGGLER_POLICIES), 'partial', 'drop | partial (stragglers)'),
   Option('seed', _int(0, 2**32 - 1), 0, 'seeds the model, partition, cohorts and shuffles'),
   Option('eval_every', _int(1), 5, 'evaluate every N rounds (and after the last)'),
   Option('checkpoint_every', _int(1), 1, 'checkpoint every N rounds (and after the last)'),

@@ -126,6 +126,17 @@ def _load(config: Mapping[str, Any]) -> tuple[data.FederatedData, dict[str, np.n
       {i: {'x': x_train[p], 'y': y_train[p]} for i, p in enumerate(parts)}
     )
     return train, {'x': x_test, 'y': y_test}, num_classes
+  if info.num_classes is not None:  # clients hold {'x', 'y'}; every test client evaluates
+    train, test = _read(info, config['data_path'])
+    train = train.preprocess_client(
+      lambda client: {'x': _as_model_input(model, client['x']), 'y': client['y']}
+    )
+    test_clients = test.get_clients(test.client_ids)
+    test_arrays = {
+      'x': _as_model_input(model, np.concatenate([c['x'] for c in test_clients])),
+      'y': np.concatenate([c['y'] for c in test_clients]),
+    }
+    return train, test_arrays, info.num_classes
   if info.name not in ('emnist', 'emnist_digits'):
     raise ConfigError(
       f'{flag("dataset")}: the command has no model for {info.name}; train it through the '
@@ -414,10 +425,21 @@ def build_experiment(config: Mapping[str, Any], *, multihost: bool = False) -> E
     # Multi-process: one id per client of training_data_fn's padded cohort.
     return multihost_lib.padded_cohort_ids(ids, mesh) if multihost else ids
 
+  def straggle(batches: data.ClientBatches, round_num: int, rows: slice) -> data.ClientBatches:
+    """`batches` (rows `rows` of the cohort) with the round's stragglers' work cut."""
+    if not config['stragglers']:
+      return batches
+    work = data.straggler_work(
+      config['clients_per_round'], config['stragglers'], config['epochs'],
+      round_num=round_num, seed=config['seed'],
+    )  # fmt: skip
+    return data.apply_straggler_work(batches, work[rows], config['straggler_policy'])
+
   def training_data_fn(round_num: int) -> data.ClientBatches:
     cohort = sample(round_num)
     if not multihost:
-      return batch([train.client_ids[i] for i in cohort], round_num, buckets)
+      cohort_batches = batch([train.client_ids[i] for i in cohort], round_num, buckets)
+      return straggle(cohort_batches, round_num, slice(None))
     # Every process sampled the same cohort; each batches its own block, padded to the step
     # count of the cohort's longest client so that the blocks form one array.
     start, stop, padded = multihost_lib.cohort_block(len(cohort), mesh)
@@ -427,7 +449,11 @@ def build_experiment(config: Mapping[str, Any], *, multihost: bool = False) -> E
     )  # fmt: skip
     round_buckets = [next(b for b in buckets if b >= steps)]
     block = [train.client_ids[i] for i in cohort[start:stop]]
-    local = batch(block, round_num, round_buckets) if block else None
+    local = (
+      straggle(batch(block, round_num, round_buckets), round_num, slice(start, stop))
+      if block
+      else None
+    )
     if local is None:  # a block of padding only: shapes from the cohort's first client
       local = jax.tree.map(
         np.zeros_like, batch([train.client_ids[cohort[0]]], round_num, round_buckets)

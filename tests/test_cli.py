@@ -560,3 +560,19 @@ def test_the_chunk_is_measured_once_reported_and_can_be_fixed_or_left_unmeasured
   assert cli.main([*argv, '--out', 'bad', '--client-chunk-size', '0']) == 2
   err = capsys.readouterr().err
   assert "--client-chunk-size: expected 'auto' or an int >= 1; got '0'" in err, err
+
+
+def test_synthetic_data_with_stragglers_trains_from_the_command(capsys):
+  argv = ['train', '--dataset', 'synthetic_1_1', '--model', 'logreg', '--rounds', '2']
+  argv += ['--epochs', '4', '--batch-size', '10', '--client-lr', '0.01', '--quiet']
+  assert cli.main([*argv, '--out', 'all']) == 0
+  assert (
+    cli.main([*argv, '--out', 'drop', '--stragglers', '0.5', '--straggler-policy', 'drop']) == 0
+  )
+  # Half of each cohort dropped: about half the examples (the cohort is the same).
+  full, half = (_last_metrics(out)['client_work/train/num_examples'] for out in ('all', 'drop'))
+  assert 0 < half < full
+  config = json.loads(pathlib.Path('drop/config.json').read_text())
+  assert (config['stragglers'], config['straggler_policy']) == (0.5, 'drop')
+  assert cli.main([*argv, '--out', 'bad', '--stragglers', '1']) == 2
+  assert '--stragglers: expected a number in [0, 1); got' in capsys.readouterr().err

@@ -33,6 +33,8 @@ from fedjax_lite.data._registry import DATASETS, DatasetInfo, get_dataset
 from fedjax_lite.data._sampling import sample_cohort
 from fedjax_lite.data._shakespeare import SHAKESPEARE_VOCAB_SIZE, shakespeare_preprocess
 from fedjax_lite.data._sqlite import SQLiteFederatedData
+from fedjax_lite.data._stragglers import apply_straggler_work, straggler_work
+from fedjax_lite.data._synthetic import synthetic_fedprox
 from fedjax_lite.data._tff_h5 import HDF5FederatedData, load_tff_h5
 
 __all__ = [
@@ -45,6 +47,7 @@ __all__ = [
   'InMemoryFederatedData',
   'Prefetcher',
   'SQLiteFederatedData',
+  'apply_straggler_work',
   'batch_cohort',
   'build_client_batches',
   'check_client_batches',
@@ -75,5 +78,7 @@ __all__ = [
   'sample_cohort',
   'shakespeare_preprocess',
   'step_buckets',
+  'straggler_work',
+  'synthetic_fedprox',
   'train_test_split',
 ]

@@ -24,6 +24,7 @@ from fedjax_lite.data import (
   _federated_datasets,
   _image_datasets,
   _movielens,
+  _synthetic,
 )
 
 PathLike = str | pathlib.Path | None
@@ -42,6 +43,8 @@ class DatasetInfo:
     how_to_get: how to make it available offline.
     load: `load(path=None)`, returning what `kind` says.
     available: `available(path=None) -> bool`, cheap, never downloads.
+    num_classes: for a federated classification dataset whose clients hold `{'x', 'y'}` as a
+      model takes them (labels in `[0, num_classes)`), its classes; else None.
   """
 
   name: str
@@ -52,6 +55,7 @@ class DatasetInfo:
   how_to_get: str
   load: Callable[[PathLike], Any] = dataclasses.field(repr=False)
   available: Callable[[PathLike], bool] = dataclasses.field(repr=False)
+  num_classes: int | None = None
 
 
 def _found(find: Callable[[], Any]) -> bool:
@@ -122,6 +126,23 @@ def _federated(
     )
 
   return load, available
+
+
+def _synthetic_entry(name: str, alpha: float, beta: float, iid: bool = False) -> DatasetInfo:
+  """A generated Synthetic(α, β) population (`fl.data.synthetic_fedprox`, seed 0)."""
+  which = 'IID' if iid else f'({alpha:g}, {beta:g})'
+  return DatasetInfo(
+    name=name,
+    kind='federated',
+    description=f'FedProx Synthetic{which}: 30 generated clients, 60 features, 10 classes, '
+    '90/10 split per client',
+    source='generated (Li et al. 2020, Section 5.1)',
+    license='generated here; no data is distributed',
+    how_to_get='nothing: it is generated',
+    load=lambda path=None: _synthetic.synthetic_fedprox(alpha, beta, iid=iid),
+    available=lambda path=None: True,
+    num_classes=_synthetic.NUM_CLASSES,
+  )
 
 
 _TFF_FILES = (
@@ -217,6 +238,10 @@ DATASETS: Mapping[str, DatasetInfo] = types.MappingProxyType(
         load=_stackoverflow[0],
         available=_stackoverflow[1],
       ),
+      _synthetic_entry('synthetic_0_0', 0, 0),
+      _synthetic_entry('synthetic_0.5_0.5', 0.5, 0.5),
+      _synthetic_entry('synthetic_1_1', 1, 1),
+      _synthetic_entry('synthetic_iid', 0, 0, iid=True),
     )
   }
 )

@@ -7,6 +7,8 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from fedjax_lite import tree as tree_lib
 from fedjax_lite.templates import _layout, _processes
@@ -48,6 +50,23 @@ def _host_checked(jitted: Callable, check: Callable[[Any], None]) -> Callable:
   # For a driver that jits `next` again (donating the state): the check to run before it.
   next_fn.check_client_data = check
   return next_fn
+
+
+def _without_steps(client_batches: Any) -> Any:
+  """`client_batches`' shapes with the step axis (axis 1 of the batch and mask) set to 0."""
+
+  def spec(x, steps_axis):
+    shape = list(np.shape(x))
+    if steps_axis:
+      shape[1] = 0
+    return jax.ShapeDtypeStruct(tuple(shape), jnp.result_type(x))
+
+  ids = client_batches.client_ids
+  return client_batches._replace(
+    batch=jax.tree.map(lambda x: spec(x, True), client_batches.batch),
+    mask=spec(client_batches.mask, True),
+    client_ids=None if ids is None else spec(ids, False),
+  )
 
 
 def compose_learning_process(
@@ -216,7 +235,11 @@ def compose_learning_process(
 
   if client_work.auto_chunk:  # the chunk is measured the first time a shape runs
     devices = client_work.client_devices  # each loops over its share of the cohort
-    jitted_next = _layout.TunedNext(next_fn, lambda args: -(-args[1].mask.shape[0] // devices))
+    jitted_next = _layout.TunedNext(
+      next_fn,
+      lambda args: -(-args[1].mask.shape[0] // devices),
+      key_args=lambda args: (args[0], _without_steps(args[1]), *args[2:]),
+    )
   else:
     jitted_next = jax.jit(next_fn)
   if client_work.check_client_data is not None:

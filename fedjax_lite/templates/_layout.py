@@ -223,6 +223,10 @@ class TunedNext:
   Args:
     next_fn: the round, traceable; its cohort loops run with `client_chunk_size='auto'`.
     num_clients_fn: `args -> clients of the round` (for the candidates and the default).
+    key_args: `args -> what identifies the layout's shape` (pytree of arrays or
+      `jax.ShapeDtypeStruct`s); default `args` whole. A round keys on its client data without
+      the step axis: the best chunk does not depend on how many steps a cohort pads to, so a
+      bucketed population measures once, not once per bucket.
     cache: where choices persist across processes (default: `LayoutCache()`).
     timer: `(chunk, run) -> seconds` of one call of the compiled candidate (`run()` calls it
       and waits); the wall clock by default, a fake clock in tests.
@@ -237,6 +241,7 @@ class TunedNext:
     next_fn: Callable[..., Any],
     num_clients_fn: Callable[[tuple], int],
     *,
+    key_args: Callable[[tuple], Any] = lambda args: args,
     cache: LayoutCache | None = None,
     timer: Callable[[int, Callable[[], Any]], float] = _wall_seconds,
     repeats: int = 2,
@@ -244,7 +249,7 @@ class TunedNext:
     donate_state: bool = False,
   ):
     functools.update_wrapper(self, next_fn)
-    self._next_fn, self._num_clients = next_fn, num_clients_fn
+    self._next_fn, self._num_clients, self._key_args = next_fn, num_clients_fn, key_args
     self._cache, self._timer, self._repeats = cache, timer, repeats
     self._budget, self._donate = budget_seconds, donate_state
     self._variants: dict[int | None, Any] = {}
@@ -258,6 +263,7 @@ class TunedNext:
     donating = TunedNext(
       self._next_fn,
       self._num_clients,
+      key_args=self._key_args,
       cache=self._cache,
       timer=self._timer,
       repeats=self._repeats,
@@ -287,8 +293,9 @@ class TunedNext:
     return self._variants[chunk]
 
   def key(self, *args) -> str:
-    """The cache key of a call: the machine and the shapes and dtypes of its arguments."""
-    specs = tree_lib.tree_specs(args)
+    """The cache key of a call: the machine and the shapes and dtypes of its arguments (those
+    of `key_args`)."""
+    specs = tree_lib.tree_specs(self._key_args(args))
     shapes = [(tuple(s.shape), str(s.dtype)) for s in jax.tree.leaves(specs)]
     text = f'{machine()}|{jax.__version__}|{jax.tree.structure(specs)}|{shapes}'
     return hashlib.sha256(text.encode()).hexdigest()[:32]

@@ -218,3 +218,23 @@ def test_another_kind_of_machine_measures_again(tmp_path, monkeypatch):
     1,
     4,
   ]
+
+
+def test_a_round_keys_its_layout_without_the_step_axis(tmp_path, caplog):
+  """A bucketed population pads cohorts to a few step counts: the chunk measured at one serves
+  the others (no candidate compiled again)."""
+  process = _fed_avg()  # its own TunedNext, with the wall clock
+  state = process.initialize()
+  short, long = (
+    _batches(),
+    fl.data.build_client_batches(
+      ref.random_clients(SIZES, seed=0), batch_size=4, num_steps=5, seed=0
+    ),
+  )
+  chunk = process.next.tune(state, short)
+  caplog.clear()
+  with jax.log_compiles(), caplog.at_level(logging.WARNING, logger='jax'):
+    assert process.next.tune(state, long) == chunk
+  assert not [m for m in caplog.messages if m.startswith('Finished XLA compilation')]
+  cache = json.loads((tmp_path / 'cache' / 'layouts.json').read_text())
+  assert [entry['chunk'] for entry in cache.values()] == [chunk]
