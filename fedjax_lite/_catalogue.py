@@ -9,6 +9,9 @@ an error, not silently ignored.
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import os
+import sys
 import types
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -48,6 +51,39 @@ CLASSIFIERS: Mapping[str, Callable[..., models.FunctionalModel]] = types.Mapping
 )
 # Models with their own data and algorithm (matrix factorization needs fedrecon and MovieLens).
 MODELS = (*CLASSIFIERS, 'mf')
+
+
+def classifier(name: str) -> Callable[..., models.FunctionalModel]:
+  """`CLASSIFIERS[name]`, or for an import path `module:callable` your own: called as the
+  catalogue's are, `(input shape, num_classes, seed)` (the input shape of one example: features
+  `(n,)`, or `(side, side, 1)` images for the built-in CNN only), it must return a
+  `fl.FunctionalModel`. Its module is imported from the working folder or `sys.path`. Raises
+  ValueError naming the path when it cannot be used."""
+  if name in CLASSIFIERS:
+    return CLASSIFIERS[name]
+  module_name, _, attribute = name.partition(':')
+  if os.getcwd() not in sys.path:  # as `python -m` would: modules beside you import
+    sys.path.insert(0, os.getcwd())
+  try:
+    build = getattr(importlib.import_module(module_name), attribute)
+  except ImportError as error:
+    raise ValueError(f'{name}: cannot import {module_name} ({error})') from None
+  except AttributeError:
+    raise ValueError(f'{name}: {module_name} has no {attribute}') from None
+  if not callable(build):
+    raise ValueError(f'{name} is not callable; got {type(build).__name__}')
+
+  def checked(shape, num_classes, seed):
+    model = build(shape, num_classes, seed)
+    if not isinstance(model, models.FunctionalModel):
+      raise ValueError(
+        f'{name}(input_shape, num_classes, seed) must return a fl.FunctionalModel; got '
+        f'{type(model).__name__}'
+      )
+    return model
+
+  return checked
+
 
 # Settings that only some algorithms read; every other setting applies to all of them.
 ALGORITHM_SETTINGS = (

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import re
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -90,6 +91,19 @@ def _choice(choices: Sequence[str]) -> Callable[[Any], str]:
   return parse
 
 
+_IMPORT_PATH = re.compile(r'[A-Za-z_][\w.]*:[A-Za-z_]\w*')
+
+
+def _model(value: Any) -> str:
+  """A model of the catalogue, or an import path `module:callable` (checked when built)."""
+  if value in MODELS or (isinstance(value, str) and _IMPORT_PATH.fullmatch(value)):
+    return value
+  raise ValueError(
+    f'unknown name {value!r}; expected one of {", ".join(MODELS)}, or an import path '
+    'module:callable'
+  )
+
+
 def _chunk(value: Any) -> int | str:
   """'auto' or an int >= 1."""
   if value == 'auto':
@@ -117,7 +131,7 @@ class Option:
 OPTIONS = (
   Option('dataset', _choice(tuple(_registry.DATASETS)), 'digits', 'see `fedjax-lite datasets`'),
   Option('data_path', _optional(str), None, "the dataset's files, if not at the default place"),
-  Option('model', _choice(MODELS), 'mlp', ' | '.join(MODELS)),
+  Option('model', _model, 'mlp', ' | '.join(MODELS) + ' | module:callable (your own)'),
   Option('algorithm', _choice(ALGORITHMS), 'fedavg', ' | '.join(ALGORITHMS)),
   Option('rounds', _int(1), 30, 'training rounds'),
   Option('clients_per_round', _int(1), 10, 'cohort size'),

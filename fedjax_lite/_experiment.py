@@ -164,7 +164,11 @@ def _load(config: Mapping[str, Any]) -> tuple[data.FederatedData, dict[str, np.n
 
 
 def _model(config: Mapping[str, Any], example_x: np.ndarray, num_classes: int):
-  model = _catalogue.CLASSIFIERS[config['model']](example_x.shape[1:], num_classes, config['seed'])
+  try:
+    build = _catalogue.classifier(config['model'])
+    model = build(example_x.shape[1:], num_classes, config['seed'])
+  except ValueError as error:
+    raise ConfigError(f'{flag("model")}: {error}') from None
   return _mixed_precision(config, model)
 
 

@@ -430,29 +430,17 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-  from fedjax_lite import _experiment
-
-  saved_path = os.path.join(args.run_dir, CONFIG_FILE)
-  if not os.path.exists(saved_path):
-    raise ConfigError(f'RUN_DIR: {args.run_dir} is not a run folder ({saved_path} is missing)')
-  config = _config.resolve({}, _read_run_config(saved_path))
-  experiment = _experiment.build_experiment(config)
-  checkpoints = simulation.FileCheckpointManager(os.path.join(args.run_dir, CHECKPOINT_DIR))
-  structure = jax.eval_shape(experiment.process.initialize)
-  if args.round is None:
-    state, round_num = checkpoints.load_latest_checkpoint(structure)
-    if state is None:
-      raise ConfigError(f'RUN_DIR: {args.run_dir} has no checkpoint yet')
-  else:
-    if args.round not in checkpoints.checkpoint_rounds():
-      raise ConfigError(
-        f'--round: no checkpoint of round {args.round} in {args.run_dir}; it has rounds '
-        f'{checkpoints.checkpoint_rounds()}'
-      )
-    state, round_num = checkpoints.load_checkpoint(structure, args.round), args.round
-  metrics = simulation.flatten_metrics(experiment.evaluation_fn(state, experiment.evaluation_data))
-  print(f'round {round_num} of {args.run_dir}')
-  for key, value in metrics.items():
+  try:
+    run = simulation.load_run(args.run_dir, args.round)
+  except (FileNotFoundError, ValueError) as error:
+    if isinstance(error, ConfigError):  # a saved setting the command refuses: says which
+      raise
+    flag = (
+      '--round' if args.round is not None and 'no checkpoint of round' in str(error) else 'RUN_DIR'
+    )
+    raise ConfigError(f'{flag}: {error}') from None
+  print(f'round {run.round_num} of {args.run_dir}')
+  for key, value in run.evaluate().items():
     print(f'  {key} {value:.6g}')
   return 0
 

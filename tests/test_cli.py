@@ -576,3 +576,52 @@ def test_synthetic_data_with_stragglers_trains_from_the_command(capsys):
   assert (config['stragglers'], config['straggler_policy']) == (0.5, 'drop')
   assert cli.main([*argv, '--out', 'bad', '--stragglers', '1']) == 2
   assert '--stragglers: expected a number in [0, 1); got' in capsys.readouterr().err
+
+
+def test_load_run_brings_a_command_run_back_and_evaluates_it_on_your_data():
+  assert cli.main(['train', *SMALL, '--out', 'run', '--quiet']) == 0  # 4 rounds, eval every 2
+  run = fl.simulation.load_run('run')
+  assert run.round_num == 4 and run.config['rounds'] == 4 and sorted(run.metrics) == list(range(5))
+  last = run.metrics[4]
+  # The held-out evaluation the run released, again from the loaded state.
+  again = run.evaluate()
+  assert again['accuracy'] == pytest.approx(last['evaluation/accuracy'], abs=1e-6)
+  weights = run.process.get_model_weights(_checkpoint('run', 4))
+  for a, b in zip(jax.tree.leaves(run.model_weights), jax.tree.leaves(weights), strict=True):
+    np.testing.assert_array_equal(a, b)
+  # Your own data: a few held-out digits as one client.
+  x, y = fl.data.load_digits()
+  mine = fl.data.build_client_batches([{'x': x[:50], 'y': y[:50]}], batch_size=25, shuffle=False)
+  assert run.evaluate(mine)['num_examples'] == 50
+  assert fl.simulation.load_run('run', round_num=2).round_num == 2
+  with pytest.raises(
+    ValueError, match=r'no checkpoint of round 1 in run; it has rounds \[2, 3, 4\]'
+  ):
+    fl.simulation.load_run('run', round_num=1)
+  with pytest.raises(FileNotFoundError, match='nowhere is not a run folder'):
+    fl.simulation.load_run('nowhere')
+
+
+def test_your_own_model_trains_from_the_command_by_import_path(tmp_path, capsys):
+  (tmp_path / 'my_models_for_cli.py').write_text(
+    'import fedjax_lite as fl\n'
+    'def wide(input_shape, num_classes, seed):\n'
+    '  return fl.models.mlp_classifier(input_shape[0], num_classes, (32,), seed)\n'
+    'def broken(input_shape, num_classes, seed):\n'
+    '  return {"not": "a model"}\n'
+  )
+  argv = ['train', *SMALL, '--rounds', '2', '--quiet']
+  assert cli.main([*argv, '--model', 'my_models_for_cli:wide', '--out', 'mine']) == 0
+  run = fl.simulation.load_run('mine')
+  shapes = sorted(w.shape for w in jax.tree.leaves(run.model_weights.trainable))
+  assert shapes == [(10,), (32,), (32, 10), (64, 32)]  # its hidden layer of 32, not mlp's 200s
+  for model, message in [
+    ('my_models_for_cli:broken', 'must return a fl.FunctionalModel; got dict'),
+    ('my_models_for_cli:missing', 'my_models_for_cli has no missing'),
+    ('no_such_module_here:build', 'cannot import no_such_module_here'),
+  ]:
+    assert cli.main([*argv, '--model', model, '--out', 'bad']) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('fedjax-lite train: error: --model: ') and message in err, err
+  assert cli.main([*argv, '--model', 'not a path', '--out', 'bad']) == 2
+  assert 'or an import path module:callable' in capsys.readouterr().err

@@ -21,6 +21,7 @@ from fedjax_lite.simulation._metrics_managers import (
 )
 from fedjax_lite.simulation._plot import plot_run
 from fedjax_lite.simulation._progress import CompileTimer
+from fedjax_lite.simulation._runs import Run, load_run
 from fedjax_lite.simulation._sweep import run_sweep, stack_client_batches
 from fedjax_lite.simulation._training_loop import build_evaluation_fn, run_training_process
 
@@ -34,6 +35,7 @@ __all__ = [
   'InMemoryMetricsManager',
   'JSONLMetricsManager',
   'MetricsManager',
+  'Run',
   'RunFolderInUseError',
   'RunFolderLock',
   'SQLiteClientStateStore',
@@ -41,6 +43,7 @@ __all__ = [
   'build_evaluation_fn',
   'flatten_metrics',
   'load_metrics',
+  'load_run',
   'multihost',
   'plot_run',
   'run_sweep',
