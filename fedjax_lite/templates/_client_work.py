@@ -217,9 +217,16 @@ def check_optimizer(optimizer: Any, name: str) -> None:
     )
 
 
-def _cpu_convolution(model: models.FunctionalModel) -> bool:
-  """Whether JAX runs on a CPU and the model's forward pass convolves (read from its jaxpr;
-  nothing is computed)."""
+# Forward passes that run one client per lane on a CPU: convolutions (vmapped over clients they
+# become grouped convolutions, ~3x slower on XLA:CPU) and loops (a recurrent layer's scan over
+# time: its many small matmuls batched over clients ran an LSTM round at 0.71-0.81x a Python loop
+# at 4 clients a lane, 1.04-1.08x at one; benchmarks/lstm_round.py).
+_ONE_LANE_PRIMITIVES = frozenset({'conv_general_dilated', 'scan', 'while'})
+
+
+def _one_client_per_lane_on_cpu(model: models.FunctionalModel) -> bool:
+  """Whether JAX runs on a CPU and the model's forward pass convolves or loops (read from its
+  jaxpr; nothing is computed)."""
   if jax.default_backend() != 'cpu':
     return False
   spec = jax.tree.map(lambda s: jax.ShapeDtypeStruct((1, *s.shape[1:]), s.dtype), model.input_spec)
@@ -228,7 +235,7 @@ def _cpu_convolution(model: models.FunctionalModel) -> bool:
 
   def walk(jaxpr):
     for eqn in jaxpr.eqns:
-      if eqn.primitive.name == 'conv_general_dilated':
+      if eqn.primitive.name in _ONE_LANE_PRIMITIVES:
         return True
       for sub in jex_core.jaxprs_in_params(eqn.params):
         if walk(sub):
@@ -424,7 +431,8 @@ def build_client_work(
       state sums metric states over rounds) instead of training measurements; no update.
     client_chunk_size: clients vmapped together. `'auto'` (the default): measured the first
       time the round runs on a new shape, among a few candidates (`fl.templates.TunedNext`;
-      a model that convolves runs one client per lane on a CPU, unmeasured); None: the
+      a model that convolves or loops (a recurrent layer) runs one client per lane on a CPU,
+      unmeasured); None: the
       backend's default (8 on a CPU, 256 on an accelerator); an int fixes it.
     mesh: a `jax.sharding.Mesh` with a `'clients'` axis: every device runs its own clients.
     seed: seeds the per-round keys.
@@ -444,8 +452,8 @@ def build_client_work(
   metric_init, metric_update, metric_finalize = training_metric_fns(model)
   aggregate_metrics = (metrics_aggregator or metrics_lib.sum_then_finalize)(metric_finalize)
   initial_hparams = {} if hparams is None else hparams
-  if client_chunk_size in (None, _layout.AUTO) and _cpu_convolution(model):
-    client_chunk_size = _cohort.CPU_CONV_CHUNK  # nothing to measure: one client per lane wins
+  if client_chunk_size in (None, _layout.AUTO) and _one_client_per_lane_on_cpu(model):
+    client_chunk_size = _cohort.CPU_ONE_LANE_CHUNK  # nothing to measure: one client per lane wins
   check_data = client_data_check(model)
   takes_broadcast = _takes_broadcast(client_loop_fn)
 

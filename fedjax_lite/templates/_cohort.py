@@ -29,10 +29,11 @@ from fedjax_lite.templates import _layout
 # On a CPU, vmapping a few clients at a time beats both one-at-a-time and the whole cohort at
 # once (benchmarks/WORKLOAD.md); accelerators want the widest vmap that fits. Vmapped over
 # clients, a convolution with per-client kernels becomes a grouped convolution, which XLA:CPU
-# runs ~3x slower than the clients' convolutions one by one: convolutional models run one
+# runs ~3x slower than the clients' convolutions one by one, and a recurrent layer's many small
+# matmuls lose more to batching than they gain: convolutional and recurrent models run one
 # client per lane there.
 _CPU_CHUNK = 8
-CPU_CONV_CHUNK = 1
+CPU_ONE_LANE_CHUNK = 1
 _ACCELERATOR_CHUNK = 256
 
 CLIENTS_AXIS = 'clients'
@@ -40,7 +41,7 @@ CLIENTS_AXIS = 'clients'
 
 def default_chunk_size(num_clients: int) -> int:
   """Clients vmapped together: a few on a CPU, up to 256 on an accelerator (convolutional
-  models on a CPU: `CPU_CONV_CHUNK`, chosen by `build_client_work`)."""
+  and recurrent models on a CPU: `CPU_ONE_LANE_CHUNK`, chosen by `build_client_work`)."""
   chunk = _CPU_CHUNK if jax.default_backend() == 'cpu' else _ACCELERATOR_CHUNK
   return max(1, min(chunk, num_clients))
 
@@ -85,6 +86,23 @@ def client_ids(client_batches: _client_batches.ClientBatches) -> jax.Array:
   return jnp.asarray(client_batches.client_ids, jnp.uint32)
 
 
+def _one_lane(fn: Callable, in_axes: Any = 0) -> Callable:
+  """`jax.vmap(fn, in_axes)` for a batch of one: `fn` itself on the squeezed arguments, its
+  outputs given the axis back. A vmap of one client makes every matmul and convolution a
+  batched one of batch 1, which XLA:CPU runs through slower kernels than the plain op (an LSTM
+  round at one client a lane ran 1.8x slower than a Python loop of the same steps)."""
+
+  def call(*args):
+    axes = in_axes if isinstance(in_axes, tuple) else (in_axes,) * len(args)
+    squeezed = [
+      arg if axis is None else jax.tree.map(lambda x: x[0], arg)
+      for arg, axis in zip(args, axes, strict=True)
+    ]
+    return jax.tree.map(lambda x: x[None], fn(*squeezed))
+
+  return call
+
+
 def _local_loop(init_fn, step_fn, finalize_fn, chunk_size, batch, mask, ids, inputs, present):
   """The chunked loop over the clients this device holds; returns `(summed, stacked)`."""
   num_clients = mask.shape[0]
@@ -109,7 +127,8 @@ def _local_loop(init_fn, step_fn, finalize_fn, chunk_size, batch, mask, ids, inp
   zeros = lambda s, lead=(): jnp.zeros((*lead, *s.shape), s.dtype)
   summed = jax.tree.map(zeros, summed_spec)
   stacked = jax.tree.map(lambda s: zeros(s, (num_clients,)), stacked_spec)
-  vstep = jax.vmap(step_fn, in_axes=(0, 0, 0, None))
+  lanes = jax.vmap if chunk > 1 else _one_lane
+  vstep = lanes(step_fn, in_axes=(0, 0, 0, None))
 
   def run_chunk(acc, clients):
     summed, stacked = acc
@@ -124,11 +143,11 @@ def _local_loop(init_fn, step_fn, finalize_fn, chunk_size, batch, mask, ids, inp
       step_mask = mask[rows, step] * real[:, None].astype(mask.dtype)
       new_carry = vstep(carry, step_batch, step_mask, step)
       has_data = jnp.any(step_mask > 0, axis=1)
-      return step + 1, jax.vmap(tree_lib.tree_where)(has_data, new_carry, carry)
+      return step + 1, lanes(tree_lib.tree_where)(has_data, new_carry, carry)
 
-    carry = jax.vmap(init_fn)(chunk_inputs, chunk_ids)
+    carry = lanes(init_fn)(chunk_inputs, chunk_ids)
     _, carry = lax.while_loop(lambda loop: loop[0] < last_step, body, (jnp.int32(0), carry))
-    chunk_summed, chunk_stacked = jax.vmap(finalize_fn)(carry, chunk_inputs, chunk_ids)
+    chunk_summed, chunk_stacked = lanes(finalize_fn)(carry, chunk_inputs, chunk_ids)
     summed = tree_lib.tree_add(
       summed, tree_lib.tree_sum_over_clients(chunk_summed, real & present[rows])
     )

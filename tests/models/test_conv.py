@@ -80,5 +80,5 @@ def test_the_gradient_compiles_to_canonical_convolutions_inside_a_loop():
 def test_convolutional_models_are_recognized_for_the_cpu_chunk_default():
   from fedjax_lite.templates import _client_work
 
-  assert _client_work._cpu_convolution(fl.models.cnn_classifier((8, 8, 1), 3))
-  assert not _client_work._cpu_convolution(fl.models.mlp_classifier(4, 3))
+  assert _client_work._one_client_per_lane_on_cpu(fl.models.cnn_classifier((8, 8, 1), 3))
+  assert not _client_work._one_client_per_lane_on_cpu(fl.models.mlp_classifier(4, 3))

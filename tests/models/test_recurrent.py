@@ -82,3 +82,9 @@ def test_an_lstm_round_equals_a_python_loop_over_clients_and_batches(chunk):
   got = process.get_model_weights(state).trainable
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_recurrent_model_runs_one_client_per_lane_on_a_cpu():
+  from fedjax_lite.templates import _client_work
+
+  assert _client_work._one_client_per_lane_on_cpu(_model())  # its LSTM scans over time
