@@ -285,9 +285,10 @@ class ProcessRunner:
     next_fn = process.next
     self._check = None  # a host-side data check `next` cannot run once re-jitted
     self._tune = getattr(next_fn, 'tune', None)  # a TunedNext: its layout is measured
+    self._observe = None  # its round times, to measure again when the host changes
     if donate_state and hasattr(next_fn, 'with_donated_state'):
       next_fn = next_fn.with_donated_state()  # the candidate kept is the program run
-      self._tune = next_fn.tune
+      self._tune, self._observe = next_fn.tune, next_fn.observe
       self._check = getattr(process.next, 'check_client_data', None)
     elif donate_state and hasattr(next_fn, 'lower'):  # a jitted next (every built process)
       next_fn = jax.jit(next_fn, donate_argnums=0)
@@ -332,7 +333,7 @@ class ProcessRunner:
     start = time.perf_counter()
     if self._tune is not None:  # the layout is chosen (or recalled) before its shape compiles
       extra[f'{LAYOUT_KEY}/client_chunk_size'] = self._tune(*args)
-      if not self._tuned:  # part of the first round's train time, as its compilation is
+      if not self._tuned or self._tune.__self__.measured:  # part of this round's train time
         timing['tuning_seconds'] = time.perf_counter() - start
         self._tuned = True
     self.state, process_metrics, *client_states = self._next(*args)
@@ -341,6 +342,8 @@ class ProcessRunner:
     jax.block_until_ready((self.state, process_metrics))
     self.round = round_num
     timing['train_seconds'] = time.perf_counter() - start
+    if self._observe is not None and 'tuning_seconds' not in timing:  # a round like any other
+      self._observe(timing['train_seconds'])
     flat = self._ledger.end_round(round_num, process_metrics, self.state, timing, extra)
     warn_if_no_usable_client(flat, data, round_num)
     return [flat]

@@ -22,6 +22,7 @@ Environment:
 
 from __future__ import annotations
 
+import collections
 import contextvars
 import functools
 import hashlib
@@ -29,6 +30,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import tempfile
 import time
 import warnings
@@ -45,6 +47,10 @@ AUTO = 'auto'
 CACHE_FILE = 'layouts.json'
 TUNE_ENV = 'FEDJAX_LITE_TUNE'
 CACHE_DIR_ENV = 'FEDJAX_LITE_CACHE_DIR'
+# A kept chunk is measured again when the median of the last `DRIFT_ROUNDS` rounds is
+# `DRIFT_FACTOR` times the seconds it was chosen at (the host got busier, or quieter work was
+# measured): the best chunk depends on what else runs on the machine.
+DRIFT_FACTOR, DRIFT_ROUNDS = 1.5, 3
 _CPU_CANDIDATES = (1, 2, 4, 8, 16)
 _ACCELERATOR_CANDIDATES = (64, 128, 256, 512, 1024)
 
@@ -148,6 +154,14 @@ class LayoutCache:
       )
       return None
     return chunk
+
+  def timing(self, key: str) -> float | None:
+    """The seconds a round took with the stored chunk of `key` when it was measured, or None."""
+    entry = self._entries().get(key)
+    try:
+      return float(entry['seconds'][str(entry['chunk'])])
+    except (TypeError, KeyError, ValueError):
+      return None
 
   def put(self, key: str, chunk: int, seconds: dict[int, float], description: str) -> None:
     """Stores `chunk` for `key` with the timings it won (seconds per candidate chunk)."""
@@ -254,6 +268,11 @@ class TunedNext:
     self._budget, self._donate = budget_seconds, donate_state
     self._variants: dict[int | None, Any] = {}
     self._chosen: dict[str, int | None] = {}
+    self._expected: dict[str, float] = {}  # seconds a round took when its chunk was chosen
+    self._recent: dict[str, collections.deque] = {}
+    self._stale: set[str] = set()  # measured again, whatever the disk cache holds
+    self._last_key: str | None = None
+    self.measured = False  # whether the last `tune` measured candidates
 
   def with_donated_state(self) -> TunedNext:
     """This `next` with its state argument donated (`jax.jit(..., donate_argnums=0)`: the
@@ -270,7 +289,8 @@ class TunedNext:
       budget_seconds=self._budget,
       donate_state=True,
     )
-    donating._chosen = self._chosen
+    for name in ('_chosen', '_expected', '_recent', '_stale'):
+      setattr(donating, name, getattr(self, name))
     return donating
 
   def _variant(self, chunk: int | None):
@@ -313,22 +333,50 @@ class TunedNext:
   def tune(self, *args) -> int:
     """Chooses the chunk for calls shaped as `args` (concrete arrays): remembered, cached on
     disk, or measured now on `args`; returns its lanes. Measuring is skipped with
-    `FEDJAX_LITE_TUNE=0` (the default chunk is used)."""
-    key = self.key(*args)
+    `FEDJAX_LITE_TUNE=0` (the default chunk is used). `measured` says whether this call
+    measured."""
+    key = self._last_key = self.key(*args)
+    self.measured = False
     if key in self._chosen:
       return self.layout(*args)
     chunk = None
     if tuning_enabled():
       cache = self._cache if self._cache is not None else LayoutCache()
-      stored = cache.get(key)
+      stored = None if key in self._stale else cache.get(key)
       if jax.process_count() > 1:  # process 0's cache decides for every process
         stored = int(_agreed(-1 if stored is None else stored))
         stored = None if stored < 0 else stored
-      chunk = stored if stored is not None else self._measure(key, cache, args)
+      if stored is not None:
+        chunk, expected = stored, cache.timing(key)
+      else:
+        chunk, expected = self._measure(key, cache, args)
+        self.measured = True
+      self._stale.discard(key)
+      if expected is not None:
+        self._expected[key] = expected
     self._chosen[key] = chunk
     return self.layout(*args)
 
-  def _measure(self, key: str, cache: LayoutCache, args: tuple) -> int:
+  def observe(self, seconds: float) -> bool:
+    """Records that a round shaped as the last `tune`'s took `seconds` (compiling and
+    measuring excluded). When the last `DRIFT_ROUNDS` took `DRIFT_FACTOR` times the seconds the
+    chunk was chosen at, the choice is dropped and the next `tune` measures again (ignoring the
+    disk cache); returns whether it was. One process only: in a multi-process run the processes
+    would have to agree on when, so they keep their choice."""
+    key = self._last_key
+    if key not in self._expected or jax.process_count() > 1 or not tuning_enabled():
+      return False
+    recent = self._recent.setdefault(key, collections.deque(maxlen=DRIFT_ROUNDS))
+    recent.append(seconds)
+    if len(recent) < DRIFT_ROUNDS or statistics.median(recent) < DRIFT_FACTOR * self._expected[key]:
+      return False
+    for table in (self._chosen, self._expected, self._recent):
+      table.pop(key, None)
+    self._stale.add(key)
+    return True
+
+  def _measure(self, key: str, cache: LayoutCache, args: tuple) -> tuple[int, float | None]:
+    """`(the fastest chunk, its seconds)`, measured on `args` and stored in `cache`."""
     from fedjax_lite.templates import _cohort
 
     num_clients = self._num_clients(args)
@@ -348,7 +396,7 @@ class TunedNext:
       return seconds[chunk]
 
     if len(chunks) == 1:  # nothing to choose
-      return chunks[0]
+      return chunks[0], None
     began = time.perf_counter()
     over_budget = lambda: _agreed(time.perf_counter() - began) > self._budget
     chunk = search(chunks, measure, start, over_budget)
@@ -358,7 +406,7 @@ class TunedNext:
     )
     if jax.process_index() == 0:
       cache.put(key, chunk, seconds, description)
-    return chunk
+    return chunk, seconds.get(chunk)
 
   def __call__(self, *args, **kwargs):
     key = self.key(*args)

@@ -238,3 +238,23 @@ def test_a_round_keys_its_layout_without_the_step_axis(tmp_path, caplog):
   assert not [m for m in caplog.messages if m.startswith('Finished XLA compilation')]
   cache = json.loads((tmp_path / 'cache' / 'layouts.json').read_text())
   assert [entry['chunk'] for entry in cache.values()] == [chunk]
+
+
+def test_rounds_that_slow_down_have_their_chunk_measured_again(tmp_path):
+  """The best chunk depends on what else runs: a kept chunk whose rounds take 1.5x the seconds
+  it was chosen at is measured again, over the disk cache, and the new choice is stored."""
+  process, batches = _fed_avg(), _batches()
+  state = process.initialize()
+  cache = fl.templates.LayoutCache(tmp_path)
+  tuned = _tuned(process, FakeClock({1: 5.0, 2: 4.0, 4: 1.0, 6: 2.0, 9: 3.0}), cache)
+  assert tuned.tune(state, batches) == 4 and tuned.measured
+  assert tuned.tune(state, batches) == 4 and not tuned.measured  # kept
+  for seconds in (1.2, 1.4, 1.1, 1.3):  # within 1.5x of the 1.0 s it was chosen at
+    assert not tuned.observe(seconds)
+  assert not tuned.observe(2.0)  # the last 3: 1.1, 1.3, 2.0 (median 1.3)
+  assert tuned.observe(2.5)  # the last 3: 1.3, 2.0, 2.5, median 2.0, 2x: measure again
+  busy = FakeClock({1: 2.0, 2: 1.0, 4: 3.0, 6: 4.0, 9: 5.0})  # the host changed
+  tuned._timer = busy
+  assert tuned.tune(state, batches) == 2 and tuned.measured and busy.timed
+  (entry,) = json.loads((tmp_path / 'layouts.json').read_text()).values()
+  assert entry['chunk'] == 2 and cache.timing(tuned.key(state, batches)) == 1.0
