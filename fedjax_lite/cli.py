@@ -24,6 +24,7 @@ import numpy as np
 
 from fedjax_lite import _catalogue, _config, data, simulation
 from fedjax_lite._config import ConfigError
+from fedjax_lite.simulation import _runs as simulation_runs
 from fedjax_lite.simulation import multihost
 
 CONFIG_FILE = 'config.json'
@@ -76,13 +77,9 @@ class _PrintMetrics(simulation.MetricsManager):
 def _read_run_config(path: str) -> dict[str, Any]:
   """A run folder's saved settings; a damaged file is a one-line error naming it."""
   try:
-    with open(path) as f:
-      saved = json.load(f)
-  except (json.JSONDecodeError, UnicodeDecodeError) as error:
-    raise ConfigError(f"{path} is damaged ({error}); it holds the run's settings") from None
-  if not isinstance(saved, dict):
-    raise ConfigError(f'{path} is damaged: expected a table of settings')
-  return saved
+    return simulation_runs.read_settings(path)
+  except ValueError as error:
+    raise ConfigError(str(error)) from None
 
 
 def _run_config(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:

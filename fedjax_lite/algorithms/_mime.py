@@ -127,15 +127,7 @@ def _mime_client_work(
   def set_hparams(state, hparams):
     return state._replace(optimizer_state=optimizers.set_hparams(state.optimizer_state, hparams))
 
-  return _processes.ClientWorkProcess(
-    initialize,
-    next_fn,
-    get_hparams,
-    set_hparams,
-    streams=True,
-    auto_chunk=train_pass.auto_chunk,
-    client_devices=train_pass.client_devices,
-  )
+  return _client_work.wrap_client_work(train_pass, initialize, next_fn, get_hparams, set_hparams)
 
 
 def _build(

@@ -126,15 +126,7 @@ def _scaffold_client_work(model, hparams, **client_work_kwargs) -> _processes.Cl
   def set_hparams(state, hparams):
     return state._replace(client_work=work.set_hparams(state.client_work, hparams))
 
-  return _processes.ClientWorkProcess(
-    initialize,
-    next_fn,
-    get_hparams,
-    set_hparams,
-    streams=True,
-    auto_chunk=work.auto_chunk,
-    client_devices=work.client_devices,
-  )
+  return _client_work.wrap_client_work(work, initialize, next_fn, get_hparams, set_hparams)
 
 
 def _check_positive(name: str, value: Any, kinds: tuple = (int, float, np.number)) -> None:

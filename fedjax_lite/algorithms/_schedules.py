@@ -83,15 +83,7 @@ def _scheduled_client_work(
       )
     return state._replace(client_work=work.set_hparams(state.client_work, hparams))
 
-  return _processes.ClientWorkProcess(
-    initialize,
-    next_fn,
-    get_hparams,
-    set_hparams,
-    streams=True,
-    auto_chunk=work.auto_chunk,
-    client_devices=work.client_devices,
-  )
+  return _client_work.wrap_client_work(work, initialize, next_fn, get_hparams, set_hparams)
 
 
 def build_weighted_fed_avg_with_optimizer_schedule(

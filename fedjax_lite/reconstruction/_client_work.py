@@ -367,12 +367,6 @@ def build_reconstruction_client_work(
       state._replace(rng=next_key), out.result, out.measurements
     )
 
-  return _processes.ClientWorkProcess(
-    initialize,
-    next_fn,
-    _client_work.get_hparams,
-    _client_work.set_hparams,
-    streams=True,
-    auto_chunk=post_pass.auto_chunk,
-    client_devices=post_pass.client_devices,
+  return _client_work.wrap_client_work(
+    post_pass, initialize, next_fn, _client_work.get_hparams, _client_work.set_hparams
   )

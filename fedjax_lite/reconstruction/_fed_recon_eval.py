@@ -105,14 +105,12 @@ def build_fed_recon_eval(
     new_state = out.state._replace(rng=next_key)
     return _processes.MeasuredProcessOutput(new_state, out.result, out.measurements)
 
-  client_work = _processes.ClientWorkProcess(
+  client_work = _templates_client_work.wrap_client_work(
+    eval_pass,
     eval_pass.initialize,
     next_fn,
     _templates_client_work.get_hparams,
     _templates_client_work.set_hparams,
-    streams=True,
-    auto_chunk=eval_pass.auto_chunk,
-    client_devices=eval_pass.client_devices,
   )
   return _common.compose(
     _client_work.GlobalModel(model.initial_global_weights, model.input_spec),

@@ -53,6 +53,18 @@ class Run(NamedTuple):
     return _metrics_managers.flatten_metrics(jax.device_get(metrics))
 
 
+def read_settings(path: str) -> dict[str, Any]:
+  """A run folder's saved settings (`config.json`); a damaged file is a ValueError naming it."""
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    raise ValueError(f"{path} is damaged ({error}); it holds the run's settings") from None
+  if not isinstance(saved, dict):
+    raise ValueError(f'{path} is damaged: expected a table of settings')
+  return saved
+
+
 def load_run(run_dir: str | os.PathLike, round_num: int | None = None) -> Run:
   """Loads `run_dir` at its latest checkpoint, or at `round_num`.
 
@@ -75,14 +87,7 @@ def load_run(run_dir: str | os.PathLike, round_num: int | None = None) -> Run:
   path = os.path.join(run_dir, CONFIG_FILE)
   if not os.path.isfile(path):
     raise FileNotFoundError(f'{run_dir} is not a run folder ({path} is missing)')
-  try:
-    with open(path) as f:
-      saved = json.load(f)
-  except (json.JSONDecodeError, UnicodeDecodeError) as error:
-    raise ValueError(f"{path} is damaged ({error}); it holds the run's settings") from None
-  if not isinstance(saved, dict):
-    raise ValueError(f'{path} is damaged: expected a table of settings')
-  config = _config.resolve({}, saved)
+  config = _config.resolve({}, read_settings(path))
   experiment = _experiment.build_experiment(config)
   checkpoints = _checkpoint.FileCheckpointManager(os.path.join(run_dir, CHECKPOINT_DIR))
   structure = jax.eval_shape(experiment.process.initialize)

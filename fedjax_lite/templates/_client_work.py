@@ -584,6 +584,26 @@ def build_client_work(
   )
 
 
+def wrap_client_work(
+  inner: _processes.ClientWorkProcess,
+  initialize: Callable[[], Any],
+  next_fn: Callable[..., Any],
+  get_hparams: Callable[[Any], Any],
+  set_hparams: Callable[[Any, Any], Any],
+) -> _processes.ClientWorkProcess:
+  """A streaming client work built around `inner` (its state, its round, its hyperparameters:
+  the functions given) that keeps `inner`'s chunk measurement and devices."""
+  return _processes.ClientWorkProcess(
+    initialize,
+    next_fn,
+    get_hparams,
+    set_hparams,
+    streams=True,
+    auto_chunk=inner.auto_chunk,
+    client_devices=inner.client_devices,
+  )
+
+
 def get_hparams(state: ClientWorkState) -> Any:
   """A copy of `state.hparams` (nested dicts of arrays)."""
   return jax.tree.map(lambda x: x, state.hparams)
