@@ -7,7 +7,6 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from fedjax_lite import tree as tree_lib
@@ -59,7 +58,7 @@ def _without_steps(client_batches: Any) -> Any:
     shape = list(np.shape(x))
     if steps_axis:
       shape[1] = 0
-    return jax.ShapeDtypeStruct(tuple(shape), jnp.result_type(x))
+    return jax.ShapeDtypeStruct(tuple(shape), x.dtype if hasattr(x, 'dtype') else np.result_type(x))
 
   ids = client_batches.client_ids
   return client_batches._replace(

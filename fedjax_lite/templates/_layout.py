@@ -65,6 +65,12 @@ def traced_chunk() -> int | None:
   return _TRACED_CHUNK.get()
 
 
+def _dtype(x: Any) -> Any:
+  """`x`'s dtype, cheaply for arrays and specs (`jnp.result_type` for Python scalars)."""
+  dtype = getattr(x, 'dtype', None)
+  return jnp.result_type(x) if dtype is None else dtype
+
+
 def tuning_enabled() -> bool:
   return os.environ.get(TUNE_ENV, '1').strip().lower() not in ('0', 'false', 'no', 'off')
 
@@ -272,6 +278,7 @@ class TunedNext:
     self._recent: dict[str, collections.deque] = {}
     self._stale: set[str] = set()  # measured again, whatever the disk cache holds
     self._last_key: str | None = None
+    self._keys: dict[tuple, str] = {}
     self.measured = False  # whether the last `tune` measured candidates
 
   def with_donated_state(self) -> TunedNext:
@@ -315,14 +322,20 @@ class TunedNext:
   def key(self, *args) -> str:
     """The cache key of a call: the machine and the shapes and dtypes of its arguments (those
     of `key_args`)."""
-    specs = tree_lib.tree_specs(self._key_args(args))
-    shapes = [(tuple(s.shape), str(s.dtype)) for s in jax.tree.leaves(specs)]
-    text = f'{machine()}|{jax.__version__}|{jax.tree.structure(specs)}|{shapes}'
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
+    leaves, structure = jax.tree.flatten(self._key_args(args))
+    signature = (structure, *((np.shape(x), _dtype(x)) for x in leaves))
+    if signature not in self._keys:  # asked every round: hashed once per shape
+      shapes = [(tuple(shape), str(dtype)) for shape, dtype in signature[1:]]
+      text = f'{machine()}|{jax.__version__}|{structure}|{shapes}'
+      self._keys[signature] = hashlib.sha256(text.encode()).hexdigest()[:32]
+    return self._keys[signature]
 
   def layout(self, *args) -> int:
     """The client chunk (lanes) a call with `args` runs with."""
-    chunk = self._chosen.get(self.key(*args))
+    return self._lanes(self.key(*args), args)
+
+  def _lanes(self, key: str, args: tuple) -> int:
+    chunk = self._chosen.get(key)
     num_clients = self._num_clients(args)
     if chunk is None:
       from fedjax_lite.templates import _cohort
@@ -338,7 +351,7 @@ class TunedNext:
     key = self._last_key = self.key(*args)
     self.measured = False
     if key in self._chosen:
-      return self.layout(*args)
+      return self._lanes(key, args)
     chunk = None
     if tuning_enabled():
       cache = self._cache if self._cache is not None else LayoutCache()
@@ -355,7 +368,7 @@ class TunedNext:
       if expected is not None:
         self._expected[key] = expected
     self._chosen[key] = chunk
-    return self.layout(*args)
+    return self._lanes(key, args)
 
   def observe(self, seconds: float) -> bool:
     """Records that a round shaped as the last `tune`'s took `seconds` (compiling and
