@@ -336,14 +336,15 @@ class ProcessRunner:
       if not self._tuned or self._tune.__self__.measured:  # part of this round's train time
         timing['tuning_seconds'] = time.perf_counter() - start
         self._tuned = True
+    called = time.perf_counter()
     self.state, process_metrics, *client_states = self._next(*args)
+    jax.block_until_ready((self.state, process_metrics, client_states))
+    if self._observe is not None and 'tuning_seconds' not in timing:  # a round like any other
+      self._observe(time.perf_counter() - called)  # the call alone, as its layout was timed
     if self._store is not None:
       self._store.put(ids, client_states[0])
-    jax.block_until_ready((self.state, process_metrics))
     self.round = round_num
     timing['train_seconds'] = time.perf_counter() - start
-    if self._observe is not None and 'tuning_seconds' not in timing:  # a round like any other
-      self._observe(timing['train_seconds'])
     flat = self._ledger.end_round(round_num, process_metrics, self.state, timing, extra)
     warn_if_no_usable_client(flat, data, round_num)
     return [flat]

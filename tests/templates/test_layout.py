@@ -258,3 +258,25 @@ def test_rounds_that_slow_down_have_their_chunk_measured_again(tmp_path):
   assert tuned.tune(state, batches) == 2 and tuned.measured and busy.timed
   (entry,) = json.loads((tmp_path / 'layouts.json').read_text()).values()
   assert entry['chunk'] == 2 and cache.timing(tuned.key(state, batches)) == 1.0
+
+
+def test_the_driver_measures_again_when_its_rounds_drift(tmp_path):
+  """Through `run_training_process`: rounds far slower than the (fake) seconds the chunk was
+  chosen at are measured again three rounds later, and the round that does says so."""
+  process = _fed_avg()
+  fast = FakeClock({c: 1e-9 for c in _layout.candidates(12)})  # no real round is this fast
+  tuned = _tuned(process, fast, fl.templates.LayoutCache(tmp_path))
+  clients = ref.random_clients(SIZES, seed=0)
+
+  def selection_fn(round_num):
+    cohort = fl.data.sample_cohort(len(clients), 12, round_num, 0)
+    return fl.data.build_client_batches(
+      [clients[i] for i in cohort], batch_size=4, num_steps=3, seed=(0, round_num)
+    )
+
+  metrics = fl.simulation.InMemoryMetricsManager()
+  fl.simulation.run_training_process(
+    process._replace(next=tuned), selection_fn, 6, metrics_managers=[metrics]
+  )
+  measured = [r for r, m in metrics.metrics.items() if 'timing/tuning_seconds' in m]
+  assert measured == [1, 5]  # chosen; rounds 2-4 drift; measured again
