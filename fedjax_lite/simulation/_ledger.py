@@ -82,11 +82,13 @@ class RunLedger:
 
   def resume_at(self, round_num: int) -> None:
     """The run resumes from its checkpoint of `round_num`: its client-state store rolls back to
-    that round (refusing a store that has not reached it)."""
+    that round (refusing a store that has not reached it) and what an interrupted run released
+    after it is dropped."""
     if self.client_state_store is not None:
       self.client_state_store.rollback(round_num)
+    self._clear_after(round_num + 1)
 
-  def clear_after(self, first_round: int) -> None:
+  def _clear_after(self, first_round: int) -> None:
     """Drops what an interrupted run released from `first_round` on (metrics managers that can)."""
     for manager in self.managers:
       clear = getattr(manager, 'clear_metrics', None)
@@ -105,8 +107,10 @@ class RunLedger:
     self.checkpoint_manager.save_checkpoint(state, round_num)
 
   def start(self, state: Any, evaluation: tuple[dict, float] | None = None) -> None:
-    """Round 0 of a fresh run: the initial state evaluated (or `evaluation`, `(metrics,
-    seconds)` computed by the driver), released and checkpointed."""
+    """Round 0 of a fresh run: whatever an earlier, interrupted start released is dropped, and
+    the initial state evaluated (or `evaluation`, `(metrics, seconds)` computed by the driver),
+    released and checkpointed."""
+    self._clear_after(0)
     if self._evaluate is not None:
       evaluation, seconds = evaluation or self._evaluate(state, 0)
       flat = flat_with(EVALUATION_KEY, evaluation)

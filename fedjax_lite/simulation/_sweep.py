@@ -203,11 +203,10 @@ class _GroupRunner:
 
   def start(self) -> None:
     self._resume()
-    for ledger in self._ledgers:
-      if self.state is not None:
+    if self.state is not None:
+      for ledger in self._ledgers:
         ledger.resume_at(self.round)
-      ledger.clear_after(0 if self.state is None else self.round + 1)
-    if self.state is None:
+    else:
       self.state = jax.tree.map(lambda x: x[self.start_run : self.stop_run], self._initial())
       evaluations = [None] * len(self._ledgers)
       if self._evaluate is not None:

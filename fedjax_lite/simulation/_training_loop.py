@@ -283,17 +283,17 @@ class ProcessRunner:
     self.state, self.round = None, 0
     self._tuned = False
     next_fn = process.next
-    self._check = None  # a host-side data check `next` cannot run once re-jitted
     self._tune = getattr(next_fn, 'tune', None)  # a TunedNext: its layout is measured
     self._observe = None  # its round times, to measure again when the host changes
     if donate_state and hasattr(next_fn, 'with_donated_state'):
       next_fn = next_fn.with_donated_state()  # the candidate kept is the program run
       self._tune, self._observe = next_fn.tune, next_fn.observe
-      self._check = getattr(process.next, 'check_client_data', None)
     elif donate_state and hasattr(next_fn, 'lower'):  # a jitted next (every built process)
       next_fn = jax.jit(next_fn, donate_argnums=0)
-      self._check = getattr(process.next, 'check_client_data', None)
     self._next = next_fn
+    # A re-jitted `next` traces the data: its host-side check (labels vs classes) runs here.
+    rejitted = next_fn is not process.next
+    self._check = getattr(process.next, 'check_client_data', None) if rejitted else None
 
   def start(self) -> None:
     checkpoints = self._ledger.checkpoint_manager
@@ -302,7 +302,6 @@ class ProcessRunner:
         jax.eval_shape(self._process.initialize)
       )
     if self.state is None:
-      self._ledger.clear_after(0)
       self.state, self.round = self._process.initialize(), 0
       self._ledger.start(self.state)
       return
@@ -312,7 +311,6 @@ class ProcessRunner:
         f'{self._total_rounds}. Tip: raise total_rounds, or use a fresh checkpoint folder.'
       )
     self._ledger.resume_at(self.round)
-    self._ledger.clear_after(self.round + 1)
     if self.round > self.last_round:
       warnings.warn(
         f'the checkpoint of round {self.round} is past round {self.last_round}, the last its '

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import contextvars
+import dataclasses
 import functools
 import hashlib
 import json
@@ -232,6 +233,18 @@ def search(
     i = best
 
 
+@dataclasses.dataclass
+class _Choices:
+  """What a `TunedNext` (and its donating twin) knows per key: the chunk chosen, the seconds
+  a round took when it was chosen, the latest rounds' seconds, and the keys to measure again
+  whatever the disk cache holds."""
+
+  chosen: dict[str, int | None] = dataclasses.field(default_factory=dict)
+  expected: dict[str, float] = dataclasses.field(default_factory=dict)
+  recent: dict[str, collections.deque] = dataclasses.field(default_factory=dict)
+  stale: set[str] = dataclasses.field(default_factory=set)
+
+
 class TunedNext:
   """A round's `next` whose client chunk is measured per shape of its arguments.
 
@@ -273,10 +286,7 @@ class TunedNext:
     self._cache, self._timer, self._repeats = cache, timer, repeats
     self._budget, self._donate = budget_seconds, donate_state
     self._variants: dict[int | None, Any] = {}
-    self._chosen: dict[str, int | None] = {}
-    self._expected: dict[str, float] = {}  # seconds a round took when its chunk was chosen
-    self._recent: dict[str, collections.deque] = {}
-    self._stale: set[str] = set()  # measured again, whatever the disk cache holds
+    self._choices = _Choices()
     self._last_key: str | None = None
     self._keys: dict[tuple, str] = {}
     self.measured = False  # whether the last `tune` measured candidates
@@ -296,8 +306,7 @@ class TunedNext:
       budget_seconds=self._budget,
       donate_state=True,
     )
-    for name in ('_chosen', '_expected', '_recent', '_stale'):
-      setattr(donating, name, getattr(self, name))
+    donating._choices = self._choices
     return donating
 
   def _variant(self, chunk: int | None):
@@ -335,7 +344,7 @@ class TunedNext:
     return self._lanes(self.key(*args), args)
 
   def _lanes(self, key: str, args: tuple) -> int:
-    chunk = self._chosen.get(key)
+    chunk = self._choices.chosen.get(key)
     num_clients = self._num_clients(args)
     if chunk is None:
       from fedjax_lite.templates import _cohort
@@ -350,12 +359,12 @@ class TunedNext:
     measured."""
     key = self._last_key = self.key(*args)
     self.measured = False
-    if key in self._chosen:
+    if key in self._choices.chosen:
       return self._lanes(key, args)
     chunk = None
     if tuning_enabled():
       cache = self._cache if self._cache is not None else LayoutCache()
-      stored = None if key in self._stale else cache.get(key)
+      stored = None if key in self._choices.stale else cache.get(key)
       if jax.process_count() > 1:  # process 0's cache decides for every process
         stored = int(_agreed(-1 if stored is None else stored))
         stored = None if stored < 0 else stored
@@ -364,10 +373,10 @@ class TunedNext:
       else:
         chunk, expected = self._measure(key, cache, args)
         self.measured = True
-      self._stale.discard(key)
+      self._choices.stale.discard(key)
       if expected is not None:
-        self._expected[key] = expected
-    self._chosen[key] = chunk
+        self._choices.expected[key] = expected
+    self._choices.chosen[key] = chunk
     return self._lanes(key, args)
 
   def observe(self, seconds: float) -> bool:
@@ -377,15 +386,18 @@ class TunedNext:
     disk cache); returns whether it was. One process only: in a multi-process run the processes
     would have to agree on when, so they keep their choice."""
     key = self._last_key
-    if key not in self._expected or jax.process_count() > 1 or not tuning_enabled():
+    if key not in self._choices.expected or jax.process_count() > 1 or not tuning_enabled():
       return False
-    recent = self._recent.setdefault(key, collections.deque(maxlen=DRIFT_ROUNDS))
+    recent = self._choices.recent.setdefault(key, collections.deque(maxlen=DRIFT_ROUNDS))
     recent.append(seconds)
-    if len(recent) < DRIFT_ROUNDS or statistics.median(recent) < DRIFT_FACTOR * self._expected[key]:
+    if (
+      len(recent) < DRIFT_ROUNDS
+      or statistics.median(recent) < DRIFT_FACTOR * self._choices.expected[key]
+    ):
       return False
-    for table in (self._chosen, self._expected, self._recent):
+    for table in (self._choices.chosen, self._choices.expected, self._choices.recent):
       table.pop(key, None)
-    self._stale.add(key)
+    self._choices.stale.add(key)
     return True
 
   def _measure(self, key: str, cache: LayoutCache, args: tuple) -> tuple[int, float | None]:
@@ -424,18 +436,18 @@ class TunedNext:
   def __call__(self, *args, **kwargs):
     key = self.key(*args)
     traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(args))
-    if key not in self._chosen and not traced:
+    if key not in self._choices.chosen and not traced:
       self.tune(*args)
-    return self._variant(self._chosen.get(key))(*args, **kwargs)
+    return self._variant(self._choices.chosen.get(key))(*args, **kwargs)
 
   def lower(self, *args, **kwargs):
-    return self._variant(self._chosen.get(self.key(*args))).lower(*args, **kwargs)
+    return self._variant(self._choices.chosen.get(self.key(*args))).lower(*args, **kwargs)
 
   def eval_shape(self, *args, **kwargs):
     return self._variant(None).eval_shape(*args, **kwargs)
 
   def trace(self, *args, **kwargs):
-    return self._variant(self._chosen.get(self.key(*args))).trace(*args, **kwargs)
+    return self._variant(self._choices.chosen.get(self.key(*args))).trace(*args, **kwargs)
 
   def _cache_size(self) -> int:
     """Programs compiled for calls (the candidates compiled ahead of time while tuning are
