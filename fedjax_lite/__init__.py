@@ -9,6 +9,7 @@ from fedjax_lite import (
   optimizers,
   reconstruction,
   simulation,
+  tasks,
   templates,
 )
 from fedjax_lite.data import ClientBatches
@@ -33,5 +34,6 @@ __all__ = [
   'optimizers',
   'reconstruction',
   'simulation',
+  'tasks',
   'templates',
 ]
