@@ -7,6 +7,14 @@ part); the robust reductions that need every client at once work on stacked valu
 from fedjax_lite.aggregators._accounting import PrivacyAccountant
 from fedjax_lite.aggregators._compression import QuantizationFactory, QuantizationState
 from fedjax_lite.aggregators._differential_privacy import DifferentiallyPrivateFactory, DPState
+from fedjax_lite.aggregators._dp_ftrl import (
+  CorrelatedNoiseMechanism,
+  DPFTRLFactory,
+  DPFTRLState,
+  build_dp_ftrl_mechanism,
+  dp_ftrl_aggregator,
+)
+from fedjax_lite.aggregators._dp_ftrl_accounting import DPFTRLAccountant
 from fedjax_lite.aggregators._factories import MeanFactory, SumFactory, UnweightedMeanFactory
 from fedjax_lite.aggregators._presets import (
   compression_aggregator,
@@ -32,6 +40,10 @@ from fedjax_lite.aggregators._robust import (
 from fedjax_lite.aggregators._secure import SecureSumFactory
 
 __all__ = [
+  'CorrelatedNoiseMechanism',
+  'DPFTRLAccountant',
+  'DPFTRLFactory',
+  'DPFTRLState',
   'DPState',
   'DifferentiallyPrivateFactory',
   'MeanFactory',
@@ -43,12 +55,14 @@ __all__ = [
   'SecureSumFactory',
   'SumFactory',
   'UnweightedMeanFactory',
+  'build_dp_ftrl_mechanism',
   'build_quantile_estimator',
   'clipping_factory',
   'compression_aggregator',
   'default_clipping',
   'default_zeroing',
   'dp_aggregator',
+  'dp_ftrl_aggregator',
   'global_norm',
   'krum_factory',
   'median_factory',

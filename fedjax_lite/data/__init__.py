@@ -1,5 +1,6 @@
 """Federated data: `ClientBatches`, a cohort batcher, partitioners and offline datasets."""
 
+from fedjax_lite.data._cifar100 import cifar100_preprocess, load_cifar100
 from fedjax_lite.data._client_batches import (
   ClientBatches,
   build_client_batches,
@@ -30,15 +31,29 @@ from fedjax_lite.data._partition import (
 )
 from fedjax_lite.data._prefetch import Prefetcher
 from fedjax_lite.data._registry import DATASETS, DatasetInfo, get_dataset
-from fedjax_lite.data._sampling import sample_cohort
-from fedjax_lite.data._shakespeare import SHAKESPEARE_VOCAB_SIZE, shakespeare_preprocess
+from fedjax_lite.data._sampling import min_separation_groups, sample_cohort
+from fedjax_lite.data._shakespeare import (
+  SHAKESPEARE_TFF_TOKENS,
+  SHAKESPEARE_VOCAB_SIZE,
+  shakespeare_preprocess,
+  shakespeare_tff_preprocess,
+)
 from fedjax_lite.data._sqlite import SQLiteFederatedData
+from fedjax_lite.data._stackoverflow import (
+  SpecialTokens,
+  load_stackoverflow_tag_counts,
+  load_stackoverflow_word_counts,
+  stackoverflow_tag_preprocess,
+  stackoverflow_word_preprocess,
+  stackoverflow_word_tokens,
+)
 from fedjax_lite.data._stragglers import apply_straggler_work, straggler_work
 from fedjax_lite.data._synthetic import synthetic_fedprox
 from fedjax_lite.data._tff_h5 import HDF5FederatedData, load_tff_h5
 
 __all__ = [
   'DATASETS',
+  'SHAKESPEARE_TFF_TOKENS',
   'SHAKESPEARE_VOCAB_SIZE',
   'ClientBatches',
   'DatasetInfo',
@@ -47,11 +62,13 @@ __all__ = [
   'InMemoryFederatedData',
   'Prefetcher',
   'SQLiteFederatedData',
+  'SpecialTokens',
   'apply_straggler_work',
   'batch_cohort',
   'build_client_batches',
   'check_client_batches',
   'check_labels',
+  'cifar100_preprocess',
   'client_batches_spec',
   'client_key',
   'client_steps',
@@ -59,6 +76,7 @@ __all__ = [
   'get_dataset',
   'iid_partition',
   'label_shards_partition',
+  'load_cifar100',
   'load_digits',
   'load_emnist',
   'load_fashion_mnist',
@@ -68,7 +86,10 @@ __all__ = [
   'load_movielens_100k',
   'load_shakespeare',
   'load_stackoverflow',
+  'load_stackoverflow_tag_counts',
+  'load_stackoverflow_word_counts',
   'load_tff_h5',
+  'min_separation_groups',
   'movielens_federated',
   'movielens_split',
   'natural_partition',
@@ -77,6 +98,10 @@ __all__ = [
   'read_idx',
   'sample_cohort',
   'shakespeare_preprocess',
+  'shakespeare_tff_preprocess',
+  'stackoverflow_tag_preprocess',
+  'stackoverflow_word_preprocess',
+  'stackoverflow_word_tokens',
   'step_buckets',
   'straggler_work',
   'synthetic_fedprox',
