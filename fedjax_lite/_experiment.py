@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -44,6 +44,9 @@ class Experiment:
     privacy_accountant: a `PrivacyAccountant` when the aggregation is differentially private.
     cohort_ids_fn: `round_num -> the ids of that round's clients`, in the order of
       `training_data_fn(round_num)` (for the client-state store of a stateful process).
+    model: the classifier it trains (None for matrix factorization).
+    held_out_clients: `() -> FederatedData` of the held-out data as clients `{'x', 'y'}` (for
+      personalization evaluation); None where the run has none.
   """
 
   process: LearningProcess
@@ -53,20 +56,16 @@ class Experiment:
   evaluation_data: data.ClientBatches
   privacy_accountant: aggregators.PrivacyAccountant | None = None
   cohort_ids_fn: Callable[[int], list] | None = None
+  model: models.FunctionalModel | None = None
+  held_out_clients: Callable[[], data.FederatedData] | None = None
 
 
 def _partition(config: Mapping[str, Any], labels: np.ndarray) -> list[np.ndarray]:
-  n, seed = config['num_clients'], config['seed']
+  n = config['num_clients']
   if n > len(labels):
     raise ConfigError(f'{flag("num_clients")}: {n} clients exceed the {len(labels)} examples')
   try:
-    if config['partition'] == 'dirichlet':
-      return data.dirichlet_label_partition(labels, n, config['alpha'], seed=seed)
-    if config['partition'] == 'iid':
-      return data.iid_partition(len(labels), n, seed=seed)
-    if config['partition'] == 'shards':
-      return data.label_shards_partition(labels, n, shards_per_client=2, seed=seed)
-    return data.power_law_partition(len(labels), n, seed=seed)
+    return _catalogue.PARTITIONS[config['partition']].build(config, labels)
   except ValueError as error:  # a split these examples cannot make
     raise ConfigError(
       f'{flag("partition")} {config["partition"]} with {flag("num_clients")} {n}: {error}'
@@ -107,9 +106,28 @@ def _read(info: data.DatasetInfo, path: str | None) -> Any:
     raise ConfigError(f'{where}: cannot read the {info.name} data: {error}') from None
 
 
-def _load(config: Mapping[str, Any]) -> tuple[data.FederatedData, dict[str, np.ndarray], int]:
-  """`(train population {'x', 'y'}, test arrays {'x', 'y'}, num_classes)`."""
+class _Data(NamedTuple):
+  """A classification dataset as `train` uses it: clients of `{'x', 'y'}` as the model takes
+  them, the held-out clients and their examples as one array each, and the classes."""
+
+  train: data.FederatedData
+  held_out: Callable[[], data.FederatedData]
+  test_arrays: dict[str, np.ndarray]
+  num_classes: int
+
+
+def _load(config: Mapping[str, Any]) -> _Data:
+  """The training population and held-out data of `--dataset`: an `'arrays'` dataset's
+  training examples split by `--partition` into `--num-clients` clients (its test examples, by
+  the same partition, are the held-out clients); a federated one's own clients."""
   info = data.get_dataset(config['dataset'])
+  if info.models != 'classifier':
+    tip = (
+      f'pass {flag("model")} mf with {flag("algorithm")} fedrecon'
+      if info.models == 'mf'
+      else f'train it with {flag("task")} (fedjax-lite datasets lists the tasks)'
+    )
+    raise ConfigError(f'{flag("dataset")}: {info.name} is not a classification dataset; {tip}')
   _check_available(info, config['data_path'])
   model = config['model']
   if info.kind == 'arrays':
@@ -121,51 +139,70 @@ def _load(config: Mapping[str, Any]) -> tuple[data.FederatedData, dict[str, np.n
         data.check_labels(labels, num_classes, f'the {name} set of {info.name}')
       except (TypeError, ValueError) as error:
         raise ConfigError(f'{flag("dataset")}: {error}') from None
-    parts = _partition(config, y_train)
-    train = data.InMemoryFederatedData(
-      {i: {'x': x_train[p], 'y': y_train[p]} for i, p in enumerate(parts)}
-    )
-    return train, {'x': x_test, 'y': y_test}, num_classes
-  if info.num_classes is not None:  # clients hold {'x', 'y'}; every test client evaluates
-    train, test = _read(info, config['data_path'])
-    train = train.preprocess_client(
-      lambda client: {'x': _as_model_input(model, client['x']), 'y': client['y']}
-    )
-    test_clients = test.get_clients(test.client_ids)
-    test_arrays = {
-      'x': _as_model_input(model, np.concatenate([c['x'] for c in test_clients])),
-      'y': np.concatenate([c['y'] for c in test_clients]),
-    }
-    return train, test_arrays, info.num_classes
-  if info.name not in ('emnist', 'emnist_digits'):
-    raise ConfigError(
-      f'{flag("dataset")}: the command has no model for {info.name}; train it through the '
-      'library API (fl.data.get_dataset), or pick an image dataset'
-    )
-  train, test = _read(info, config['data_path'])
+    train = _clients(x_train, y_train, _partition(config, y_train))
+
+    def held_out():
+      clients = min(config['num_clients'], max(len(y_test) // 10, 1))  # 10 examples or more
+      return _clients(x_test, y_test, _partition({**config, 'num_clients': clients}, y_test))
+
+    return _Data(train, held_out, {'x': x_test, 'y': y_test}, num_classes)
 
   def to_model_input(client):
-    return {'x': _as_model_input(model, client['pixels']), 'y': client['label'].astype(np.int32)}
+    client = info.input_fn(client) if info.input_fn is not None else client
+    return {'x': _as_model_input(model, client['x']), 'y': client['y']}
 
-  train = train.preprocess_client(to_model_input)
-  test = test.preprocess_client(to_model_input)
-  # The held-out clients do not follow the run's seed: runs with other seeds (a sweep) are
-  # scored on the same clients.
-  rng = np.random.default_rng(0)
-  ids = rng.choice(test.num_clients, min(EVAL_CLIENTS, test.num_clients), replace=False)
-  held_out = test.get_clients([test.client_ids[i] for i in np.sort(ids)])
-  test_arrays = {k: np.concatenate([c[k] for c in held_out]) for k in ('x', 'y')}
-  num_classes = 10 if info.name == 'emnist_digits' else 62
+  train, test = _read(info, config['data_path'])
+  train, test = train.preprocess_client(to_model_input), test.preprocess_client(to_model_input)
+  held_out, test_arrays = _held_out(test)
   try:
-    data.check_labels(test_arrays['y'], num_classes, f'the held-out test clients of {info.name}')
+    data.check_labels(
+      test_arrays['y'], info.num_classes, f'the held-out test clients of {info.name}'
+    )
   except ValueError as error:
     raise ConfigError(f'{flag("dataset")}: {error}') from None
-  return train, test_arrays, num_classes
+  return _Data(train, lambda: held_out, test_arrays, info.num_classes)
+
+
+def _held_out(test: data.FederatedData) -> tuple[data.FederatedData, dict[str, np.ndarray]]:
+  """At most EVAL_CLIENTS of `test`'s clients, and their examples as one array each; the same
+  whatever the run's seed, so runs with other seeds (a sweep) are scored on the same clients."""
+  ids = np.random.default_rng(0).choice(
+    test.num_clients, min(EVAL_CLIENTS, test.num_clients), replace=False
+  )
+  ids = [test.client_ids[i] for i in np.sort(ids)]
+  held_out = data.InMemoryFederatedData(dict(zip(ids, test.get_clients(ids), strict=True)))
+  return held_out, {k: np.concatenate([c[k] for _, c in held_out]) for k in ('x', 'y')}
+
+
+def _task(config: Mapping[str, Any]) -> tuple[_Data, models.FunctionalModel]:
+  """`--task`'s data (TFF's files, or with `--stand-in` its generated stand-in of
+  `--num-clients` clients) and model."""
+  try:
+    task = _catalogue.TASKS.entry(config['task']).build()
+  except ValueError as error:
+    raise ConfigError(f'{flag("task")}: {error}') from None
+  if config['stand_in']:
+    loaded = task.stand_in(config['num_clients'], seed=config['seed'])
+  else:
+    try:
+      loaded = task.load(config['data_path'], seed=config['seed'])
+    except FileNotFoundError as error:
+      raise ConfigError(
+        f'{flag("task")} {task.name}: {" ".join(str(error).split())} Tip: {flag("stand_in")} '
+        'trains on generated stand-in data (a smoke run)'
+      ) from None
+  held_out, test_arrays = _held_out(loaded.test)
+  data_ = _Data(loaded.train, lambda: held_out, test_arrays, task.num_outputs)
+  return data_, _mixed_precision(config, task.model(config['seed']))
+
+
+def _clients(x: np.ndarray, y: np.ndarray, parts: list[np.ndarray]) -> data.FederatedData:
+  return data.InMemoryFederatedData({i: {'x': x[p], 'y': y[p]} for i, p in enumerate(parts)})
 
 
 def _model(config: Mapping[str, Any], example_x: np.ndarray, num_classes: int):
   try:
-    build = _catalogue.classifier(config['model'])
+    build = _catalogue.MODELS.entry(config['model']).build
     model = build(example_x.shape[1:], num_classes, config['seed'])
   except ValueError as error:
     raise ConfigError(f'{flag("model")}: {error}') from None
@@ -179,136 +216,23 @@ def _mixed_precision(config: Mapping[str, Any], model: models.FunctionalModel):
   return models.with_compute_dtype(model, config['compute_dtype'])
 
 
-def check_aggregator_settings(config: Mapping[str, Any]) -> None:
-  """Raises ConfigError for aggregator settings that do not go together."""
-  name = config['aggregator']
-  dp_only = [k for k in ('noise_multiplier', 'target_delta', 'epsilon_budget') if config[k]]
-  if name == 'dp' and config['noise_multiplier'] is None:
-    raise ConfigError(
-      f'{flag("aggregator")} dp needs {flag("noise_multiplier")} (the noise standard deviation '
-      'over the clip; 0 for clipping without noise)'
-    )
-  if name != 'dp' and dp_only:
-    verb = 'goes' if len(dp_only) == 1 else 'go'
-    raise ConfigError(
-      f'{", ".join(flag(k) for k in dp_only)} {verb} with {flag("aggregator")} dp; got '
-      f'{flag("aggregator")} {name}'
-    )
-  if config['bits'] != 8 and name != 'compression':
-    raise ConfigError(
-      f'{flag("bits")} goes with {flag("aggregator")} compression; got {flag("aggregator")} {name}'
-    )
-  if config['clip'] is not None and name not in ('clip', 'dp'):
-    raise ConfigError(
-      f'{flag("clip")} goes with {flag("aggregator")} clip or dp; got {flag("aggregator")} {name}'
-    )
-  if name == 'dp' and config['epsilon_budget'] and not config['noise_multiplier']:
-    raise ConfigError(f'{flag("epsilon_budget")} needs a {flag("noise_multiplier")} > 0')
-
-
 def _aggregator(config: Mapping[str, Any]) -> Any:
   """The model-update aggregation factory of `--aggregator` and its settings."""
-  name, clip = config['aggregator'], config['clip']
-  unweighted = _catalogue.ALGORITHMS[config['algorithm']].unweighted
-  mean = aggregators.UnweightedMeanFactory() if unweighted else aggregators.MeanFactory()
+  unweighted = _catalogue.ALGORITHMS.entry(config['algorithm']).unweighted
   try:
-    if name == 'robust':
-      return aggregators.robust_aggregator(weighted=not unweighted)
-    if name == 'clip':
-      if clip is None:
-        return aggregators.default_clipping(mean)
-      return aggregators.clipping_factory(clip, mean)
-    if name == 'zero':
-      return aggregators.default_zeroing(mean)
-    if name == 'secure':
-      return aggregators.secure_aggregator(weighted=not unweighted)
-    if name == 'compression':
-      return aggregators.compression_aggregator(weighted=not unweighted, bits=config['bits'])
-    if name == 'dp':  # the run's seed keys the noise: each seed of a sweep draws its own
-      noise, cohort, seed = config['noise_multiplier'], config['clients_per_round'], config['seed']
-      if clip is None:
-        _check_adaptive_clip(noise, cohort)
-        return aggregators.dp_aggregator(noise, cohort, seed=seed)
-      return aggregators.DifferentiallyPrivateFactory.gaussian_fixed(noise, cohort, clip, seed)
-    if name == 'median':
-      return aggregators.median_factory()
-    if name == 'trimmed_mean':
-      return aggregators.trimmed_mean_factory(config['trim_fraction'])
-    if name == 'krum':
-      cohort = config['clients_per_round']
-      _check_krum(config['byzantine'], cohort)
-      return aggregators.krum_factory(config['byzantine'], clients_per_round=cohort)
-  except ConfigError:
-    raise
+    return _catalogue.AGGREGATORS[config['aggregator']].build(config, unweighted)
   except ValueError as error:
-    raise ConfigError(f'{flag("aggregator")} {name}: {error}') from None
-  return mean
-
-
-def _check_krum(byzantine: int, cohort: int) -> None:
-  """Raises ConfigError when `cohort` clients a round cannot meet Krum's guarantee for
-  `byzantine` clients (more than 2 x byzantine + 2; Blanchard et al., 2017)."""
-  if cohort <= 2 * byzantine + 2:
-    lower = f' or lower {flag("byzantine")} to {(cohort - 3) // 2}' if cohort >= 3 else ''
-    raise ConfigError(
-      f'{flag("aggregator")} krum with {flag("byzantine")} {byzantine} needs more than '
-      f'{2 * byzantine + 2} clients a round (2 x byzantine + 2); got '
-      f'{flag("clients_per_round")} {cohort}. Tip: raise {flag("clients_per_round")} to '
-      f'{2 * byzantine + 3}{lower}.'
-    )
-
-
-def _check_adaptive_clip(noise: float, cohort: int) -> None:
-  """Raises ConfigError when the adaptive clip cannot keep the total noise multiplier at `noise`
-  with `cohort` clients a round (its count's noise, 0.05 · cohort, must exceed noise / 2)."""
-  if noise and not 2 * (0.05 * cohort) > noise:  # as gaussian_adaptive computes it
-    raise ConfigError(
-      f'{flag("aggregator")} dp with the adaptive clip (no {flag("clip")}) needs more than '
-      f'{10 * noise:g} clients a round for {flag("noise_multiplier")} {noise:g} (10 per unit of '
-      f'noise: counting the clipped clients takes a share of the noise); got '
-      f'{flag("clients_per_round")} {cohort}. Tip: pass a fixed clip ({flag("clip")} 1.0, '
-      f'sized to the update norms), or raise {flag("clients_per_round")}.'
-    )
-
-
-def default_target_delta(population: int) -> float:
-  """The command's δ without `--target-delta`: 0.1 / population, well below TF Privacy's
-  bound δ < 1 / population (a δ near 1 / N allows a mechanism that reveals a whole client's
-  data with that probability: about one of N clients; 0.1 / N, one in ten runs)."""
-  return 0.1 / population
+    raise ConfigError(f'{flag("aggregator")} {config["aggregator"]}: {error}') from None
 
 
 def _accountant(config: Mapping[str, Any], population: int):
-  """The privacy accountant of a DP run with noise; None otherwise. Refuses a δ of at least
+  """The privacy accountant of a private aggregator (None otherwise); refuses a δ of at least
   1 / population and an ε budget below one round's ε."""
-  if config['aggregator'] != 'dp' or not config['noise_multiplier']:
-    return None
-  delta = config['target_delta']
-  if delta is None:
-    delta = default_target_delta(population)
-  elif delta >= 1 / population:
-    raise ConfigError(
-      f'{flag("target_delta")} {delta:g} is not below 1/{population} = {1 / population:.3g} '
-      f'(1 over the {population} training clients): such a delta allows revealing a whole '
-      f"client's data. Tip: pass {flag('target_delta')} {default_target_delta(population):.3g} "
-      '(0.1 / clients, the default) or less.'
-    )
-  accountant = aggregators.PrivacyAccountant(
-    config['noise_multiplier'],
-    config['clients_per_round'],
-    population,
-    delta,
-    sampling='fixed_size',  # fl.data.sample_cohort draws a fixed-size cohort without replacement
-  )
-  budget = config['epsilon_budget']
-  if budget and accountant.epsilon(1) > budget:
-    raise ConfigError(
-      f'{flag("epsilon_budget")} {budget:g} is below the epsilon of one round '
-      f'({accountant.epsilon(1):.4g} at delta={delta:.3g}), so no round could run. Tip: raise '
-      f'{flag("epsilon_budget")} or {flag("noise_multiplier")}, or lower '
-      f'{flag("clients_per_round")}.'
-    )
-  return accountant
+  accountant = _catalogue.AGGREGATORS[config['aggregator']].accountant
+  try:
+    return accountant(config, population) if accountant is not None else None
+  except ValueError as error:
+    raise ConfigError(str(error)) from None
 
 
 def client_chunk_size(config: Mapping[str, Any]) -> int | str | None:
@@ -371,28 +295,46 @@ def build_experiment(config: Mapping[str, Any], *, multihost: bool = False) -> E
   device of every process and each process batches only its block of each cohort.
   """
   mesh = multihost_lib.global_mesh() if multihost else None
-  check_aggregator_settings(config)
-  algorithm = _catalogue.ALGORITHMS[config['algorithm']]
+  try:
+    _catalogue.check_settings(config, set())
+  except ValueError as error:
+    raise ConfigError(str(error)) from None
+  try:
+    algorithm = _catalogue.ALGORITHMS.entry(config['algorithm'])
+  except ValueError as error:
+    raise ConfigError(f'{flag("algorithm")}: {error}') from None
   if (config['model'] == 'mf') != (algorithm.model == 'mf'):
     raise ConfigError(
       f'{flag("model")} mf and {flag("algorithm")} fedrecon go together (matrix factorization '
       f'with local user embeddings); got model={config["model"]}, '
       f'algorithm={config["algorithm"]}. Tip: see examples/fedrecon_movielens.py'
     )
-  num_classes = None
+  num_classes, model, loaded = None, None, None
   if config['model'] == 'mf':
     train, test, process, evaluation = _fed_recon(config, mesh)
     evaluation_data = data.batch_cohort(
       test, test.client_ids, batch_size=config['batch_size'], seed=config['seed']
     )
   else:
-    train, test_arrays, num_classes = _load(config)
-    model = _model(config, test_arrays['x'], num_classes)
+    if config['task'] is not None:
+      loaded, model = _task(config)
+    else:
+      loaded = _load(config)
+      model = _model(config, loaded.test_arrays['x'], loaded.num_classes)
+    train, test_arrays = loaded.train, loaded.test_arrays
+    num_classes = None if config['task'] is not None else loaded.num_classes
     inputs = _catalogue.BuildInputs(
       model, _aggregator(config), mesh, train.num_clients, client_chunk_size(config)
     )
-    process = algorithm.build(config, inputs)
-    evaluation = algorithms.build_fed_eval(model, client_chunk_size=client_chunk_size(config))
+    try:
+      process = algorithm.build(config, inputs)
+    except ValueError as error:
+      raise ConfigError(f'{flag("algorithm")}: {error}') from None
+    evaluated = model
+    if algorithm.evaluation_model is not None:  # e.g. k-means: no classes, labels unread
+      evaluated, model = algorithm.evaluation_model(config, model), None
+      test_arrays = {**test_arrays, 'y': np.zeros_like(test_arrays['y'])}
+    evaluation = algorithms.build_fed_eval(evaluated, client_chunk_size=client_chunk_size(config))
     evaluation_data = data.build_client_batches(
       [test_arrays], batch_size=min(EVAL_BATCH_SIZE, len(test_arrays['y'])), shuffle=False
     )
@@ -401,10 +343,20 @@ def build_experiment(config: Mapping[str, Any], *, multihost: bool = False) -> E
       f'{flag("clients_per_round")}: {config["clients_per_round"]} exceeds the '
       f'{train.num_clients} training clients'
     )
+  groups = config['min_separation']  # a cohort comes from one of this many client groups
+  if config['clients_per_round'] > train.num_clients // groups:
+    raise ConfigError(
+      f'{flag("clients_per_round")} {config["clients_per_round"]} exceeds the '
+      f'{train.num_clients // groups} clients of the smallest of {groups} groups that '
+      f'{flag("min_separation")} {groups} draws cohorts from (a client at most once in any '
+      f'{groups} rounds). Tip: lower {flag("clients_per_round")} or {flag("min_separation")}.'
+    )
   longest = data.client_steps(
     int(train.client_sizes.max()), config['epochs'], config['batch_size'], config['max_steps']
   )
   buckets = data.step_buckets(longest, 4)
+  if config['task'] is not None:  # its preprocessing makes rows: the stored sizes do not bound
+    buckets = tuple(2**k for k in range(31))  # compiles once per power of two reached
 
   def batch(ids: list, round_num: int, round_buckets) -> data.ClientBatches:
     return data.batch_cohort(
@@ -421,7 +373,11 @@ def build_experiment(config: Mapping[str, Any], *, multihost: bool = False) -> E
 
   def sample(round_num: int) -> np.ndarray:
     return data.sample_cohort(
-      train.num_clients, config['clients_per_round'], round_num, seed=config['seed']
+      train.num_clients,
+      config['clients_per_round'],
+      round_num,
+      seed=config['seed'],
+      min_separation=config['min_separation'],
     )
 
   def cohort_ids_fn(round_num: int) -> list:
@@ -481,4 +437,6 @@ def build_experiment(config: Mapping[str, Any], *, multihost: bool = False) -> E
     jax.device_put(evaluation_data),
     _accountant(config, train.num_clients),
     cohort_ids_fn,
+    model,
+    loaded.held_out if model is not None else None,
   )

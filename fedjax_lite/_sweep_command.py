@@ -1,10 +1,11 @@
 """`fedjax-lite sweep`: a grid of `train` settings run as few compiled programs as it can.
 
 A sweep file is `train`'s TOML where any setting may be a list: the grid is every combination.
-Settings that live in the process state (`IN_PROGRAM`: learning rates, FedProx's strength, the
-seed) vary inside one program, `fl.templates.build_sweep`; configurations that differ in
-anything else (the model, the algorithm, the data) are separate programs, grouped
-automatically. Each run writes an ordinary run folder (`fedjax-lite eval` and `plot` take it);
+Settings that live in the process state (`_config.in_program()`: learning rates, FedProx's
+strength, any entry's setting declared with an `hparam`; and the seed) vary inside one program,
+`fl.templates.build_sweep`; configurations that differ in anything else (the model, the
+algorithm, the data) are separate programs, grouped automatically.
+Each run writes an ordinary run folder (`fedjax-lite eval` and `plot` take it);
 the sweep folder gets `summary.json` (final and best test metrics and the final training loss:
 per-seed values, mean and sample std over seeds, the split of each; strict JSON, described in
 the file itself) and `comparison.png` (test accuracy against round, a line per configuration,
@@ -26,12 +27,6 @@ import numpy as np
 from fedjax_lite import _config, simulation, templates
 from fedjax_lite._config import ConfigError
 
-# setting -> where it sits in `process.get_hparams(state)`.
-IN_PROGRAM = {
-  'client_lr': ('client_work', 'learning_rate'),
-  'server_lr': ('finalizer', 'learning_rate'),
-  'proximal_strength': ('client_work', 'proximal_strength'),
-}
 SUMMARY_FILE = 'summary.json'
 CHECKPOINT_DIR = 'checkpoints'  # in each run folder, as `train` and `run_sweep` write it
 PLOT_FILE = 'comparison.png'
@@ -72,16 +67,16 @@ def _has(tree: Mapping, path: tuple[str, ...]) -> bool:
 
 def plan(configs: Sequence[dict[str, Any]], experiment_fn) -> list[list[int]]:
   """Groups of config indices that run as one program: equal in every setting except the seed
-  and the `IN_PROGRAM` settings the algorithm holds as hyperparameters."""
+  and the in-program settings the algorithm holds as hyperparameters."""
   structural: dict[str, list[int]] = {}
   for i, config in enumerate(configs):
-    key = {k: v for k, v in config.items() if k not in IN_PROGRAM and k != 'seed'}
+    key = {k: v for k, v in config.items() if k not in _config.in_program() and k != 'seed'}
     structural.setdefault(json.dumps(key, sort_keys=True), []).append(i)
   groups = []
   for indices in structural.values():
     process = experiment_fn(configs[indices[0]]).process
     hparams = process.get_hparams(process.initialize())
-    outside = [k for k, path in IN_PROGRAM.items() if not _has(hparams, path)]
+    outside = [k for k, path in _config.in_program().items() if not _has(hparams, path)]
     split: dict[str, list[int]] = {}
     for i in indices:
       key = json.dumps({k: configs[i][k] for k in outside})
@@ -111,7 +106,7 @@ def run_group(
       experiments[config['seed']] = experiment_fn(config)
   first = experiments[configs[0]['seed']]
   held = first.process.get_hparams(first.process.initialize())
-  in_program = {name: path for name, path in IN_PROGRAM.items() if _has(held, path)}
+  in_program = {name: path for name, path in _config.in_program().items() if _has(held, path)}
   runs = []
   for config in configs:
     hparams: dict = {}

@@ -84,12 +84,10 @@ def _read_run_config(path: str) -> dict[str, Any]:
 
 def _run_config(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
   """The run folder and its settings: flags over `--config` over defaults, or the saved run's."""
-  flags = {k: v for k, v in vars(args).items() if k in _config.OPTION_NAMES}
+  flags = {k: v for k, v in vars(args).items() if k in _config.option_names()}
   file_settings = _config.read_toml(args.config) if args.config else {}
   config = _config.resolve(flags, file_settings)
-  out = args.out or os.path.join(
-    'runs', f'{config["dataset"]}-{config["model"]}-{config["algorithm"]}'
-  )
+  out = args.out or os.path.join('runs', _run_name(config))
   saved_path = os.path.join(out, CONFIG_FILE)
   if not os.path.exists(saved_path):
     if args.resume:
@@ -107,6 +105,12 @@ def _run_config(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
       + ', '.join(_config.flag(k) for k in _config.RESUMABLE)
     )
   return out, _checked(config, {*flags, *file_settings})
+
+
+def _run_name(config: dict[str, Any]) -> str:
+  """`DATASET-MODEL-ALGORITHM`, or `TASK-ALGORITHM` (import paths as `module.callable`)."""
+  parts = [config['task']] if config['task'] else [config['dataset'], config['model']]
+  return '-'.join(p.replace(':', '.') for p in [*parts, config['algorithm']])
 
 
 def _distributed_run_config(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
@@ -130,7 +134,7 @@ def _distributed_run_config(args: argparse.Namespace) -> tuple[str, dict[str, An
 def _checked(config: dict[str, Any], given: set[str]) -> dict[str, Any]:
   """`config`, once every setting `given` is one its algorithm reads."""
   try:
-    _catalogue.check_settings(config, given, _config.flag)
+    _catalogue.check_settings(config, given)
   except ValueError as error:
     raise ConfigError(str(error)) from None
   return config
@@ -208,8 +212,10 @@ def _train_locked(args, out: str, config: dict[str, Any], experiment: Any, *, pr
     else:
       status = ''
     print(
-      f'{config["dataset"]}: {experiment.train_data.num_clients} clients, '
-      f'{config["clients_per_round"]} per round; {config["model"]} with {config["algorithm"]}; '
+      f'{config["task"] or config["dataset"]}'
+      f'{" (generated stand-in)" if config["stand_in"] else ""}: '
+      f'{experiment.train_data.num_clients} clients, {config["clients_per_round"]} per round; '
+      f'{"its model" if config["task"] else config["model"]} with {config["algorithm"]}; '
       f'writing to {out}{status}'
     )
   if accountant is not None and not quiet:
@@ -439,17 +445,57 @@ def _eval(args: argparse.Namespace) -> int:
   print(f'round {run.round_num} of {args.run_dir}')
   for key, value in run.evaluate().items():
     print(f'  {key} {value:.6g}')
+  if args.personalize:
+    _personalize(args, run)
   return 0
 
 
+def _personalize(args: argparse.Namespace, run: Any) -> None:
+  """Prints the personalization evaluation of `run`: per strategy (SGD fine-tuning for each of
+  `--fine-tune-epochs`), its metrics on the clients' held-out halves beside the global model's
+  (`baseline_metrics`), and the share of clients whose accuracy it raised."""
+  from fedjax_lite import algorithms, optimizers
+
+  lr = args.fine_tune_lr or run.config['client_lr']
+  strategies = {
+    f'sgd_{epochs}_epochs': algorithms.Personalization(optimizers.build_sgdm(lr), epochs)
+    for epochs in args.fine_tune_epochs
+  }
+  try:
+    out = run.evaluate_personalized(strategies, max_clients=args.personalize_clients)
+  except ValueError as error:
+    raise ConfigError(f'--personalize: {error}') from None
+  metrics, per_client = jax.device_get((out.metrics, out.client_metrics))
+  baseline = per_client['baseline_metrics']
+  real = np.asarray(baseline['num_examples']) > 0
+  print(
+    f'personalization on {int(real.sum())} held-out clients (half of each fine-tunes by SGD at '
+    f'lr {lr:g}, the other half tests):'
+  )
+  names = [k for k in metrics['baseline_metrics'] if k != 'num_examples']
+  print(f'  {"strategy":<18}' + ''.join(f'{n:>12}' for n in names) + f'{"improved":>10}')
+  for name, values in metrics.items():
+    row = f'  {name:<18}' + ''.join(f'{float(values[n]):>12.4f}' for n in names)
+    if name != 'baseline_metrics' and 'accuracy' in baseline:
+      raised = per_client[name]['accuracy'][real] > baseline['accuracy'][real]
+      row += f'{np.mean(raised):>10.0%}'
+    print(row)
+
+
 def _datasets(args: argparse.Namespace) -> int:
-  del args
   print(f'{"name":<15} {"kind":<9} {"here":<4} description')
   for info in data.DATASETS.values():
-    here = 'yes' if info.available(None) else 'no'
+    here = 'yes' if info.available(args.data_path) else 'no'
     print(f'{info.name:<15} {info.kind:<9} {here:<4} {info.description}')
     if here == 'no':
       print(f'{"":<30} to get it: {info.how_to_get}')
+  print(f'\n{"task (--task)":<25} {"here":<4} description')
+  for name in _catalogue.TASKS:
+    task = _catalogue.TASKS[name].build()
+    missing = task.missing(args.data_path)
+    print(f'{name:<25} {"no" if missing else "yes":<4} {task.description}')
+    for line in missing:
+      print(f'{"":<30} missing {line}')
   return 0
 
 
@@ -575,8 +621,37 @@ def build_parser() -> argparse.ArgumentParser:
   evaluate = commands.add_parser('eval', help="evaluate a run's checkpoint on its test data")
   evaluate.add_argument('run_dir', metavar='RUN_DIR')
   evaluate.add_argument('--round', type=_int_at_least_0, help='default: the latest checkpoint')
+  evaluate.add_argument(
+    '--personalize',
+    action='store_true',
+    help="also personalization evaluation: fine-tune on half of each held-out client's "
+    'examples, test on the other half, against the global model',
+  )
+  evaluate.add_argument(
+    '--fine-tune-epochs',
+    type=_int_at_least_1,
+    nargs='+',
+    default=[1, 5],
+    metavar='E',
+    help='one SGD fine-tuning strategy per value (default 1 5)',
+  )
+  evaluate.add_argument(
+    '--fine-tune-lr', type=float, metavar='LR', help="fine-tuning SGD rate (default the run's)"
+  )
+  evaluate.add_argument(
+    '--personalize-clients',
+    type=_int_at_least_1,
+    default=100,
+    metavar='N',
+    help='held-out clients evaluated (default 100)',
+  )
   evaluate.set_defaults(run=_eval)
-  datasets = commands.add_parser('datasets', help='list the datasets and which are here')
+  datasets = commands.add_parser(
+    'datasets', help='list the datasets and tasks, which are here and what is missing'
+  )
+  datasets.add_argument(
+    '--data-path', metavar='DIR', help='look here, not in $FEDJAX_LITE_DATA_DIR or the defaults'
+  )
   datasets.set_defaults(run=_datasets)
   plot = commands.add_parser(
     'plot',

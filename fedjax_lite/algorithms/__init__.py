@@ -3,7 +3,7 @@
 from fedjax_lite.algorithms._adaptive import build_fed_adagrad, build_fed_adam, build_fed_yogi
 from fedjax_lite.algorithms._fed_avg import build_unweighted_fed_avg, build_weighted_fed_avg
 from fedjax_lite.algorithms._fed_eval import build_fed_eval
-from fedjax_lite.algorithms._fed_kmeans import build_fed_kmeans
+from fedjax_lite.algorithms._fed_kmeans import build_fed_kmeans, kmeans_model
 from fedjax_lite.algorithms._fed_prox import build_unweighted_fed_prox, build_weighted_fed_prox
 from fedjax_lite.algorithms._fed_sgd import build_fed_sgd
 from fedjax_lite.algorithms._mime import (
@@ -38,4 +38,5 @@ __all__ = [
   'build_weighted_fed_avg_with_optimizer_schedule',
   'build_weighted_fed_prox',
   'build_weighted_mime_lite',
+  'kmeans_model',
 ]

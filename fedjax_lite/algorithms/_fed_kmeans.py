@@ -16,7 +16,7 @@ from fedjax_lite.algorithms import _common
 from fedjax_lite.templates import _client_work, _processes
 
 
-def _kmeans_model(centroids: jax.Array) -> models.FunctionalModel:
+def kmeans_model(centroids: jax.Array) -> models.FunctionalModel:
   """Centroids `[k, *data_shape]` as a model: predictions are the squared distances `[batch, k]`
   of each point to each centroid, the loss the mean distance to the nearest centroid."""
 
@@ -188,7 +188,7 @@ def build_fed_kmeans(
   """
   data_shape = _check_args(num_clusters, data_shape, random_seed, sum_aggregator)
   key = jax.random.PRNGKey(random_seed)
-  model = _kmeans_model(jax.random.normal(key, (num_clusters, *data_shape), jnp.float32))
+  model = kmeans_model(jax.random.normal(key, (num_clusters, *data_shape), jnp.float32))
   client_work = _client_work.build_client_work(
     model, _kmeans_client_loop(model), client_chunk_size=client_chunk_size, mesh=mesh
   )

@@ -19,6 +19,8 @@ import types
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
+import numpy as np
+
 from fedjax_lite.data import (
   _digits,
   _federated_datasets,
@@ -43,8 +45,12 @@ class DatasetInfo:
     how_to_get: how to make it available offline.
     load: `load(path=None)`, returning what `kind` says.
     available: `available(path=None) -> bool`, cheap, never downloads.
-    num_classes: for a federated classification dataset whose clients hold `{'x', 'y'}` as a
-      model takes them (labels in `[0, num_classes)`), its classes; else None.
+    num_classes: a federated classification dataset's classes (labels in `[0, num_classes)`);
+      None for an `'arrays'` dataset (its labels say) or one that is not a classification.
+    input_fn: `client -> {'x', 'y'}`: a federated dataset's stored features as a model takes
+      them (None: its clients hold `x` and `y` already).
+    models: the models of `fedjax-lite train` that fit it: `'classifier'` (any classifier),
+      `'mf'` (matrix factorization), or `'task'` (only through a task: `--task`).
   """
 
   name: str
@@ -56,6 +62,13 @@ class DatasetInfo:
   load: Callable[[PathLike], Any] = dataclasses.field(repr=False)
   available: Callable[[PathLike], bool] = dataclasses.field(repr=False)
   num_classes: int | None = None
+  input_fn: Callable[[Mapping[str, Any]], dict] | None = dataclasses.field(default=None, repr=False)
+  models: Literal['classifier', 'mf', 'task'] = 'classifier'
+
+
+def _pixels_label(client: Mapping[str, Any]) -> dict:
+  """An EMNIST client `{'pixels', 'label'}` as `{'x', 'y'}`."""
+  return {'x': client['pixels'], 'y': np.asarray(client['label'], np.int32)}
 
 
 def _found(find: Callable[[], Any]) -> bool:
@@ -197,6 +210,7 @@ DATASETS: Mapping[str, DatasetInfo] = types.MappingProxyType(
         how_to_get='pip install --no-deps recbole, or pass path= the ml-100k folder / u.data',
         load=_load_movielens,
         available=_movielens_available,
+        models='mf',
       ),
       DatasetInfo(
         name='emnist',
@@ -207,6 +221,8 @@ DATASETS: Mapping[str, DatasetInfo] = types.MappingProxyType(
         how_to_get=_TFF_FILES,
         load=_emnist[0],
         available=_emnist[1],
+        num_classes=62,
+        input_fn=_pixels_label,
       ),
       DatasetInfo(
         name='emnist_digits',
@@ -217,6 +233,8 @@ DATASETS: Mapping[str, DatasetInfo] = types.MappingProxyType(
         how_to_get=_TFF_FILES,
         load=_emnist_digits[0],
         available=_emnist_digits[1],
+        num_classes=10,
+        input_fn=_pixels_label,
       ),
       DatasetInfo(
         name='shakespeare',
@@ -227,6 +245,7 @@ DATASETS: Mapping[str, DatasetInfo] = types.MappingProxyType(
         how_to_get=_TFF_FILES,
         load=_shakespeare[0],
         available=_shakespeare[1],
+        models='task',
       ),
       DatasetInfo(
         name='stackoverflow',
@@ -237,6 +256,7 @@ DATASETS: Mapping[str, DatasetInfo] = types.MappingProxyType(
         how_to_get=_TFF_FILES,
         load=_stackoverflow[0],
         available=_stackoverflow[1],
+        models='task',
       ),
       _synthetic_entry('synthetic_0_0', 0, 0),
       _synthetic_entry('synthetic_0.5_0.5', 0.5, 0.5),

@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
+import numpy as np
 
 from fedjax_lite.simulation import _checkpoint, _metrics_managers
 
@@ -32,6 +33,10 @@ class Run(NamedTuple):
       ...)`).
     evaluation_fn: `(state, ClientBatches) -> metrics`, as the run evaluated.
     evaluation_data: the held-out `ClientBatches` the run evaluated on.
+    model: the `FunctionalModel` it trained (None for matrix factorization and k-means).
+    held_out_clients: `() -> FederatedData`, the held-out data as clients `{'x', 'y'}` (a
+      federated dataset's test clients; a centralized one's test examples split by the run's
+      partition); None where `model` is.
   """
 
   run_dir: str
@@ -43,6 +48,8 @@ class Run(NamedTuple):
   process: Any
   evaluation_fn: Callable[[Any, Any], Mapping[str, Any]]
   evaluation_data: Any
+  model: Any = None
+  held_out_clients: Callable[[], Any] | None = None
 
   def evaluate(self, client_batches: Any = None) -> dict[str, Any]:
     """The run's model at `round_num` evaluated on `client_batches` (e.g. your own data,
@@ -51,6 +58,60 @@ class Run(NamedTuple):
     data = self.evaluation_data if client_batches is None else client_batches
     metrics = self.evaluation_fn(self.state, data)
     return _metrics_managers.flatten_metrics(jax.device_get(metrics))
+
+  def evaluate_personalized(
+    self,
+    personalize_fns: Mapping[str, Any],
+    *,
+    max_clients: int = 100,
+    fine_tune_fraction: float = 0.5,
+    batch_size: int | None = None,
+  ):
+    """Personalization evaluation of the run's model on its held-out clients
+    (`fl.algorithms.build_personalization_eval`): each client's examples are shuffled (seed 0)
+    and split, the first `fine_tune_fraction` fine-tunes each strategy of `personalize_fns`,
+    the rest evaluates it and the global model (`'baseline_metrics'`).
+
+    Example:
+      >>> out = run.evaluate_personalized({'sgd_2_epochs': fl.algorithms.Personalization(
+      ...     fl.optimizers.build_sgdm(0.1), num_epochs=2)})
+      >>> out.metrics['sgd_2_epochs']['accuracy'], out.metrics['baseline_metrics']['accuracy']
+
+    Args:
+      personalize_fns: strategy name -> `fl.algorithms.Personalization` (or optax optimizer).
+      max_clients: held-out clients evaluated (the first ones), an int >= 1.
+      fine_tune_fraction: the share of each client's examples that fine-tunes, in (0, 1).
+      batch_size: default the run's `batch_size`.
+
+    Returns:
+      A `PersonalizationEvalOutput` (metrics over all clients and per client).
+    """
+    from fedjax_lite import algorithms, data  # the simulation package does not import them
+
+    if self.model is None:
+      raise ValueError(
+        f'{self.run_dir} trained no classifier ({self.config["algorithm"]}); personalization '
+        'evaluation fine-tunes one'
+      )
+    if not 0 < fine_tune_fraction < 1:
+      raise ValueError(f'fine_tune_fraction must be in (0, 1); got {fine_tune_fraction!r}')
+    if isinstance(max_clients, bool) or not isinstance(max_clients, int) or max_clients < 1:
+      raise ValueError(f'max_clients must be an int >= 1; got {max_clients!r}')
+    population = self.held_out_clients()
+    rng = np.random.default_rng(0)
+    tune, test = [], []
+    for _, client in list(population)[:max_clients]:
+      order = rng.permutation(len(client['y']))
+      cut = round(fine_tune_fraction * len(order))
+      tune.append({k: v[order[:cut]] for k, v in client.items()})
+      test.append({k: v[order[cut:]] for k, v in client.items()})
+    size = batch_size or self.config['batch_size']
+    tune_batches = data.build_client_batches(tune, batch_size=size, shuffle=False)
+    test_batches = data.build_client_batches(test, batch_size=size, shuffle=False)
+    evaluate = algorithms.build_personalization_eval(
+      self.model, personalize_fns, max_num_clients=max_clients, seed=self.config['seed']
+    )
+    return evaluate(self.model_weights, tune_batches, test_batches)
 
 
 def read_settings(path: str) -> dict[str, Any]:
@@ -114,4 +175,6 @@ def load_run(run_dir: str | os.PathLike, round_num: int | None = None) -> Run:
     experiment.process,
     experiment.evaluation_fn,
     experiment.evaluation_data,
+    experiment.model,
+    experiment.held_out_clients,
   )
