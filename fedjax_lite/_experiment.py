@@ -288,6 +288,24 @@ def _fed_recon(config: Mapping[str, Any], mesh: Any = None):
   return train, test, process, evaluation
 
 
+def _check_cohort(config: Mapping[str, Any], train: data.FederatedData) -> None:
+  """Raises ConfigError for a cohort the population (or its min-separation groups) cannot
+  fill."""
+  if config['clients_per_round'] > train.num_clients:
+    raise ConfigError(
+      f'{flag("clients_per_round")}: {config["clients_per_round"]} exceeds the '
+      f'{train.num_clients} training clients'
+    )
+  groups = config['min_separation']  # a cohort comes from one of this many client groups
+  if config['clients_per_round'] > train.num_clients // groups:
+    raise ConfigError(
+      f'{flag("clients_per_round")} {config["clients_per_round"]} exceeds the '
+      f'{train.num_clients // groups} clients of the smallest of {groups} groups that '
+      f'{flag("min_separation")} {groups} draws cohorts from (a client at most once in any '
+      f'{groups} rounds). Tip: lower {flag("clients_per_round")} or {flag("min_separation")}.'
+    )
+
+
 def build_experiment(config: Mapping[str, Any], *, multihost: bool = False) -> Experiment:
   """The experiment of a resolved configuration (`fedjax_lite._config.resolve`).
 
@@ -312,6 +330,7 @@ def build_experiment(config: Mapping[str, Any], *, multihost: bool = False) -> E
   num_classes, model, loaded = None, None, None
   if config['model'] == 'mf':
     train, test, process, evaluation = _fed_recon(config, mesh)
+    _check_cohort(config, train)
     evaluation_data = data.batch_cohort(
       test, test.client_ids, batch_size=config['batch_size'], seed=config['seed']
     )
@@ -322,6 +341,7 @@ def build_experiment(config: Mapping[str, Any], *, multihost: bool = False) -> E
       loaded = _load(config)
       model = _model(config, loaded.test_arrays['x'], loaded.num_classes)
     train, test_arrays = loaded.train, loaded.test_arrays
+    _check_cohort(config, train)
     num_classes = None if config['task'] is not None else loaded.num_classes
     inputs = _catalogue.BuildInputs(
       model, _aggregator(config), mesh, train.num_clients, client_chunk_size(config)
@@ -337,19 +357,6 @@ def build_experiment(config: Mapping[str, Any], *, multihost: bool = False) -> E
     evaluation = algorithms.build_fed_eval(evaluated, client_chunk_size=client_chunk_size(config))
     evaluation_data = data.build_client_batches(
       [test_arrays], batch_size=min(EVAL_BATCH_SIZE, len(test_arrays['y'])), shuffle=False
-    )
-  if config['clients_per_round'] > train.num_clients:
-    raise ConfigError(
-      f'{flag("clients_per_round")}: {config["clients_per_round"]} exceeds the '
-      f'{train.num_clients} training clients'
-    )
-  groups = config['min_separation']  # a cohort comes from one of this many client groups
-  if config['clients_per_round'] > train.num_clients // groups:
-    raise ConfigError(
-      f'{flag("clients_per_round")} {config["clients_per_round"]} exceeds the '
-      f'{train.num_clients // groups} clients of the smallest of {groups} groups that '
-      f'{flag("min_separation")} {groups} draws cohorts from (a client at most once in any '
-      f'{groups} rounds). Tip: lower {flag("clients_per_round")} or {flag("min_separation")}.'
     )
   longest = data.client_steps(
     int(train.client_sizes.max()), config['epochs'], config['batch_size'], config['max_steps']

@@ -125,3 +125,50 @@ def test_the_adaptive_clip_refusal_says_what_to_do(capsys):
   assert len(err.splitlines()) == 1 and 'clipped_count_stddev' not in err
   assert 'needs more than 10 clients a round for --noise-multiplier 1' in err
   assert 'Tip: pass a fixed clip (--clip 1.0' in err and 'raise --clients-per-round' in err
+
+
+FTRL = ['--aggregator', 'dp_ftrl', '--clip', '0.5', '--noise-multiplier', '2', '--model', 'logreg']
+
+
+def test_dp_ftrl_from_the_command_accounts_its_mechanism_and_schedule(tmp_path, capsys):
+  argv = ['train', *FTRL, '--mechanism', 'banded', '--min-separation', '3', '--rounds', '6']
+  argv += ['--clients-per-round', '5', '--eval-every', '3', '--out', 'run']
+  assert cli.main(argv) == 0
+  out = capsys.readouterr().out
+  accountant = fl.aggregators.DPFTRLAccountant(
+    'banded', 2.0, 0.1 / 30, total_rounds=6, min_separation=3
+  )
+  assert f'epsilon {accountant.epsilon(6):.3f} after 6 rounds' in out
+  assert 'DP-FTRL banded mechanism for 6 rounds' in out  # the assumption, stated
+  lines = (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()
+  rows = [json.loads(line) for line in lines]
+  assert [r['privacy/epsilon'] for r in rows[1:]] == pytest.approx(
+    [accountant.epsilon(r) for r in range(1, 7)]
+  )
+  # The cohorts the run drew keep every client 3 rounds apart.
+  experiment = _experiment.build_experiment(
+    json.loads((tmp_path / 'run' / 'config.json').read_text())
+  )
+  seen = {}
+  for round_num in range(1, 7):
+    for client in experiment.cohort_ids_fn(round_num):
+      assert round_num - seen.get(client, -10) >= 3
+      seen[client] = round_num
+  # Its mechanism was built for 6 rounds: a longer run is a new run, not an extension.
+  assert cli.main([*argv, '--rounds', '8']) == 2
+  assert 'rounds: 6 -> 8' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+  'argv, message',
+  [
+    (['--min-separation', '2'], '--min-separation does not apply to --aggregator mean'),
+    (FTRL[:2], '--aggregator dp_ftrl needs --clip (a fixed L2 clip'),
+    ([*FTRL, '--min-separation', '4', '--clients-per-round', '10'], 'exceeds the 7 clients'),
+    ([*FTRL, '--mechanism', 'ring'], "--mechanism: unknown name 'ring'; expected one of tree"),
+  ],
+)
+def test_dp_ftrl_settings_that_cannot_work_are_one_line_errors(argv, message, capsys):
+  assert cli.main(['train', *argv, '--rounds', '4', '--out', 'bad']) == 2
+  err = capsys.readouterr().err
+  assert message in err and len(err.splitlines()) == 1, err

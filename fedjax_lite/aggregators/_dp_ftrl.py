@@ -21,6 +21,24 @@ Mechanisms (`build_dp_ftrl_mechanism`):
 The noise is generated in streaming form; the mechanism's state (tree nodes, band history, BLT
 buffers) lives in the aggregator state, so it is checkpointed with the learning process and a
 resumed run continues bitwise.
+
+The horizon: a mechanism is built, and analysed, for exactly `total_rounds` rounds
+(`factory.total_rounds`, `factory.mechanism.total_rounds`). Past it the noise is no longer what
+the accountant analysed (the tree's nodes even cancel: its noise is exactly 0 at round index
+`2^levels - 1`, the cumulative sum released in the clear), so from round index `total_rounds` on
+every aggregate is NaN: a run past the horizon diverges instead of leaking. Build the mechanism
+for the whole run.
+
+What the guarantee rests on:
+  * The strategy is not stored: a resumed run re-optimizes it from the same arguments
+    (jax-privacy's optimizers are deterministic, so the same machine and versions give the same
+    floats; the cached arrays are read-only, so the noise and the accountant share one `C`).
+  * The noise key derives from the run's `seed` and the checkpoint holds the noise state (past
+    node values, noise inputs or buffers): whoever reads either can subtract the noise, so the
+    seed and the checkpoints must stay as private as the clients' data.
+  * Memory: the state holds `mechanism.buffers` model-sized float32 arrays per value leaf: the
+    tree `levels + 1`, BLT its buffers (<= `bands`, default 10), banded `bands - 1` with
+    `bands = min_separation` by default, so it grows with b (pass a smaller `bands` to cap it).
 """
 
 from __future__ import annotations
@@ -60,6 +78,69 @@ def max_participations_for(
   )
 
 
+def _check_max_participations(
+  total_rounds: int, min_separation: int, max_participations: int | None
+) -> None:
+  """Refuses a participation cap below what `sample_cohort(min_separation=b)` draws: no sampler
+  enforces one, so an analysis with it would under-report ε."""
+  most = -(-total_rounds // min_separation)
+  if max_participations is not None and max_participations < most:
+    raise ValueError(
+      f'max_participations={max_participations} is below ceil(total_rounds / min_separation) = '
+      f'ceil({total_rounds} / {min_separation}) = {most}: the schedule '
+      f'fl.data.sample_cohort(min_separation={min_separation}) draws lets a client take part '
+      f'ceil(n/b) = {most} times, and nothing enforces fewer. Tip: leave max_participations '
+      'unset (it defaults to ceil(n/b)).'
+    )
+
+
+def _read_only(x: Any) -> np.ndarray:
+  """A private, read-only float64 copy of a strategy array, flattened."""
+  x = np.array(x, np.float64).reshape(-1)
+  x.setflags(write=False)
+  return x
+
+
+def _tree_gram(rounds: int) -> np.ndarray:
+  """`X = CᵀC` of the tree on its first `rounds` rounds, float64 `[rounds, rounds]`: `X[i, j]`
+  counts the complete nodes (those `_tree_nodes(rounds)` lists) holding both leaves i and j."""
+  leaf = np.arange(rounds)
+  x = np.zeros((rounds, rounds))
+  level = 0
+  while 2**level <= rounds:
+    node = leaf >> level
+    complete = (node + 1) << level <= rounds
+    x += (node[:, None] == node[None, :]) & complete[:, None]
+    level += 1
+  return x
+
+
+def _max_participation_linear(x: np.ndarray, min_separation: int, k: int) -> np.ndarray:
+  """jax-privacy's `max_participation_for_linear_fn` (VecSens, Choquette-Choo et al. 2023,
+  Algorithm 3) over the last axis of `x` at once, in numpy float64: `max_u <x, u>` over the 0/1
+  vectors `u` with at most `k` ones, any two at least `min_separation` apart."""
+  # jax-privacy's f[i] (best over x[i:]) kept reversed, g[m] = f[n + b - 1 - m], so the update
+  # f[:n] = x + f[b:] and the right-to-left running max run in place, left to right.
+  n = x.shape[-1]
+  reversed_x = np.ascontiguousarray(x[..., ::-1], np.float64)
+  g = np.zeros((*x.shape[:-1], n + min_separation))
+  for _ in range(k):
+    g[..., min_separation:] = reversed_x + g[..., :n]
+    np.maximum.accumulate(g, axis=-1, out=g)
+  return g[..., -1]
+
+
+def _min_sep_sensitivity_upper_bound(gram: np.ndarray, min_separation: int, k: int) -> float:
+  """jax-privacy's `get_min_sep_sensitivity_upper_bound_for_X` (Choquette-Choo et al. 2023,
+  Algorithm 4) in numpy float64, the same bound without a trace per shape: the best pattern's
+  `Σ_j |X_ij|` per row i, then the best pattern over those row maxima. It is >= the
+  min-separation sensitivity because it maximizes over a larger set (rows and columns may pick
+  different patterns) and `‖Σ_j c_j g_jᵀ‖² = Σ_ij X_ij <g_i, g_j> <= Σ_ij |X_ij|` for
+  contributions `‖g_j‖ <= 1`."""
+  rows = _max_participation_linear(np.abs(gram), min_separation, k)
+  return math.sqrt(float(_max_participation_linear(rows, min_separation, k)))
+
+
 def _tree_nodes(rounds: int) -> list[tuple[int, int]]:
   """The `(level, index)` of every tree node whose leaves `[index·2^level, (index+1)·2^level)`
   lie within the first `rounds` rounds, leaves (level 0) first."""
@@ -80,12 +161,16 @@ class CorrelatedNoiseMechanism:
 
   Attributes:
     name: `tree`, `banded` or `blt`.
-    total_rounds: rounds the mechanism (and its analysis) covers.
+    total_rounds: rounds the mechanism (and its analysis) covers: the aggregator's horizon.
+      Aggregates from round index `total_rounds` on are NaN (see the module docstring).
     min_separation: b: a client joins at most once in any b consecutive rounds.
-    max_participations: k: the most rounds a client joins (`ceil(total_rounds / b)` by default).
+    max_participations: k: the most rounds a client joins, `ceil(total_rounds / b)` (the most
+      `sample_cohort(min_separation=b)` allows; a lower cap is refused, nothing enforces it).
     strategy: jax-privacy's parameters of `C`: the banded Toeplitz coefficients `[bands]` (L2
       norm 1, column-normalized for `total_rounds`), the BLT's `(buf_decay, output_scale)`
-      float64 arrays, or None (tree).
+      float64 arrays (all read-only: the noise and the accountant share them), or None (tree).
+    bands: `banded`: the number of bands; `blt`: the most buffers its optimization could use
+      (`buffers` is how many it has); None for the tree.
   """
 
   name: str
@@ -93,6 +178,10 @@ class CorrelatedNoiseMechanism:
   min_separation: int
   max_participations: int
   strategy: Any = None
+  bands: int | None = None
+
+  def __post_init__(self):
+    _check_max_participations(self.total_rounds, self.min_separation, self.max_participations)
 
   @property
   def levels(self) -> int:
@@ -175,7 +264,9 @@ class CorrelatedNoiseMechanism:
     contributions (norm <= 1 each, at most `min(k, ceil(rounds / b))` rounds b apart) are zeroed
     out, from jax-privacy: `banded.minsep_sensitivity_squared` (bands <= b),
     `toeplitz.minsep_sensitivity_squared` (BLT; non-negative, non-increasing coefficients,
-    checked), `sensitivity.get_min_sep_sensitivity_upper_bound` (tree; an upper bound)."""
+    checked), `_min_sep_sensitivity_upper_bound` (tree; jax-privacy's
+    `get_min_sep_sensitivity_upper_bound` in numpy: an upper bound, milliseconds for a few
+    hundred rounds)."""
     rounds = self._rounds(rounds)
     b = self.min_separation
     k = max_participations_for(rounds, b, self.max_participations)
@@ -188,8 +279,7 @@ class CorrelatedNoiseMechanism:
       with jax.enable_x64(True):
         coefs = self._blt().toeplitz_coefs(rounds)
         return math.sqrt(float(jp_toeplitz.minsep_sensitivity_squared(coefs, b, k, n=rounds)))
-    c = jnp.asarray(self.strategy_matrix(rounds), jnp.float32)
-    return float(jp_sensitivity.get_min_sep_sensitivity_upper_bound(c, b, k))
+    return _min_sep_sensitivity_upper_bound(_tree_gram(rounds), b, k)
 
   # Streaming: per leaf of the value, `init(shape) -> state` and
   # `step(key, stddev, state, round_num) -> (noise, state)`.
@@ -252,16 +342,16 @@ class CorrelatedNoiseMechanism:
 def _optimized(
   name: str, total_rounds: int, min_separation: int, max_participations: int, bands: int
 ) -> Any:
-  """jax-privacy's optimized strategy (cached: the factory and the accountant share it)."""
+  """jax-privacy's optimized strategy (cached: the factory and the accountant share it, so its
+  arrays are read-only)."""
   if name == 'banded':
     if bands == 1:
-      return np.ones(1)
-    coefs = jp_toeplitz.optimize_banded_toeplitz(total_rounds, bands)
-    return np.asarray(coefs, np.float64)
+      return _read_only(np.ones(1))
+    return _read_only(jp_toeplitz.optimize_banded_toeplitz(total_rounds, bands))
   blt = jp_blt.optimize(
     n=total_rounds, min_sep=min_separation, max_participations=max_participations, max_buffers=bands
   )
-  return (np.asarray(blt.buf_decay, np.float64), np.asarray(blt.output_scale, np.float64))
+  return (_read_only(blt.buf_decay), _read_only(blt.output_scale))
 
 
 def build_dp_ftrl_mechanism(
@@ -284,15 +374,23 @@ def build_dp_ftrl_mechanism(
     total_rounds: rounds of the run (the mechanism is optimized, and analysed, for exactly these).
     min_separation: b >= 1: a client joins at most once in any b consecutive rounds
       (`fl.data.sample_cohort(..., min_separation=b)` draws such cohorts).
-    max_participations: k: the most rounds a client joins; default `ceil(total_rounds / b)`.
-    bands: `banded`: the number of bands, 1..b (default b; the state keeps bands - 1 buffers);
-      `blt`: the most buffers jax-privacy may use (default 10, its own).
+    max_participations: k: the most rounds a client joins: `ceil(total_rounds / b)`, what
+      `fl.data.sample_cohort(min_separation=b)` allows (the default; a larger value is capped, a
+      smaller one refused: no sampler enforces it).
+    bands: `banded`: the number of bands, 1..b (default b; the state keeps bands - 1 model-sized
+      buffers, so memory grows with b); `blt`: the most buffers jax-privacy may use (default 10,
+      its own).
     strategy: a precomputed jax-privacy strategy instead of optimizing one: the banded Toeplitz
       coefficients `[bands]` (L2 norm 1) or a `BufferedToeplitz` (or its `(buf_decay,
-      output_scale)`). The accountant checks what it is handed.
+      output_scale)`), copied read-only. The accountant checks what it is handed.
 
   Returns:
-    A `CorrelatedNoiseMechanism`; optimized strategies are cached per arguments.
+    A `CorrelatedNoiseMechanism`; optimized strategies are cached per arguments (read-only).
+
+  Raises:
+    ValueError: an unknown mechanism, `min_separation` outside [1, total_rounds],
+      `max_participations` below `ceil(total_rounds / min_separation)`, `bands` above b
+      (banded) or given to the tree, or a malformed strategy.
   """
   if mechanism not in MECHANISMS:
     raise ValueError(f'mechanism must be one of {MECHANISMS}; got {mechanism!r}')
@@ -305,6 +403,7 @@ def build_dp_ftrl_mechanism(
     )
   if max_participations is not None:
     max_participations = _check_int('max_participations', max_participations, 1)
+  _check_max_participations(total_rounds, min_separation, max_participations)
   k = max_participations_for(total_rounds, min_separation, max_participations)
   if mechanism == 'tree':
     if bands is not None or strategy is not None:
@@ -322,26 +421,50 @@ def build_dp_ftrl_mechanism(
       )
     if strategy is None:
       strategy = _optimized('banded', total_rounds, min_separation, k, bands)
-    strategy = np.asarray(strategy, np.float64).reshape(-1)
+    else:
+      strategy = _read_only(strategy)
     if strategy.shape != (bands,) or not np.isclose(np.linalg.norm(strategy), 1.0, atol=1e-5):
       raise ValueError(
         f'a banded strategy must be [bands]=[{bands}] Toeplitz coefficients of L2 norm 1; got '
         f'shape {strategy.shape}, norm {np.linalg.norm(strategy):.6g}'
       )
-    return CorrelatedNoiseMechanism('banded', total_rounds, min_separation, k, strategy)
+    return CorrelatedNoiseMechanism('banded', total_rounds, min_separation, k, strategy, bands)
   if bands is not None:
     bands = _check_int('bands', bands, 1)
   if strategy is None:
-    strategy = _optimized('blt', total_rounds, min_separation, k, 10 if bands is None else bands)
-  if isinstance(strategy, jp_blt.BufferedToeplitz):
-    strategy = (strategy.buf_decay, strategy.output_scale)
-  buf_decay, output_scale = (np.asarray(x, np.float64).reshape(-1) for x in strategy)
+    bands = 10 if bands is None else bands
+    buf_decay, output_scale = _optimized('blt', total_rounds, min_separation, k, bands)
+  else:
+    if isinstance(strategy, jp_blt.BufferedToeplitz):
+      strategy = (strategy.buf_decay, strategy.output_scale)
+    buf_decay, output_scale = (_read_only(x) for x in strategy)
   if buf_decay.shape != output_scale.shape:
     raise ValueError(
       f'a BLT strategy needs buf_decay and output_scale of one length; got {buf_decay.shape} '
       f'and {output_scale.shape}'
     )
-  return CorrelatedNoiseMechanism('blt', total_rounds, min_separation, k, (buf_decay, output_scale))
+  if bands is None:
+    bands = len(buf_decay)
+  elif len(buf_decay) > bands:
+    raise ValueError(
+      f'the BLT strategy has {len(buf_decay)} buffers; expected at most bands={bands}'
+    )
+  strategy = (buf_decay, output_scale)
+  return CorrelatedNoiseMechanism('blt', total_rounds, min_separation, k, strategy, bands)
+
+
+def check_matches_mechanism(mechanism: CorrelatedNoiseMechanism, **given: int | None) -> None:
+  """Refuses a schedule argument (`total_rounds=`, `min_separation=`, `max_participations=`,
+  `bands=`) given explicitly alongside a built `mechanism` with another value than its own: the
+  mechanism was built (optimized) and is analysed for its own."""
+  for name, value in given.items():
+    own = getattr(mechanism, name)
+    if value is not None and value != own:
+      raise ValueError(
+        f'{name}={value} does not match the {mechanism.name} mechanism, built (optimized and '
+        f'analysed) for {name}={own}: its guarantee does not cover this schedule. Tip: leave '
+        f'{name} unset with a built mechanism, or build the mechanism for {name}={value}.'
+      )
 
 
 class DPFTRLState(NamedTuple):
@@ -367,7 +490,12 @@ class DPFTRLFactory:
   Build it with `dp_ftrl_aggregator` (or `DPFTRLFactory.tree_aggregation`, TFF's name). Like
   `DifferentiallyPrivateFactory.gaussian_fixed` it is unweighted: FedAvg's client weights are not
   used. Measurements: `{'dp_query_metrics': {'clip', 'clipped_count'}, 'dp': {}}` as DP-FedAvg's.
-  The privacy guarantee is `DPFTRLAccountant`'s business, for the same mechanism and schedule.
+  The privacy guarantee is `DPFTRLAccountant`'s business, for the same mechanism and schedule:
+  hand it `factory.mechanism`.
+
+  The horizon is `total_rounds` (`factory.total_rounds`): from round index `total_rounds` on
+  (the state's `round_num`) the aggregate is all NaN, never a noiseless or unanalysed sum, so a
+  run past the mechanism's horizon diverges instead of leaking.
   """
 
   def __init__(
@@ -387,7 +515,13 @@ class DPFTRLFactory:
 
   @property
   def mechanism(self) -> CorrelatedNoiseMechanism:
+    """The noise mechanism (its strategy, schedule and horizon): `DPFTRLAccountant`'s input."""
     return self._mechanism
+
+  @property
+  def total_rounds(self) -> int:
+    """The horizon: rounds the mechanism covers; later aggregates are NaN."""
+    return self._mechanism.total_rounds
 
   @classmethod
   def tree_aggregation(
@@ -436,10 +570,14 @@ class DPFTRLFactory:
       leaves, treedef = jax.tree.flatten(clipped_sum)
       states = treedef.flatten_up_to(state.noise)
       keys = jax.random.split(key, max(len(leaves), 1))
+      # Past the horizon the streamed noise is unanalysed (the tree's is even 0 at round index
+      # 2^levels - 1): release NaN instead, so the run diverges rather than leaks.
+      past_horizon = state.round_num >= mechanism.total_rounds
       noised, new_states = [], []
       for x, k, s in zip(leaves, keys, states, strict=False):
         noise, s = mechanism.step(k, stddev, s, state.round_num, x.shape)
-        noised.append((x + noise.astype(x.dtype)) / denominator)
+        mean = (x + noise.astype(x.dtype)) / denominator
+        noised.append(jnp.where(past_horizon, jnp.nan, mean).astype(x.dtype))
         new_states.append(strong(s))
       new_state = DPFTRLState(
         next_key, state.round_num + 1, jax.tree.unflatten(treedef, new_states)
@@ -469,7 +607,7 @@ def dp_ftrl_aggregator(
   *,
   mechanism: str | CorrelatedNoiseMechanism,
   total_rounds: int | None = None,
-  min_separation: int = 1,
+  min_separation: int | None = None,
   max_participations: int | None = None,
   bands: int | None = None,
   seed: int = 0,
@@ -484,21 +622,30 @@ def dp_ftrl_aggregator(
     ...     model_aggregator=agg)
     >>> eps = fl.aggregators.DPFTRLAccountant(agg.mechanism, 1.0, 1e-5).epsilon(100)
 
+  Rounds past `total_rounds` aggregate to NaN (the mechanism's horizon; see the module
+  docstring): build it for the whole run.
+
   Args:
     noise_multiplier: >= 0: `Z`'s standard deviation over the clip (0: the clipped mean).
     clients_per_round: > 0: the divisor of the noisy sum (the cohort size).
     clip: > 0: every client's update is clipped to this L2 norm.
     mechanism: `tree`, `banded`, `blt`, or a `build_dp_ftrl_mechanism` result (then
-      `total_rounds`, `min_separation`, `max_participations` and `bands` are its own).
-    total_rounds: rounds of the run (required with a mechanism name).
+      `total_rounds`, `min_separation`, `max_participations` and `bands` are its own: leave them
+      None, or give the built mechanism's own values; another value is refused).
+    total_rounds: rounds of the run (required with a mechanism name): the horizon.
     min_separation: b: the participation schedule's minimum separation (draw cohorts with
-      `fl.data.sample_cohort(..., min_separation=b)`).
-    max_participations: k, default `ceil(total_rounds / b)`.
+      `fl.data.sample_cohort(..., min_separation=b)`); default 1 with a mechanism name.
+    max_participations: k, `ceil(total_rounds / b)` (the default; a smaller k is refused).
     bands: see `build_dp_ftrl_mechanism`.
-    seed: keys the noise; give each run (each seed of a sweep) its own.
+    seed: keys the noise; give each run (each seed of a sweep) its own, and keep it private.
 
   Returns:
     A `DPFTRLFactory` with `create(value_spec)`, unweighted.
+
+  Raises:
+    ValueError: a bad number, a schedule `build_dp_ftrl_mechanism` refuses, or with a built
+      mechanism a `total_rounds`, `min_separation`, `max_participations` or `bands` other than
+      its own.
   """
   for name, value in [
     ('noise_multiplier', noise_multiplier),
@@ -512,21 +659,20 @@ def dp_ftrl_aggregator(
   if clients_per_round <= 0 or clip <= 0:
     raise ValueError(f'clients_per_round and clip must be > 0; got {clients_per_round} and {clip}')
   if isinstance(mechanism, CorrelatedNoiseMechanism):
-    given = {'total_rounds': total_rounds, 'max_participations': max_participations}
-    given |= {'bands': bands}
-    extra = [k for k, v in given.items() if v is not None]
-    if extra or min_separation not in (1, mechanism.min_separation):
-      raise ValueError(
-        f'a built mechanism carries its own schedule; got {extra or ["min_separation"]} too. '
-        'Tip: pass the mechanism name with these, or the built mechanism alone.'
-      )
+    check_matches_mechanism(
+      mechanism,
+      total_rounds=total_rounds,
+      min_separation=min_separation,
+      max_participations=max_participations,
+      bands=bands,
+    )
   else:
     if total_rounds is None:
       raise ValueError(f'total_rounds is required with mechanism={mechanism!r}; got None')
     mechanism = build_dp_ftrl_mechanism(
       mechanism,
       total_rounds,
-      min_separation=min_separation,
+      min_separation=1 if min_separation is None else min_separation,
       max_participations=max_participations,
       bands=bands,
     )

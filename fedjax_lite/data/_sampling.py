@@ -52,7 +52,13 @@ def sample_cohort(
     seed: the run's seed.
     client_sizes: optional `[num_clients]` examples per client; when given, clients are drawn
       with probability proportional to their size (clients with no example are never drawn).
+      Only with `min_separation=1`: DP-FTRL's replace-one analysis assumes the schedule depends
+      on the seed and the client indices only, never on a client's data.
     min_separation: b >= 1 rounds between two participations of one client.
+
+  Raises:
+    ValueError: a bad size, round or separation, a cohort larger than the population (or than
+      the smallest min-separation group), or `client_sizes` with `min_separation > 1`.
 
   Returns:
     `[cohort_size]` int64 client indices.
@@ -75,6 +81,13 @@ def sample_cohort(
       raise ValueError(
         f'client_sizes must be [num_clients]=[{num_clients}] non-negative; got shape {sizes.shape}'
       )
+  if min_separation > 1 and client_sizes is not None:
+    raise ValueError(
+      f'client_sizes must be None with min_separation={min_separation} > 1; got an array: a '
+      "draw weighted by client data makes the schedule depend on that data, and DP-FTRL's "
+      'replace-one analysis (DPFTRLAccountant) assumes it depends on the seed and the client '
+      'indices only. Tip: drop client_sizes (a uniform draw within each group).'
+    )
   if min_separation == 1:
     p = None
     if sizes is not None:
@@ -100,15 +113,5 @@ def sample_cohort(
       f'min_separation = {num_clients // min_separation}, or lower min_separation.'
     )
   group = groups[int(round_num) % min_separation]
-  p = None
-  if sizes is not None:
-    weights = sizes[group]
-    if np.count_nonzero(weights) < cohort_size:
-      raise ValueError(
-        f'only {np.count_nonzero(weights)} clients of group {int(round_num) % min_separation} '
-        f'(of min_separation={min_separation}) have examples; cannot sample {cohort_size}. '
-        'Tip: lower cohort_size or min_separation.'
-      )
-    p = weights / weights.sum()
   rng = np.random.default_rng([seed, round_num])
-  return group[rng.choice(len(group), cohort_size, replace=False, p=p)]
+  return group[rng.choice(len(group), cohort_size, replace=False)]

@@ -163,8 +163,9 @@ def stackoverflow_tag_preprocess(
 
   As TFF's tag_prediction_preprocessing.py: `x` is the bag of the post's and its title's
   whitespace-separated words over the `W = len(word_vocab)` words, divided by the number of
-  in-vocabulary words (all zeros when none); `y` is 1 for each of the post's `|`-separated tags
-  among the `T = len(tag_vocab)` tags.
+  in-vocabulary words (all zeros when none); `y` counts each of the post's `|`-separated tags
+  among the `T = len(tag_vocab)` tags (TFF's `reduce_sum` of one-hots: 1.0 per tag, 2.0 for a
+  tag the post lists twice; the metrics read any count > 0 as a true tag, as Keras's do).
 
   Args:
     word_vocab: the words, most frequent first.
@@ -192,7 +193,8 @@ def stackoverflow_tag_preprocess(
       np.add.at(x[r], ids, 1.0)
       if ids:
         x[r] /= len(ids)
-      y[r, [tags[t] for t in _text(dataset['tags'][r]).split('|') if t in tags]] = 1.0
+      # TFF sums the tags' one-hots: a tag listed twice in a post counts 2.0.
+      np.add.at(y[r], [tags[t] for t in _text(dataset['tags'][r]).split('|') if t in tags], 1.0)
     return {'x': x, 'y': y}
 
   return preprocess

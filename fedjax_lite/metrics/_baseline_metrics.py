@@ -4,8 +4,9 @@
   `MaskedCategoricalAccuracy` (keras_metrics.py): tokens whose label is one of `masked_ids` count
   in neither;
 - multi-label tags: `precision` and `recall_at_k`, Keras's `Precision()` and
-  `Recall(top_k=k)` (a prediction is positive above `threshold`; with `top_k` only the `k`
-  highest of an example can be).
+  `Recall(top_k=k)` (`precision`: a prediction is positive above `threshold`; `recall_at_k`: a
+  prediction is positive when it is among its example's `k` highest, whatever its score, as
+  Keras's `top_k` sets the threshold to -inf).
 
 Each takes the padding mask `[batch_size]` as `sample_weight`: padded examples count in nothing.
 """
@@ -110,18 +111,27 @@ def precision(threshold: float = 0.5, from_logits: bool = True) -> _functional.F
 
 
 def recall_at_k(
-  k: int = 5, threshold: float = 0.5, from_logits: bool = True
+  k: int = 5, threshold: float | None = None, from_logits: bool = True
 ) -> _functional.FunctionalMetric:
-  """Keras's `Recall(top_k=k)`: true positives / actual positives, where a prediction is positive
-  when it is among its example's `k` highest and above `threshold`; shapes as `precision`."""
-  threshold = _check_threshold(threshold)
-  if not isinstance(k, int) or k < 1:
+  """Keras's `Recall(top_k=k)`: true positives / actual positives over every (example, label),
+  where a prediction is positive when it is among its example's `k` highest scores (ties: the
+  lower index first, as `tf.math.top_k`); shapes as `precision`.
+
+  Setting `top_k` makes Keras's threshold -inf (`thresholds=None`), so a true label among the
+  top `k` is recalled whatever its probability: `threshold=None`, the default, does the same.
+  A `threshold` in (0, 1) also requires the score above it (Keras's `Recall(thresholds=t,
+  top_k=k)`).
+  """
+  if threshold is not None:
+    threshold = _check_threshold(threshold)
+  if not isinstance(k, int) or isinstance(k, bool) or k < 1:
     raise ValueError(f'k must be an int >= 1; got {k!r}')
 
   def counts(predictions, labels, sample_weight):
     _, top = jax.lax.top_k(predictions, k)
-    in_top = jnp.any(jax.nn.one_hot(top, predictions.shape[-1], dtype=jnp.bool_), axis=-2)
-    positive = in_top & _positive(predictions, threshold, from_logits)
+    positive = jnp.any(jax.nn.one_hot(top, predictions.shape[-1], dtype=jnp.bool_), axis=-2)
+    if threshold is not None:
+      positive = positive & _positive(predictions, threshold, from_logits)
     w = _token_weights(labels, sample_weight, ())
     actual = labels > 0
     return jnp.sum(jnp.where(positive & actual, w, 0)), jnp.sum(jnp.where(~positive & actual, w, 0))

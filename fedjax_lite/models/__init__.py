@@ -12,6 +12,7 @@ from fedjax_lite.models._padding import check_padding_invariance
 from fedjax_lite.models._precision import with_compute_dtype
 from fedjax_lite.models._recurrent import (
   LSTMLanguageModel,
+  input_masked_token_cross_entropy,
   masked_token_cross_entropy,
   unit_forget_bias,
 )
@@ -31,6 +32,7 @@ __all__ = [
   'conv_general_dilated',
   'from_flax',
   'from_variable_model',
+  'input_masked_token_cross_entropy',
   'l2_regularization',
   'masked_token_cross_entropy',
   'matrix_factorization',

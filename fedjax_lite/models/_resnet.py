@@ -3,10 +3,12 @@
 As `create_resnet18(input_shape, num_classes)` builds it (norm_layer=GROUP_NORM): a 7x7/2 conv
 of 64 filters, GN, ReLU, a 3x3/2 max-pool, four stages of two basic blocks (64, 128, 256, 512
 filters; every block has stride 1 in TFF's code, so a 24x24 input stays 6x6 after the stem),
-GN, ReLU, global average pooling, a dense layer over the classes. Keras's `GroupNormalization`
-defaults: 32 groups, epsilon 1e-3, a scale and an offset per channel. Convolutions have no bias
-and He-normal kernels; the classifier's kernel is normal(0.01). GN has no batch statistics, so
-padded examples change nothing.
+GN, ReLU, global average pooling, a dense layer over the classes. GN: epsilon 1e-3, a scale and
+an offset per channel, `num_groups` groups: 32 by default (Keras's `GroupNormalization`, which
+TFF's ResNet uses since 2023), 2 as Reddi et al. 2021 trained (tfa's `GroupNormalization`
+default, which TFF's own group_norm.py kept until then; `fl.tasks.cifar100` uses 2).
+Convolutions have no bias and He-normal kernels; the classifier's kernel is normal(0.01). GN has
+no batch statistics, so padded examples change nothing.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ class ResNetGN(nn.Module):
     num_classes: outputs.
     stage_sizes: basic blocks per stage; (2, 2, 2, 2) is ResNet-18.
     initial_filters: filters of the stem and the first stage (doubled each stage).
-    num_groups: GN groups (Keras's default 32).
+    num_groups: GN groups, dividing every width (Keras's default 32; Reddi et al. 2021 and TFF
+      before 2023: 2).
   """
 
   num_classes: int

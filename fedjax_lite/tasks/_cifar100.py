@@ -13,29 +13,48 @@ from fedjax_lite.tasks import _common, _reddi, _task
 NAME = 'cifar100'
 CROP = (24, 24)  # image_classification_tasks.py DEFAULT_CROP_{HEIGHT,WIDTH}; Reddi et al. 2021
 NUM_CLASSES = 100
+# Reddi et al. 2021 trained with tfa's `GroupNormalization` default, 2 groups (TFF's group_norm.py
+# also defaulted to 2 until 2023, when TFF moved to Keras's `GroupNormalization`, 32 groups).
+REDDI_GN_GROUPS = 2
 
 
-def cifar100(crop: tuple[int, int] = CROP, distort_train_images: bool = True) -> _task.Task:
+def cifar100(
+  crop: tuple[int, int] = CROP,
+  distort_train_images: bool = True,
+  num_groups: int = REDDI_GN_GROUPS,
+) -> _task.Task:
   """CIFAR-100 over TFF's 500 train / 100 test clients (Pachinko allocation), ResNet-18 with
   group normalization.
 
   `x` `[n, 24, 24, 3]` float32 (random crops flipped at random for training when
   `distort_train_images`, central crops for evaluation, each image standardized), `y` `[n]`
-  int32. Model `fl.models.ResNetGN` as TFF's `create_resnet18` (GN with Keras's 32 groups);
-  loss: softmax cross-entropy plus TFF's L2 penalty 1e-4 on the kernels and the classifier's
-  bias (Keras adds the layers' regularization losses to the loss); metric
-  `sparse_categorical_accuracy`.
+  int32. Model `fl.models.ResNetGN` as TFF's `create_resnet18`, with `num_groups` GN groups:
+  2 by default, as Reddi et al. 2021 trained (tfa's `GroupNormalization` default; TFF's own
+  group_norm.py also defaulted to 2 until a 2023 change moved TFF's ResNet to Keras's
+  `GroupNormalization`, 32 groups: pass `num_groups=32` for today's TFF); loss: softmax
+  cross-entropy plus TFF's L2 penalty 1e-4 on the kernels and the classifier's bias (Keras adds
+  the layers' regularization losses to the loss); metric `sparse_categorical_accuracy`.
 
   TFF's task distorts training images only when asked (`distort_train_images=False` is its
   default); Reddi et al. 2021 train on random crops and flips, the default here.
   """
+  if (
+    not isinstance(num_groups, int)
+    or isinstance(num_groups, bool)
+    or num_groups < 1
+    or (64 % num_groups)
+  ):
+    raise ValueError(
+      f'num_groups must be an int >= 1 dividing 64 (every width of ResNet-18 is a multiple of '
+      f'64); got {num_groups!r}'
+    )
   metrics = {'sparse_categorical_accuracy': metrics_lib.sparse_categorical_accuracy()}
   input_spec = _common.spec((*crop, 3), _common.FLOAT32, (), _common.INT32)
   metrics_fns = _common.metric_fns(metrics)
 
   def build_model(seed: int):
     model = _flax.from_flax(
-      _resnet.ResNetGN(NUM_CLASSES),
+      _resnet.ResNetGN(NUM_CLASSES, num_groups=num_groups),
       input_spec=input_spec,
       loss_fn=_losses.softmax_cross_entropy,
       seed=seed,
@@ -98,6 +117,11 @@ def cifar100(crop: tuple[int, int] = CROP, distort_train_images: bool = True) ->
       ),
       'random crop and flip for training': f'{_reddi.PAPER}, CIFAR-100 setup',
       'model, L2 1e-4': 'tensorflow_federated/python/simulation/models/resnet_models.py',
+      'group norm, 2 groups (num_groups)': (
+        f"{_reddi.PAPER_CODE}: tfa GroupNormalization default groups=2; TFF's "
+        "simulation/models/group_norm.py defaulted to 2 until 2023, when TFF moved to Keras's "
+        'GroupNormalization (32 groups)'
+      ),
       'loss, metrics': f'{tff_file}/image_classification_tasks.py',
       'data': 'TFF fed_cifar100_{train,test}.h5 (Reddi et al. 2021; Krizhevsky 2009)',
       **_reddi.sources(NAME),

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_lite import metrics as metrics_lib
-from fedjax_lite.models import _model
+from fedjax_lite.models import _model, _recurrent
 
 TFF_BASELINES = 'tensorflow_federated/python/simulation/baselines'
 # TFF's HDF5 archives (before TFF moved to SQLite), as its `load_data` functions fetched them.
@@ -40,6 +40,31 @@ def rebuilt(
     forward_pass_fn=forward_pass_fn,
     input_spec=model.input_spec,
   )
+
+
+# What the sequence tasks' loss masks, and where that comes from (their `sources` entry).
+LOSS_MASK_SOURCE = (
+  "Keras Embedding(mask_zero=True) in TFF's model: the loss averages over the positions whose "
+  'input is not pad, so the one EOS -> pad position per sequence counts; the metrics mask by '
+  "label (keras_metrics.py). Training and evaluation run that loss (the task's forward pass); "
+  '`model.loss`, which sees no inputs, masks by label'
+)
+
+
+def input_masked_forward_pass(model: _model.FunctionalModel, pad: int):
+  """A `forward_pass_fn` for a sequence model: `model`'s predictions and TFF's loss over the
+  positions whose input is not `pad` (`_recurrent.input_masked_token_cross_entropy`, as Keras's
+  `mask_zero` embedding masks them), padded examples (`mask` 0) left out."""
+  loss_fn = _recurrent.input_masked_token_cross_entropy(pad)
+
+  def forward_pass(weights, batch, training=True, mask=None):
+    x, y = _model.split_batch(batch)
+    predictions = model.predict_on_batch(weights, x, training)
+    mask = jnp.ones((y.shape[0],), jnp.float32) if mask is None else mask
+    loss = loss_fn(predictions, x, y, mask)
+    return _model.BatchOutput(predictions, loss, jnp.sum(mask > 0).astype(jnp.int32))
+
+  return forward_pass
 
 
 def spec(x_shape, x_dtype, y_shape, y_dtype) -> dict:

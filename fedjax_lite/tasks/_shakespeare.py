@@ -21,8 +21,13 @@ def shakespeare_character(sequence_length: int = SEQUENCE_LENGTH) -> _task.Task:
 
   `x`, `y` `[n, sequence_length]` int32 in TFF's ids (`fl.data.SHAKESPEARE_TFF_TOKENS`: pad 0,
   characters 1..86, OOV 87, BOS 88, EOS 89; 90 ids). Model: embedding 8, two LSTM layers of
-  256, dense 90 (`fl.models.LSTMLanguageModel`, 820,522 parameters); loss: cross-entropy over
-  non-pad tokens; metrics `num_tokens` and `accuracy`, both without pad (as TFF masks).
+  256, dense 90 (`fl.models.LSTMLanguageModel`, 820,522 parameters); metrics `num_tokens` and
+  `accuracy`, both without the positions whose label is pad (as TFF masks).
+
+  Loss: cross-entropy averaged over the positions whose *input* is not pad, as TFF's Keras
+  `Embedding(mask_zero=True)` masks them, so the one EOS -> pad position of a sequence counts
+  (the metrics leave it out). Training and evaluation run it through the model's forward pass;
+  `model.loss(logits, labels, mask)` sees no inputs and masks by label (that position out).
   """
   masked = [TOKENS.pad]
   metrics = {
@@ -39,7 +44,8 @@ def shakespeare_character(sequence_length: int = SEQUENCE_LENGTH) -> _task.Task:
     )
     model = _flax.from_flax(module, input_spec=input_spec, loss_fn=loss_fn, seed=seed)
     trainable = _recurrent.unit_forget_bias(model.initial_weights.trainable)
-    return _common.rebuilt(model, trainable, loss_fn, metrics_fns)
+    forward_pass = _common.input_masked_forward_pass(model, TOKENS.pad)
+    return _common.rebuilt(model, trainable, loss_fn, metrics_fns, forward_pass)
 
   hook = _shakespeare.shakespeare_tff_preprocess(sequence_length)
 
@@ -78,6 +84,7 @@ def shakespeare_character(sequence_length: int = SEQUENCE_LENGTH) -> _task.Task:
       'vocabulary, special tokens, sequence length': f'{tff_file}/char_prediction_preprocessing.py',
       'model': f'{tff_file}/char_prediction_models.py (McMahan et al. 2017)',
       'loss, metrics (pad masked)': f'{tff_file}/char_prediction_tasks.py, keras_metrics.py',
+      'loss mask (input pad)': _common.LOSS_MASK_SOURCE,
       'data': 'TFF shakespeare_{train,test}.h5 (Caldas et al. 2018, LEAF)',
       **_reddi.sources(NAME),
     },

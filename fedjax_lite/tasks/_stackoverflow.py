@@ -114,10 +114,12 @@ def stackoverflow_word(
 
   `x`, `y` `[n, sequence_length]` int32 in TFF's ids (`fl.data.stackoverflow_word_tokens`: pad
   0, words 1..10000, OOV 10001, BOS 10002, EOS 10003; 10004 ids). Model: embedding 96, LSTM
-  670, dense 96, dense 10004 (4,050,748 parameters); loss: cross-entropy over non-pad tokens;
-  TFF's metrics `num_tokens`, `accuracy` (pad masked), `accuracy_without_out_of_vocab` (pad,
-  OOV) and `accuracy_without_out_of_vocab_or_end_of_sentence` (pad, OOV, EOS, and BOS, which
-  labels never hold).
+  670, dense 96, dense 10004 (4,050,748 parameters); loss: cross-entropy over the positions
+  whose *input* is not pad (TFF's `mask_zero` embedding: the EOS -> pad position counts; run by
+  the model's forward pass, while `model.loss`, seeing no inputs, masks by label); TFF's metrics
+  `num_tokens`, `accuracy` (pad masked), `accuracy_without_out_of_vocab` (pad, OOV) and
+  `accuracy_without_out_of_vocab_or_end_of_sentence` (pad, OOV, EOS, and BOS, which labels
+  never hold), all masking by label.
   """
   name = 'stackoverflow_word'
   tokens = _stackoverflow.stackoverflow_word_tokens(vocab_size)
@@ -139,7 +141,8 @@ def stackoverflow_word(
     )
     model = _flax.from_flax(module, input_spec=input_spec, loss_fn=loss_fn, seed=seed)
     trainable = _recurrent.unit_forget_bias(model.initial_weights.trainable)
-    return _common.rebuilt(model, trainable, loss_fn, metrics_fns)
+    forward_pass = _common.input_masked_forward_pass(model, tokens.pad)
+    return _common.rebuilt(model, trainable, loss_fn, metrics_fns, forward_pass)
 
   def hooks(vocab):
     train = _stackoverflow.stackoverflow_word_preprocess(
@@ -165,6 +168,7 @@ def stackoverflow_word(
       ),
       'model': f'{_TFF_FILE}/word_prediction_models.py',
       'loss, metrics': f'{_TFF_FILE}/word_prediction_tasks.py, keras_metrics.py',
+      'loss mask (input pad)': _common.LOSS_MASK_SOURCE,
       'max elements per user (1000, training clients)': _reddi.PAPER_CODE,
       'data': _DATA,
       **_reddi.sources(name),
@@ -202,7 +206,9 @@ def stackoverflow_tag(
   float32 multi-hot tags. Model: one dense layer (5,000,500 parameters), logits (TFF applies
   the sigmoid in the model; here the loss and metrics take logits); loss: binary cross-entropy
   summed over examples (TFF's `Reduction.SUM`); TFF's metrics `precision` (threshold 0.5) and
-  `recall_at_5` (top 5 above 0.5).
+  `recall_at_5` (Keras's `Recall(top_k=5)`: a true tag among the example's 5 highest scores is
+  recalled whatever its probability). A tag listed twice in a post is 2.0 in `y`, as TFF's
+  `reduce_sum` of one-hots gives it (the loss sees 2.0; the metrics read > 0 as true).
   """
   name = 'stackoverflow_tag'
   metrics = {'precision': metrics_lib.precision(), 'recall_at_5': metrics_lib.recall_at_k(5)}
@@ -243,6 +249,10 @@ def stackoverflow_tag(
         f'{_TFF_FILE}/tag_prediction_preprocessing.py, constants.py'
       ),
       'model, loss, metrics': f'{_TFF_FILE}/tag_prediction_tasks.py',
+      'recall_at_5 (top 5, no threshold)': 'tf.keras.metrics.Recall(top_k=5): top_k sets the '
+      'threshold to -inf',
+      'multi-hot tags (repeated tag 2.0)': f'{_TFF_FILE}/tag_prediction_preprocessing.py '
+      '(reduce_sum of one-hots)',
       'max elements per user (1000, training clients)': _reddi.PAPER_CODE,
       'data': _DATA,
       **_reddi.sources(name),

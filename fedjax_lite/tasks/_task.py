@@ -74,7 +74,8 @@ class Task:
     sources: what -> where it comes from (paper, TFF file), for every default and definition.
     defaults: `fedjax-lite train` option name -> value (`DEFAULT_KEYS`).
     tuned: server optimizer (the catalogue's name) -> the paper's best `client_lr`, `server_lr`
-      and, for adaptive ones, `epsilon` with that server optimizer and client SGD.
+      and, for adaptive ones, `epsilon` with that server optimizer and client SGD (a record:
+      `settings` offers only the non-adaptive rows, see there).
     files: the files `load` reads.
     input_spec: one batch, `{'x': ShapeDtypeStruct, 'y': ShapeDtypeStruct}`.
     metric_names: what training and evaluation report (TFF's names).
@@ -124,8 +125,19 @@ class Task:
     return self.build_model(seed)
 
   def settings(self, server_optimizer: str | None = None) -> dict[str, Any]:
-    """`defaults`, with the paper's learning rates for `server_optimizer` when given (a key of
-    `tuned`); `epsilon` is left out (the command's optimizers use their own)."""
+    """`defaults`, with the paper's learning rates for `server_optimizer` when given.
+
+    Only the paper's non-adaptive methods ('sgd': FedAvg, 'sgdm': FedAvgM) are offered: their
+    every setting is a `fedjax-lite train` option. The adaptive ones ('adagrad', 'adam',
+    'yogi') are refused: the paper tuned their learning rates together with an epsilon and
+    its initial accumulators, which the command's optimizers cannot take (they use the
+    catalogue's own: adam epsilon 1e-7, adagrad initial accumulator 0.1, yogi 1e-6), so the
+    rates alone would not be the paper's method. `tuned` keeps every row, epsilons included,
+    as the record.
+
+    Raises:
+      ValueError: `server_optimizer` is adaptive or not a key of `tuned`.
+    """
     settings = dict(self.defaults)
     if server_optimizer is not None:
       if server_optimizer not in self.tuned:
@@ -134,6 +146,15 @@ class Task:
           f'got {server_optimizer!r}'
         )
       rates = self.tuned[server_optimizer]
+      if 'epsilon' in rates:
+        offered = sorted(k for k, v in self.tuned.items() if 'epsilon' not in v)
+        raise ValueError(
+          f'server_optimizer {server_optimizer!r} is adaptive: task {self.name!r} has its '
+          f"paper's learning rates for it only with epsilon={rates['epsilon']:g} and the "
+          "paper's initial accumulator, which the command's optimizers cannot set (they use "
+          "their own), so these rates alone are not the paper's method; expected one of "
+          f"{offered}. Tip: task.tuned[{server_optimizer!r}] holds the paper's full row."
+        )
       settings.update(
         server_optimizer=server_optimizer,
         client_optimizer='sgd',

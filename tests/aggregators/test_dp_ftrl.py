@@ -16,7 +16,7 @@ from jax_privacy.matrix_factorization import sensitivity as jp_sensitivity
 from jax_privacy.matrix_factorization import toeplitz as jp_toeplitz
 
 import fedjax_lite as fl
-from fedjax_lite.aggregators import _quantile
+from fedjax_lite.aggregators import _dp_ftrl_accounting, _quantile
 
 AGG = fl.aggregators
 ROUNDS = 13
@@ -269,8 +269,8 @@ def test_a_schedule_the_analysis_does_not_cover_is_refused():
     AGG.dp_ftrl_aggregator(1.0, 10, 1.0, mechanism='dense', total_rounds=5)
   with pytest.raises(ValueError, match='total_rounds is required'):
     AGG.dp_ftrl_aggregator(1.0, 10, 1.0, mechanism='tree')
-  with pytest.raises(ValueError, match='a built mechanism carries its own schedule'):
-    AGG.dp_ftrl_aggregator(1.0, 10, 1.0, mechanism=banded, total_rounds=13)
+  with pytest.raises(ValueError, match='total_rounds=12 does not match the banded mechanism'):
+    AGG.dp_ftrl_aggregator(1.0, 10, 1.0, mechanism=banded, total_rounds=12)
   with pytest.raises(ValueError, match='noise_multiplier must be >= 0; got -1'):
     AGG.dp_ftrl_aggregator(-1.0, 10, 1.0, mechanism='tree', total_rounds=5)
   with pytest.raises(ValueError, match='noise_multiplier must be > 0 to account for'):
@@ -322,3 +322,130 @@ def test_fed_avg_with_dp_ftrl_trains_and_without_noise_is_dp_fedavgs_rounds():
   ):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   assert all(map(math.isfinite, losses)) and losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize('name', sorted(MECHANISMS))
+def test_past_total_rounds_every_aggregate_is_nan_never_a_noiseless_sum(name):
+  """The tree's noise is exactly 0 at round index 2^levels - 1 = 7 (the first past 7 rounds):
+  past the horizon the aggregator releases NaN instead."""
+  factory = AGG.DPFTRLFactory(1.0, 2.0, 1.0, MECHANISMS[name](n=7), seed=0)
+  assert factory.total_rounds == factory.mechanism.total_rounds == 7
+  values = {k: jnp.ones((2, *s.shape), s.dtype) for k, s in SPEC.items()}
+  state, results = _run(factory.create(SPEC), 9, values)
+  assert int(state.round_num) == 9
+  for r, result in enumerate(results):
+    for leaf in jax.tree.leaves(result):
+      assert np.isfinite(leaf).all() if r < 7 else np.isnan(leaf).all(), (r, leaf)
+
+
+def test_a_participation_cap_no_sampler_enforces_is_refused():
+  below = r'max_participations=4 is below ceil\(total_rounds / min_separation\) .* = 5'
+  with pytest.raises(ValueError, match=below + r'.*min_separation=3\) draws lets a client'):
+    AGG.build_dp_ftrl_mechanism('tree', 13, min_separation=3, max_participations=4)
+  with pytest.raises(ValueError, match=below):
+    AGG.dp_ftrl_aggregator(
+      1.0, 10, 1.0, mechanism='tree', total_rounds=13, min_separation=3, max_participations=4
+    )
+  with pytest.raises(ValueError, match=below):
+    AGG.DPFTRLAccountant('tree', 1.0, 1e-6, total_rounds=13, min_separation=3, max_participations=4)
+  with pytest.raises(ValueError, match=below):
+    AGG.CorrelatedNoiseMechanism('tree', 13, 3, 4)
+  # At or above ceil(n / b) it is what the schedule allows: k = 5.
+  assert (
+    AGG.build_dp_ftrl_mechanism(
+      'tree', 13, min_separation=3, max_participations=9
+    ).max_participations
+    == 5
+  )
+
+
+def test_a_built_mechanism_refuses_another_schedule_but_accepts_its_own():
+  banded = MECHANISMS['banded']()  # 13 rounds, b = 3, 3 bands
+  for name, value in [
+    ('min_separation', 1),
+    ('bands', 2),
+    ('max_participations', 4),
+    ('total_rounds', 14),
+  ]:
+    with pytest.raises(ValueError, match=f'{name}={value} does not match the banded mechanism'):
+      AGG.dp_ftrl_aggregator(1.0, 10, 1.0, mechanism=banded, **{name: value})
+  own = {'total_rounds': 13, 'min_separation': 3, 'max_participations': 5, 'bands': 3}
+  assert AGG.dp_ftrl_aggregator(1.0, 10, 1.0, mechanism=banded, **own).mechanism is banded
+  assert AGG.DPFTRLAccountant(banded, 1.0, 1e-6, **own).mechanism is banded
+  with pytest.raises(ValueError, match='bands=1 does not match the banded mechanism'):
+    AGG.DPFTRLAccountant(banded, 1.0, 1e-6, bands=1)
+
+
+def test_the_accountant_by_name_takes_the_factorys_bands():
+  kwargs = {'total_rounds': 12, 'min_separation': 3, 'bands': 1}
+  factory = AGG.dp_ftrl_aggregator(1.0, 10, 1.0, mechanism='banded', **kwargs)
+  by_name = AGG.DPFTRLAccountant('banded', 1.0, 1e-6, **kwargs)
+  assert by_name.mechanism.strategy.tolist() == factory.mechanism.strategy.tolist() == [1.0]
+  assert by_name.mechanism.sensitivity() == pytest.approx(math.sqrt(4))  # C = I, k = 4
+  assert by_name.epsilon(12) == AGG.DPFTRLAccountant(factory.mechanism, 1.0, 1e-6).epsilon(12)
+  with pytest.raises(ValueError, match='bands=4 exceeds min_separation=3'):
+    AGG.DPFTRLAccountant('banded', 1.0, 1e-6, total_rounds=12, min_separation=3, bands=4)
+  with pytest.raises(ValueError, match='bands and strategy do not apply to the tree'):
+    AGG.DPFTRLAccountant('tree', 1.0, 1e-6, total_rounds=12, bands=2)
+
+
+def test_strategies_are_read_only_private_copies():
+  coefs = BANDED_COEFS.copy()
+  banded = AGG.build_dp_ftrl_mechanism('banded', 13, min_separation=3, strategy=coefs)
+  coefs[0] = 0.0  # the caller's array is not the mechanism's
+  assert banded.strategy[0] == pytest.approx(BANDED_COEFS[0])
+  blt = MECHANISMS['blt']()
+  for array in (banded.strategy, *blt.strategy):
+    assert not array.flags.writeable
+    with pytest.raises(ValueError, match='read-only'):
+      array[0] = 0.5
+  cached = AGG.build_dp_ftrl_mechanism('banded', 12, min_separation=3, bands=1).strategy
+  assert not cached.flags.writeable
+
+
+def _brute_force_squared_sensitivity(gram, b, k):
+  """max over every pattern (<= k rounds, any two >= b apart) of Σ_ij |X_ij| u_i u_j: the
+  squared sensitivity when X >= 0 (contributions aligned), an upper bound otherwise."""
+  n, best = len(gram), 0.0
+  for size in range(1, k + 1):
+    for rounds in itertools.combinations(range(n), size):
+      if all(j - i >= b for i, j in itertools.pairwise(rounds)):
+        best = max(best, np.abs(gram[np.ix_(rounds, rounds)]).sum())
+  return best
+
+
+def test_tree_sensitivity_bounds_every_min_separated_pattern_and_is_jax_privacys_bound():
+  for n, b in [(1, 1), (5, 1), (7, 2), (9, 3), (11, 2), (12, 4)]:
+    mechanism = AGG.build_dp_ftrl_mechanism('tree', n, min_separation=b)
+    previous = 0.0
+    for rounds in range(1, n + 1):
+      c = mechanism.strategy_matrix(rounds)
+      k = min(mechanism.max_participations, math.ceil(rounds / b))
+      ours = mechanism.sensitivity(rounds)
+      assert ours**2 >= _brute_force_squared_sensitivity(c.T @ c, b, k) - 1e-9
+      assert ours >= previous  # non-decreasing: the accountant may round rounds up
+      previous = ours
+  for n, b, rounds in [(13, 3, 13), (20, 2, 11), (16, 5, 16)]:
+    mechanism = AGG.build_dp_ftrl_mechanism('tree', n, min_separation=b)
+    k = min(mechanism.max_participations, math.ceil(rounds / b))
+    c = jnp.asarray(mechanism.strategy_matrix(rounds), jnp.float32)
+    jp = jp_sensitivity.get_min_sep_sensitivity_upper_bound(c, b, k)  # float32
+    assert mechanism.sensitivity(rounds) == pytest.approx(jp, rel=1e-6)
+
+
+def test_tree_epsilon_is_cheap_for_every_round_and_rounds_up_only_when_costly():
+  accountant = AGG.DPFTRLAccountant('tree', 2.0, 1e-6, total_rounds=100, min_separation=5)
+  eps = [accountant.epsilon(r) for r in range(1, 101)]  # ~0.5 s: every round's own bound
+  assert all(a <= b for a, b in itertools.pairwise(eps))
+  rounded = _dp_ftrl_accounting._accounted_rounds
+  big = AGG.build_dp_ftrl_mechanism('tree', 1000)
+  assert [rounded(big, r) for r in (1, 100, 128, 129, 300, 512, 513, 1000)] == [
+    1,
+    100,
+    128,
+    256,
+    512,
+    512,
+    1000,
+    1000,
+  ]

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
 import fedjax_lite as fl
 from fedjax_lite import _catalogue
@@ -44,6 +45,10 @@ def _model(name):
   return fl.tasks.get_task(name).model(seed=0)
 
 
+def rng_normal(shape, seed=0) -> np.ndarray:
+  return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+
+
 def _params(tree) -> int:
   return sum(int(np.size(leaf)) for leaf in jax.tree.leaves(tree))
 
@@ -69,11 +74,20 @@ def test_registry_names_defaults_and_sources():
   np.testing.assert_allclose(so.tuned['adam']['epsilon'], 1e-5)
   shakespeare = fl.tasks.get_task('shakespeare_character')
   assert shakespeare.defaults['batch_size'] == 4 and shakespeare.defaults['rounds'] == 1200
-  settings = shakespeare.settings('yogi')
-  assert settings['server_optimizer'] == 'yogi'
-  np.testing.assert_allclose([settings['client_lr'], settings['server_lr']], [1.0, 1e-2])
+  settings = shakespeare.settings('sgd')  # FedAvg: log10 rates (0, 0)
+  assert settings['server_optimizer'] == 'sgd' and settings['client_optimizer'] == 'sgd'
+  np.testing.assert_allclose([settings['client_lr'], settings['server_lr']], [1.0, 1.0])
+  assert shakespeare.settings() == dict(shakespeare.defaults)
   with pytest.raises(ValueError, match=r"server_optimizer must be one of.*got 'lamb'"):
     shakespeare.settings('lamb')
+  # The adaptive rows need the paper's epsilon and initial accumulator, which the command's
+  # optimizers cannot take: refused, kept in `tuned` as the record.
+  for name in ('adam', 'adagrad', 'yogi'):
+    assert 'epsilon' in shakespeare.tuned[name]
+    with pytest.raises(
+      ValueError, match=rf"server_optimizer '{name}' is adaptive.*epsilon.*initial accumulator"
+    ):
+      shakespeare.settings(name)
 
 
 def test_special_tokens_match_tff():
@@ -113,12 +127,13 @@ def test_stackoverflow_tag_preprocess_bag_of_words():
     {
       'tokens': np.array([b'a b a zz', b'zz'], dtype=object),
       'title': np.array([b'c', b''], dtype=object),
-      'tags': np.array([b'java|rust', b'python'], dtype=object),
+      'tags': np.array([b'java|rust', b'python|java|python'], dtype=object),
     }
   )
   # In-vocabulary words only, divided by their number (OOV counts in neither).
   np.testing.assert_allclose(out['x'], [[0.5, 0.25, 0.25], [0, 0, 0]])
-  np.testing.assert_array_equal(out['y'], [[0, 1], [1, 0]])
+  # TFF sums the tags' one-hots: a tag listed twice counts 2.0.
+  np.testing.assert_array_equal(out['y'], [[0, 1], [2, 1]])
 
 
 def test_vocab_files_read_in_tff_order(tmp_path):
@@ -144,8 +159,16 @@ def _numpy_masked_accuracy(logits, labels, weights, masked):
   return correct / total, total
 
 
+def _numpy_cross_entropy(logits, labels):
+  """`[batch, L]` softmax cross-entropy, in float64."""
+  logits = logits.astype(np.float64)
+  top = logits.max(-1, keepdims=True)
+  log_p = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+  return -np.take_along_axis(log_p, labels[..., None], -1)[..., 0]
+
+
 @pytest.mark.parametrize('name', ['shakespeare_character', 'stackoverflow_word'])
-def test_next_token_metrics_exclude_what_tff_excludes(name):
+def test_next_token_metrics_and_loss_mask_what_tff_masks(name):
   task = fl.tasks.get_task(name)
   model = _model(name)
   tokens = task.special_tokens
@@ -157,11 +180,14 @@ def test_next_token_metrics_exclude_what_tff_excludes(name):
   logits[0, 0, tokens.oov] = logits[0, 1, tokens.eos] = 50.0  # right on OOV and EOS
   logits[1, 0, labels[1, 0]] = 50.0
   mask = np.array([1, 1, 1, 1, 0], np.float32)
-  output = fl.BatchOutput(jnp.asarray(logits), jnp.zeros(()), jnp.asarray(4))
-  state = model.update_metrics_state(
-    model.initialize_metrics_state(), jnp.asarray(labels), output, jnp.asarray(mask)
-  )
-  result = model.finalize_metrics(state)
+
+  @jax.jit
+  def metrics_and_loss(logits, labels, mask):
+    output = fl.BatchOutput(logits, jnp.zeros(()), jnp.asarray(4))
+    state = model.update_metrics_state(model.initialize_metrics_state(), labels, output, mask)
+    return model.finalize_metrics(state), model.loss(logits, labels, mask)
+
+  result, loss = metrics_and_loss(logits, labels, mask)
   # TFF masks pad only in `accuracy` and `num_tokens` (both tasks).
   expected, count = _numpy_masked_accuracy(logits, labels, mask, {tokens.pad})
   np.testing.assert_allclose(float(result['accuracy']), expected, rtol=1e-6)
@@ -176,37 +202,82 @@ def test_next_token_metrics_exclude_what_tff_excludes(name):
     ]:
       expected, _ = _numpy_masked_accuracy(logits, labels, mask, masked)
       np.testing.assert_allclose(float(result[metric]), expected, rtol=1e-6)
-  # The loss: mean cross-entropy over the batch's non-pad tokens of real examples.
-  loss = float(model.loss(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(mask)))
-  log_p = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
-  log_p -= logits.max(-1, keepdims=True)
+  # `model.loss` sees no inputs: mean cross-entropy over non-pad labels of real examples.
   real = (labels != tokens.pad) & (mask[:, None] > 0)
-  picked = np.take_along_axis(log_p, labels[..., None], -1)[..., 0]
-  np.testing.assert_allclose(loss, -picked[real].mean(), rtol=1e-5)
+  np.testing.assert_allclose(float(loss), _numpy_cross_entropy(logits, labels)[real].mean(), 1e-5)
+
+  # Training and evaluation run TFF's loss: Keras's mask_zero masks by *input*, so the position
+  # whose input is EOS and whose label is pad counts. Rows as the preprocessing makes them.
+  ids = rng.integers(1, tokens.oov, (3, 4))
+  rows = np.zeros((3, 7), np.int32)
+  rows[0, :4] = [tokens.bos, *ids[0, :2], tokens.eos]  # short: BOS ids EOS, pad
+  rows[1, :7] = [tokens.bos, *ids[1], tokens.oov, tokens.eos]  # reaches EOS at the end
+  rows[2, :3] = [tokens.bos, ids[2, 0], tokens.eos]  # a padded example
+  x, y = rows[:, :-1], rows[:, 1:]
+  batch_mask = np.array([1, 1, 0], np.float32)
+  assert model.uses_forward_pass
+  # Weights scaled up so the positions' losses differ (the initial logits are near uniform).
+  weights = jax.tree.map(lambda a: a * 8, model.initial_weights)
+  out = jax.jit(lambda w, b, m: model.forward_pass(w, b, False, mask=m))(
+    weights, {'x': jnp.asarray(x), 'y': jnp.asarray(y)}, jnp.asarray(batch_mask)
+  )
+  predictions = np.asarray(out.predictions)
+  per_token = _numpy_cross_entropy(predictions, y)
+  by_input = (x != tokens.pad) & (batch_mask[:, None] > 0)
+  by_label = (y != tokens.pad) & (batch_mask[:, None] > 0)
+  assert by_input.sum() == by_label.sum() + 1  # row 0's EOS -> pad position
+  np.testing.assert_allclose(float(out.loss), per_token[by_input].mean(), rtol=1e-5)
+  assert not np.isclose(float(out.loss), per_token[by_label].mean(), rtol=1e-3)
+  assert int(out.num_examples) == 2
+
+
+def _keras_recall_at_k(scores, labels, k):
+  """Keras's `Recall(top_k=k)`: `top_k` sets the threshold to -inf, so a true label is recalled
+  when it is among its example's k highest scores (ties: lower index first, as tf.math.top_k),
+  whatever its probability; tp / (tp + fn) summed over every example."""
+  hits = actual = 0
+  for row, truth in zip(scores, labels > 0, strict=True):
+    top = np.argsort(-row, kind='stable')[:k]
+    hits += truth[top].sum()
+    actual += truth.sum()
+  return hits / actual
 
 
 def test_precision_and_recall_at_5_against_numpy():
   rng = np.random.default_rng(2)
-  logits = rng.normal(size=(6, 12)).astype(np.float32) * 2
   labels = (rng.random((6, 12)) < 0.3).astype(np.float32)
+  labels[0, :2] = 2.0  # a tag listed twice (TFF's multi-hot sums): still one true tag
   mask = np.array([1, 1, 1, 1, 1, 0], np.float32)
-  output = fl.BatchOutput(jnp.asarray(logits), jnp.zeros(()), jnp.asarray(5))
-  got = {}
-  for name, metric in [
-    ('precision', fl.metrics.precision()),
-    ('recall', fl.metrics.recall_at_k(5)),
-  ]:
-    state = metric.update(metric.initialize(), jnp.asarray(labels), output, jnp.asarray(mask))
-    got[name] = float(metric.finalize(state))
-  probs = 1 / (1 + np.exp(-logits[:5]))
-  actual = labels[:5] > 0
-  positive = probs > 0.5  # Keras's Precision(): threshold 0.5 over every (example, tag)
-  np.testing.assert_allclose(got['precision'], (positive & actual).sum() / positive.sum(), 1e-6)
-  top5 = np.zeros_like(positive)
-  for r, row in enumerate(probs):
-    top5[r, np.argsort(-row, kind='stable')[:5]] = True
-  hits = top5 & positive & actual  # Recall(top_k=5): in the top 5 and above 0.5
-  np.testing.assert_allclose(got['recall'], hits.sum() / actual.sum(), 1e-6)
+  precision, recall = fl.metrics.precision(), fl.metrics.recall_at_k(5)
+
+  @jax.jit
+  def compute(logits):
+    output = fl.BatchOutput(logits, jnp.zeros(()), jnp.asarray(5))
+    return [
+      m.finalize(m.update(m.initialize(), jnp.asarray(labels), output, jnp.asarray(mask)))
+      for m in (precision, recall)
+    ]
+
+  for shift in (0.0, -10.0):  # -10: every probability below 0.5
+    logits = rng.normal(size=(6, 12)).astype(np.float32) * 2 + shift
+    got_precision, got_recall = (float(v) for v in compute(logits))
+    probs = 1 / (1 + np.exp(-logits[:5].astype(np.float64)))
+    actual = labels[:5] > 0
+    positive = probs > 0.5  # Keras's Precision(): threshold 0.5 over every (example, tag)
+    want = (positive & actual).sum() / max(positive.sum(), 1)
+    np.testing.assert_allclose(got_precision, want, 1e-6)
+    want = _keras_recall_at_k(probs, labels[:5], 5)
+    np.testing.assert_allclose(got_recall, want, 1e-6)
+    assert want > 0
+  assert (probs < 0.5).all()  # the old "top 5 and above 0.5" would have recalled nothing
+  # threshold=t also asks for the score above t (Keras's Recall(thresholds=t, top_k=k)).
+  with_threshold = fl.metrics.recall_at_k(5, threshold=0.5)
+  state = with_threshold.update(
+    with_threshold.initialize(), jnp.asarray(labels), fl.BatchOutput(jnp.asarray(logits), 0, 5)
+  )
+  assert float(with_threshold.finalize(state)) == 0.0
+  with pytest.raises(ValueError, match=r'threshold must be in \(0, 1\); got 1.5'):
+    fl.metrics.recall_at_k(5, threshold=1.5)
   task = fl.tasks.get_task('stackoverflow_tag')
   assert {'precision', 'recall_at_5'} <= set(task.metric_names)
 
@@ -269,16 +340,54 @@ def test_model_sizes_match_tff():
   np.testing.assert_array_equal(lstm['hi']['bias'], 0.0)
 
 
+def test_cifar100_resnet_has_reddis_group_norm_and_tffs_feature_maps():
+  task = fl.tasks.get_task('cifar100')
+  assert 'groups=2' in task.sources['group norm, 2 groups (num_groups)']
+  model = _model('cifar100')
+  # Read the GN groups and the layers' input shapes off the task's own model, tracing only.
+  groups, conv_inputs, norm_inputs = set(), [], []
+
+  def record(next_fun, args, kwargs, context):
+    if context.method_name == '__call__' and isinstance(context.module, nn.GroupNorm):
+      groups.add(context.module.num_groups)
+      norm_inputs.append(args[0].shape)
+    if context.method_name == '__call__' and isinstance(context.module, nn.Conv):
+      conv_inputs.append(args[0].shape)
+    return next_fun(*args, **kwargs)
+
+  x = jax.ShapeDtypeStruct((3, 24, 24, 3), jnp.float32)
+  with nn.intercept_methods(record):
+    out = jax.eval_shape(lambda w, x: model.predict_on_batch(w, x, False), model.initial_weights, x)
+  assert out.shape == (3, 100)
+  assert groups == {2}  # Reddi et al. 2021 (tfa's default), not Keras's 32
+  # TFF's ResNet-18: the 7x7/2 conv and the 3x3/2 max-pool take 24x24 to 6x6, and every block
+  # has stride 1, so the first block sees [n, 6, 6, 64] and the last GN [n, 6, 6, 512].
+  assert conv_inputs[0] == (3, 24, 24, 3) and conv_inputs[1] == (3, 6, 6, 64)
+  assert norm_inputs[-1] == (3, 6, 6, 512)
+  assert all(shape[1:3] == (6, 6) for shape in conv_inputs[1:])
+  # The group count reaches the output (same weights, 2 vs 4 groups, a small ResNetGN; jitted,
+  # as eager convolutions compile one by one).
+  small = {g: fl.models.ResNetGN(5, (1,), 8, num_groups=g) for g in (2, 4)}
+  images = jnp.asarray(rng_normal((2, 8, 8, 3)))
+  shapes = jax.eval_shape(small[2].init, jax.random.PRNGKey(1), images)
+  params = jax.tree.map(lambda s: jnp.asarray(rng_normal(s.shape)), shapes)
+  a, b = jax.jit(lambda p, x: [small[g].apply(p, x) for g in (2, 4)])(params, images)
+  assert not np.allclose(a, b, atol=1e-3)
+  with pytest.raises(ValueError, match=r'num_groups must be an int >= 1 dividing 64.*got 3'):
+    fl.tasks.cifar100(num_groups=3)
+
+
 def test_dropout_uses_the_rng_and_padding_is_invisible():
   model = _model('emnist_character')
   assert model.uses_rng
   x = jnp.asarray(np.random.default_rng(4).random((2, 28, 28, 1), np.float32))
   w = model.initial_weights
-  a = model.predict_on_batch(w, x, True, rng=jax.random.PRNGKey(0))
-  b = model.predict_on_batch(w, x, True, rng=jax.random.PRNGKey(1))
+  predict = jax.jit(model.predict_on_batch, static_argnums=2)
+  a = predict(w, x, True, jax.random.PRNGKey(0))
+  b = predict(w, x, True, jax.random.PRNGKey(1))
   assert not np.allclose(a, b)
-  e1 = model.predict_on_batch(w, x, False, rng=jax.random.PRNGKey(0))
-  e2 = model.predict_on_batch(w, x, False, rng=jax.random.PRNGKey(1))
+  e1 = predict(w, x, False, jax.random.PRNGKey(0))
+  e2 = predict(w, x, False, jax.random.PRNGKey(1))
   np.testing.assert_array_equal(e1, e2)
   # (ResNet-18's group norm has no batch statistics either; its eager check costs ~8 s here, and
   # the two training rounds below run its masked forward pass.)
@@ -298,7 +407,8 @@ def test_task_trains_two_rounds_on_stand_in(name):
   ids = list(data.train.client_ids)
   first = None
   for round_num in range(2):
-    batches = fl.data.batch_cohort(data.train, ids, batch_size=2, max_steps=2, round_num=round_num)
+    # The smallest rounds that train: 2 clients, 1 step of 2 examples (one compile per task).
+    batches = fl.data.batch_cohort(data.train, ids, batch_size=2, max_steps=1, round_num=round_num)
     state, metrics = process.next(state, batches)
     train = metrics['client_work']['train']
     assert set(task.metric_names) <= set(train), sorted(train)
