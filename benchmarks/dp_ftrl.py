@@ -11,12 +11,13 @@ buffers for this model) and the mean round time after compilation.
 
 The population is a generated stand-in: 4,000 clients with 16 examples each of a 10-class
 multinomial logistic task on 60 features (a shared linear teacher, Gaussian inputs), a 4,000
-example test set, an MLP 60-32-10 (2,282 parameters). 40 clients a round, 100 rounds, clip 0.5,
-client SGD 0.1 (2 steps of 8), server SGD 1.0 with momentum 0.9 (DP-FTRL with momentum) for
-every method; min separation b = 20 (groups of 200 clients, each client in at most 5 rounds).
+example test set, an MLP 60-32-10 (2,282 parameters). 200 clients a round (`--cohort`), 100
+rounds, clip 0.5, client SGD 0.1 (2 steps of 8), server SGD 1.0 with momentum 0.9 (DP-FTRL with
+momentum) for every method; min separation b = 20 (groups of 200 clients, each client in at
+most 5 rounds). Each row is the mean (and sample std) of `--seeds` runs.
 
 Usage:
-  python benchmarks/dp_ftrl.py [--epsilons 2 8] [--rounds 100]
+  python benchmarks/dp_ftrl.py [--epsilons 2 8] [--rounds 100] [--cohort 200] [--seeds 3]
       [--out benchmarks/results/dp_ftrl.json] [--png docs/images/dp_ftrl.png]
 """
 
@@ -35,7 +36,7 @@ import fedjax_lite as fl
 
 AGG = fl.aggregators
 POPULATION, EXAMPLES, FEATURES, CLASSES = 4000, 16, 60, 10
-COHORT, CLIP, DELTA, SEPARATION = 40, 0.5, 1e-5, 20
+CLIP, DELTA, SEPARATION = 0.5, 1e-5, 20
 METHODS = ('fedavg', 'dp_fedavg', 'tree', 'banded', 'blt')
 
 
@@ -69,15 +70,15 @@ def bisect_noise(epsilon_of, target: float, low: float = 0.05, high: float = 400
   return high
 
 
-def build(method: str, noise: float, rounds: int, model, seed: int):
+def build(method: str, noise: float, rounds: int, cohort: int, model, seed: int):
   if method == 'fedavg':
     aggregator = AGG.UnweightedMeanFactory()
   elif method == 'dp_fedavg':
-    aggregator = AGG.DifferentiallyPrivateFactory.gaussian_fixed(noise, COHORT, CLIP, seed)
+    aggregator = AGG.DifferentiallyPrivateFactory.gaussian_fixed(noise, cohort, CLIP, seed)
   else:
     aggregator = AGG.dp_ftrl_aggregator(
       noise,
-      COHORT,
+      cohort,
       CLIP,
       mechanism=method,
       total_rounds=rounds,
@@ -89,7 +90,7 @@ def build(method: str, noise: float, rounds: int, model, seed: int):
     fl.optimizers.build_sgdm(0.1),
     fl.optimizers.build_sgdm(1.0, momentum=0.9),
     model_aggregator=aggregator,
-    client_chunk_size=COHORT,
+    client_chunk_size=cohort,
   )
   return process, aggregator
 
@@ -102,14 +103,14 @@ def state_bytes(aggregator, model) -> int:
   return int(sum(x.nbytes for x in jax.tree.leaves(state)))
 
 
-def train(method, noise, rounds, clients, test, seed=0):
+def train(method, noise, rounds, cohort, clients, test, seed=0):
   model = fl.models.mlp_classifier(FEATURES, CLASSES, hidden=(32,), seed=seed)
-  process, aggregator = build(method, noise, rounds, model, seed)
+  process, aggregator = build(method, noise, rounds, cohort, model, seed)
   separation = 1 if method in ('fedavg', 'dp_fedavg') else SEPARATION
   state = process.initialize()
   times = []
   for r in range(rounds):
-    ids = fl.data.sample_cohort(POPULATION, COHORT, r, seed, min_separation=separation)
+    ids = fl.data.sample_cohort(POPULATION, cohort, r, seed, min_separation=separation)
     batches = fl.data.build_client_batches([clients[i] for i in ids], batch_size=8, seed=[seed, r])
     start = time.perf_counter()
     state, _ = process.next(state, batches)
@@ -125,6 +126,8 @@ def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--epsilons', type=float, nargs='+', default=[2.0, 8.0])
   parser.add_argument('--rounds', type=int, default=100)
+  parser.add_argument('--cohort', type=int, default=200, help='clients a round (<= 4000/20)')
+  parser.add_argument('--seeds', type=int, default=3, help='runs per row (mean and std)')
   parser.add_argument('--out', default='benchmarks/results/dp_ftrl.json')
   parser.add_argument('--png', default='docs/images/dp_ftrl.png')
   args = parser.parse_args(argv)
@@ -141,25 +144,32 @@ def main(argv=None) -> None:
   def epsilon_fn(method):
     if method == 'dp_fedavg':
       return lambda z: AGG.PrivacyAccountant(
-        z, COHORT, POPULATION, DELTA, sampling='fixed_size'
+        z, args.cohort, POPULATION, DELTA, sampling='fixed_size'
       ).epsilon(rounds)
     return lambda z: AGG.DPFTRLAccountant(mechanisms[method], z, DELTA).epsilon(rounds)
 
+  def trained(method, noise):
+    """Mean and std of the test accuracy over the seeds, the state bytes, the median round."""
+    runs = [train(method, noise, rounds, args.cohort, clients, test, s) for s in range(args.seeds)]
+    accuracies = [r[0] for r in runs]
+    std = statistics.stdev(accuracies) if len(runs) > 1 else 0.0
+    return statistics.mean(accuracies), std, runs[0][1], statistics.median(r[2] for r in runs)
+
   rows = []
-  accuracy, memory, seconds = train('fedavg', 0.0, rounds, clients, test)
+  accuracy, std, memory, seconds = trained('fedavg', 0.0)
   rows.append(
     {'epsilon': 'inf', 'method': 'fedavg', 'noise_multiplier': 0.0, 'test_accuracy': accuracy,
-     'state_bytes': memory, 'round_ms': 1e3 * seconds}
+     'accuracy_std': std, 'state_bytes': memory, 'round_ms': 1e3 * seconds}
   )  # fmt: skip
   print(rows[-1])
   for target in args.epsilons:
     for method in METHODS[1:]:
       noise = bisect_noise(epsilon_fn(method), target)
-      accuracy, memory, seconds = train(method, noise, rounds, clients, test)
+      accuracy, std, memory, seconds = trained(method, noise)
       rows.append(
         {'epsilon': f'{target:g}', 'method': method, 'noise_multiplier': noise,
          'achieved_epsilon': epsilon_fn(method)(noise), 'test_accuracy': accuracy,
-         'state_bytes': memory, 'round_ms': 1e3 * seconds}
+         'accuracy_std': std, 'state_bytes': memory, 'round_ms': 1e3 * seconds}
       )  # fmt: skip
       print(rows[-1])
   columns = [
@@ -168,6 +178,7 @@ def main(argv=None) -> None:
     ('noise_multiplier', '.3f'),
     ('achieved_epsilon', '.3f'),
     ('test_accuracy', '.3f'),
+    ('accuracy_std', '.3f'),
     ('state_bytes', 'd'),
     ('round_ms', '.2f'),
   ]
@@ -175,7 +186,7 @@ def main(argv=None) -> None:
   setup = {
     'population': POPULATION,
     'examples_per_client': EXAMPLES,
-    'clients_per_round': COHORT,
+    'clients_per_round': args.cohort,
     'rounds': rounds,
     'clip': CLIP,
     'delta': DELTA,
@@ -184,19 +195,20 @@ def main(argv=None) -> None:
     'neighboring': 'replace_one',
     'model': 'mlp 60-32-10',
     'server_optimizer': 'sgd 1.0 momentum 0.9',
-    'seeds': 1,
+    'seeds': args.seeds,
     'blt_strategy': [list(map(float, x)) for x in mechanisms['blt'].strategy],
     'banded_coefficients': list(map(float, mechanisms['banded'].strategy)),
   }
   harness.write_json(args.out, {'meta': meta, 'setup': setup, 'rows': rows})
-  plot(rows, args.epsilons, args.png)
+  plot(rows, args.epsilons, args.cohort, args.png)
 
 
-def plot(rows, epsilons, path) -> None:
+def plot(rows, epsilons, cohort, path) -> None:
   import matplotlib
 
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
+  import matplotlib.ticker
 
   fig, ax = plt.subplots(figsize=(6, 3.6))
   baseline = next(r['test_accuracy'] for r in rows if r['method'] == 'fedavg')
@@ -208,9 +220,10 @@ def plot(rows, epsilons, path) -> None:
   ax.axhline(baseline, color='gray', linestyle='--', label='FedAvg, no DP')
   ax.set_xscale('log')
   ax.set_xticks(epsilons, [f'{e:g}' for e in epsilons])
+  ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
   ax.set_xlabel('ε (δ = 1e-5, replace-one)')
   ax.set_ylabel('test accuracy')
-  ax.set_title(f'DP-FTRL vs DP-FedAvg: {POPULATION} clients, {COHORT}/round')
+  ax.set_title(f'DP-FTRL vs DP-FedAvg: {POPULATION} clients, {cohort}/round')
   ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
