@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -79,7 +80,8 @@ def from_flax(
 
 def _from_linen(module, input_spec, seed, training_arg):
   kwargs = {} if training_arg is None else {training_arg: False}
-  variables = module.init(jax.random.PRNGKey(seed), _example_input(input_spec), **kwargs)
+  init = jax.jit(functools.partial(module.init, **kwargs))  # one compile, not one per op
+  variables = init(jax.random.PRNGKey(seed), _example_input(input_spec))
   variables = dict(variables)
   trainable = variables.pop('params', {})
   non_trainable = variables
