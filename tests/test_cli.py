@@ -239,10 +239,11 @@ def test_aggregators_train_and_dp_stops_at_the_epsilon_budget(capsys):
     ]
   ):
     argv = ['train', *SMALL, '--rounds', '1', '--epochs', '1', '--out', f'agg{i}', '--quiet']
+    argv += ['--model', 'logreg']  # the aggregator is under test, not the model
     assert cli.main([*argv, *extra]) == 0
     assert re.search(r'final: test accuracy 0\.\d+', capsys.readouterr().out)
   dp = ['--aggregator', 'dp', '--clip', '0.5', '--noise-multiplier', '1.0']
-  argv = ['train', '--rounds', '30', '--eval-every', '10', '--out', 'dp', *dp]
+  argv = ['train', '--rounds', '30', '--eval-every', '10', '--out', 'dp', '--model', 'logreg', *dp]
   assert cli.main([*argv, '--epsilon-budget', '20']) == 0
   out = capsys.readouterr().out
   assert 'fixed-size sampling without replacement (10 of 30)' in out

@@ -127,7 +127,8 @@ def test_two_processes_train_as_one_resume_from_process_0_and_compile_once(
   equal one process's 4 rounds; the other process resumes from process 0's checkpoint (and
   SCAFFOLD from process 0's client states), broadcast. Each process compiles the round once."""
   monkeypatch.chdir(tmp_path)
-  args = ['--clients-per-round', '5', '--eval-every', '1', '--quiet', *ALGORITHMS[algorithm]]
+  args = ['--clients-per-round', '5', '--eval-every', '1', '--quiet', '--model', 'logreg']
+  args += ALGORITHMS[algorithm]
   assert cli.main(['train', *args, '--out', 'one', '--rounds', '4']) == 0
   # Before: the state left `initialize` (or the restored checkpoint) on one device and the round
   # returned it replicated over the mesh, so every process compiled the round again at its second

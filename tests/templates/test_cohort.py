@@ -33,7 +33,7 @@ def _run(batches, chunk):
   return process.get_model_weights(state).trainable, metrics
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=5, deadline=None)
 @given(
   extra_steps=st.integers(0, 3),
   extra_rows=st.integers(0, 3),
