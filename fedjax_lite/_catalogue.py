@@ -1,5 +1,5 @@
 """What `fedjax-lite train` can build, by name: optimizers and the registries of algorithms,
-aggregators, partitions and models (`fedjax_lite._options.Registry`).
+aggregators, partitions, models and tasks (`fedjax_lite._options.Registry`).
 
 Each entry builds its own part and declares the settings it reads (shared ones of its registry,
 and its own), so the command has no per-entry branch: adding an algorithm, an aggregator or a
@@ -213,6 +213,8 @@ def _kmeans_evaluation_model(config, model):
 
 
 def _check_kmeans(config):
+  if config['task'] is not None:
+    raise ValueError(f"clusters a dataset's inputs; got {flag('task')} {config['task']}")
   if config['aggregator'] != 'mean':
     raise ValueError(
       f'sums points per cluster with its own aggregation; got {flag("aggregator")} '
@@ -382,6 +384,7 @@ ALGORITHMS = Registry(
       description='federated mini-batch k-means of the inputs (labels unused)',
       build=_fed_kmeans,
       settings=(Option('clusters', int_in(1), 10, 'k, the clusters (fed_kmeans)'),),
+      defaults={'epochs': 1},  # TFF's: each point once a round
       check=_check_kmeans,
       evaluation_model=_kmeans_evaluation_model,
     ),
@@ -681,19 +684,26 @@ TASKS = Registry(
   from_import=_task_entry,
   import_hint='() -> fl.tasks.Task',
 )
-# What a task fixes: given with `--task`, they are refused.
-TASK_FIXES = ('dataset', 'model', 'partition', 'alpha')
-
 # The registries whose entries read settings, by the setting that selects the entry.
 REGISTRIES: tuple[Registry, ...] = (ALGORITHMS, AGGREGATORS, PARTITIONS, MODELS)
 
 
 def with_defaults(config: Config, given: set[str]) -> dict[str, Any]:
   """`config` with the chosen entries' own defaults for the settings not `given` (a new run):
-  a task's (its paper's hyperparameters), then its algorithm's."""
+  a task's (its paper's hyperparameters; with `--server-optimizer` given, the paper's rates for
+  that optimizer), then its algorithm's. Raises ValueError naming `--task` for a task that
+  cannot be built or has no rates for the given server optimizer."""
   defaults: dict[str, Any] = {}
   if config['task'] is not None:
-    defaults.update(TASKS.entry(config['task']).build().defaults)
+    try:
+      task = TASKS.entry(config['task']).build()
+      optimizer = config['server_optimizer'] if 'server_optimizer' in given else None
+      task_defaults = task.settings(optimizer)
+    except ValueError as error:
+      raise ValueError(f'{flag("task")}: {error}') from None
+    reads = set(ALGORITHMS.reads(config['algorithm']))
+    shared = {o.name for o in ALGORITHMS.shared}
+    defaults.update({k: v for k, v in task_defaults.items() if k not in shared or k in reads})
   for registry in REGISTRIES:
     name = config[registry.kind]
     if name in registry:
@@ -704,21 +714,34 @@ def with_defaults(config: Config, given: set[str]) -> dict[str, Any]:
 def check_settings(config: Config, given: set[str]) -> None:
   """Raises ValueError for a setting in `given` that the chosen entry of its registry does not
   read, or for settings an entry's own check refuses (the message names the flags)."""
-  fixed = [n for n in TASK_FIXES if n in given]
-  if config['task'] is not None and fixed:
-    raise ValueError(
-      f'{", ".join(flag(n) for n in fixed)}: {flag("task")} {config["task"]} brings its own '
-      'data and model'
-    )
+  splitting = {'partition', 'num_clients', *(o.name for o in PARTITIONS.options())}
+  if config['task'] is not None:
+    fixed = [n for n in ('dataset', 'model', *sorted(splitting)) if n in given]
+    if config['stand_in']:
+      fixed = [n for n in fixed if n != 'num_clients']  # the stand-in's clients
+    if fixed:
+      raise ValueError(
+        f'{", ".join(flag(n) for n in fixed)}: {flag("task")} {config["task"]} brings its own '
+        'data and model'
+      )
+  elif data.get_dataset(config['dataset']).kind != 'arrays':
+    split = [n for n in sorted(splitting) if n in given]
+    if split:
+      raise ValueError(
+        f'{", ".join(flag(n) for n in split)}: {flag("dataset")} {config["dataset"]} is '
+        'federated already (its own clients); they split a centralized dataset'
+      )
   if config['task'] is None and config['stand_in']:
     raise ValueError(f'{flag("stand_in")} goes with {flag("task")} (its generated stand-in data)')
+  if config['stand_in'] and 'data_path' in given:
+    raise ValueError(f'{flag("data_path")}: {flag("stand_in")} generates its data, reads none')
   for registry in REGISTRIES:
     name = config[registry.kind]
     unused = registry.unread(config, given)
     if unused:
       names = ', '.join(flag(n) for n in unused)
       verb = 'does' if len(unused) == 1 else 'do'
-      reads = ', '.join(flag(n) for n in registry.reads(name)) or 'none of them'
+      reads = ', '.join(flag(n) for n in registry.reads(name)) or 'no setting'
       users = [e.name for e in registry.values() if unused[0] in e.reads_all()]
       raise ValueError(
         f'{names} {verb} not apply to {flag(registry.kind)} {name} (it reads {reads}); '

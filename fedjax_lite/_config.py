@@ -44,7 +44,8 @@ def _chunk(value: Any) -> int | str:
 
 def _selector(registry: Registry, default: str) -> Option:
   """The setting that picks an entry of `registry`."""
-  return Option(registry.kind, registry.parse, default, ' | '.join(registry))
+  own = ' | module:callable (your own)' if registry.takes_imports else ''
+  return Option(registry.kind, registry.parse, default, ' | '.join(registry) + own)
 
 
 def options() -> tuple[Option, ...]:
@@ -190,13 +191,18 @@ def resolve(flags: Mapping[str, Any], file_settings: Mapping[str, Any] = ()) -> 
   return config
 
 
+def pinned(saved: Mapping[str, Any]) -> tuple[str, ...]:
+  """The RESUMABLE settings a saved run's aggregator pins (DP-FTRL: its rounds)."""
+  return getattr(_catalogue.AGGREGATORS.get(saved.get('aggregator')), 'pins', ())
+
+
 def differences(saved: Mapping[str, Any], config: Mapping[str, Any]) -> list[str]:
   """`key: saved -> given` for the settings a resumed run may not change (those not RESUMABLE,
   and those its aggregator pins)."""
-  pinned = getattr(_catalogue.AGGREGATORS.get(saved.get('aggregator')), 'pins', ())
+  pins = pinned(saved)
   return [
     f'{o.name}: {saved.get(o.name, o.default)!r} -> {config[o.name]!r}'
     for o in options()
-    if (o.name not in RESUMABLE or o.name in pinned)
+    if (o.name not in RESUMABLE or o.name in pins)
     and saved.get(o.name, o.default) != config[o.name]
   ]

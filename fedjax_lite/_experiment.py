@@ -44,7 +44,7 @@ class Experiment:
     privacy_accountant: a `PrivacyAccountant` when the aggregation is differentially private.
     cohort_ids_fn: `round_num -> the ids of that round's clients`, in the order of
       `training_data_fn(round_num)` (for the client-state store of a stateful process).
-    model: the classifier it trains (None for matrix factorization).
+    model: the classifier it trains (None for matrix factorization and k-means).
     held_out_clients: `() -> FederatedData` of the held-out data as clients `{'x', 'y'}` (for
       personalization evaluation); None where the run has none.
   """
@@ -184,13 +184,15 @@ def _task(config: Mapping[str, Any]) -> tuple[_Data, models.FunctionalModel]:
   if config['stand_in']:
     loaded = task.stand_in(config['num_clients'], seed=config['seed'])
   else:
-    try:
-      loaded = task.load(config['data_path'], seed=config['seed'])
-    except FileNotFoundError as error:
+    missing = task.missing(config['data_path'])
+    if missing:
+      where = flag('task') if config['data_path'] is None else flag('data_path')
       raise ConfigError(
-        f'{flag("task")} {task.name}: {" ".join(str(error).split())} Tip: {flag("stand_in")} '
-        'trains on generated stand-in data (a smoke run)'
-      ) from None
+        f'{where}: {task.name} misses ' + '; '.join(missing) + f'. Tip: pass {flag("data_path")} '
+        f'DIR holding them (or set $FEDJAX_LITE_DATA_DIR), or {flag("stand_in")} to train on '
+        'generated stand-in data'
+      )
+    loaded = task.load(config['data_path'], seed=config['seed'])
   held_out, test_arrays = _held_out(loaded.test)
   data_ = _Data(loaded.train, lambda: held_out, test_arrays, task.num_outputs)
   return data_, _mixed_precision(config, task.model(config['seed']))
@@ -288,6 +290,12 @@ def _fed_recon(config: Mapping[str, Any], mesh: Any = None):
   return train, test, process, evaluation
 
 
+def _min_separation(config: Mapping[str, Any]) -> int:
+  """The schedule's min separation: `--min-separation` where the aggregator reads it, else 1."""
+  reads = _catalogue.AGGREGATORS.reads(config['aggregator'])
+  return config['min_separation'] if 'min_separation' in reads else 1
+
+
 def _check_cohort(config: Mapping[str, Any], train: data.FederatedData) -> None:
   """Raises ConfigError for a cohort the population (or its min-separation groups) cannot
   fill."""
@@ -296,7 +304,7 @@ def _check_cohort(config: Mapping[str, Any], train: data.FederatedData) -> None:
       f'{flag("clients_per_round")}: {config["clients_per_round"]} exceeds the '
       f'{train.num_clients} training clients'
     )
-  groups = config['min_separation']  # a cohort comes from one of this many client groups
+  groups = _min_separation(config)  # a cohort comes from one of this many client groups
   if config['clients_per_round'] > train.num_clients // groups:
     raise ConfigError(
       f'{flag("clients_per_round")} {config["clients_per_round"]} exceeds the '
@@ -384,7 +392,7 @@ def build_experiment(config: Mapping[str, Any], *, multihost: bool = False) -> E
       config['clients_per_round'],
       round_num,
       seed=config['seed'],
-      min_separation=config['min_separation'],
+      min_separation=_min_separation(config),
     )
 
   def cohort_ids_fn(round_num: int) -> list:

@@ -161,6 +161,11 @@ class Registry(Mapping[str, Entry]):
     for entry in entries:
       self.register(entry)
 
+  @property
+  def takes_imports(self) -> bool:
+    """Whether a `module:callable` may name an entry."""
+    return self._from_import is not None
+
   def __getitem__(self, name: str) -> Entry:
     return self._entries[name]
 
@@ -179,7 +184,7 @@ class Registry(Mapping[str, Entry]):
       if option.name in known and known[option.name] != option:
         raise ValueError(
           f'{self.kind} {entry.name!r} declares setting {option.name!r}, which another entry '
-          'declares differently; read it through `reads` instead'
+          'declares differently; declare it with the same Option object, or make it shared'
         )
     unknown = [name for name in entry.reads if name not in {o.name for o in self.shared}]
     if unknown:
@@ -202,7 +207,7 @@ class Registry(Mapping[str, Entry]):
 
   def parse(self, value: Any) -> str:
     """A registered name, or an import path `module:callable` where the registry takes one."""
-    if value in self._entries:
+    if isinstance(value, str) and value in self._entries:
       return value
     if self._from_import and isinstance(value, str) and IMPORT_PATH.fullmatch(value):
       return value

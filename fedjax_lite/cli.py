@@ -93,7 +93,7 @@ def _run_config(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     if args.resume:
       raise ConfigError(f'--resume: {out} holds no run to resume ({saved_path} is missing)')
     given = {*flags, *file_settings}
-    return out, _checked(_catalogue.with_defaults(config, given), given)
+    return out, _checked(_with_defaults(config, given), given)
   saved = _read_run_config(saved_path)
   # The saved settings, except those given now: a run is only extended by an explicit --rounds.
   config = {**config, **saved, **{k: config[k] for k in (*file_settings, *flags)}}
@@ -102,7 +102,7 @@ def _run_config(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     raise ConfigError(
       f'{out} holds a run with other settings ({"; ".join(changed)}). Tip: pass --out NEW_DIR '
       'for a new run, or only the flags that may change on resume: '
-      + ', '.join(_config.flag(k) for k in _config.RESUMABLE)
+      + ', '.join(_config.flag(k) for k in _config.RESUMABLE if k not in _config.pinned(saved))
     )
   return out, _checked(config, {*flags, *file_settings})
 
@@ -131,8 +131,17 @@ def _distributed_run_config(args: argparse.Namespace) -> tuple[str, dict[str, An
   return out, config
 
 
+def _with_defaults(config: dict[str, Any], given: set[str]) -> dict[str, Any]:
+  """`_catalogue.with_defaults`, its refusals one-line errors."""
+  try:
+    return _catalogue.with_defaults(config, given)
+  except ValueError as error:
+    raise ConfigError(str(error)) from None
+
+
 def _checked(config: dict[str, Any], given: set[str]) -> dict[str, Any]:
-  """`config`, once every setting `given` is one its algorithm reads."""
+  """`config`, once every setting `given` is read by the entry it belongs to and the chosen
+  entries' checks pass (`_catalogue.check_settings`)."""
   try:
     _catalogue.check_settings(config, given)
   except ValueError as error:
@@ -349,7 +358,7 @@ def _sweep(args: argparse.Namespace) -> int:
   points, varying = _sweep_command.read_grid(args.config)
   configs = []
   for point in points:
-    config = _catalogue.with_defaults(_config.resolve({}, point), set(point))
+    config = _with_defaults(_config.resolve({}, point), set(point))
     configs.append(_checked(config, set(point)))
   out = args.out or os.path.join(
     'runs', 'sweep-' + os.path.splitext(os.path.basename(args.config))[0]
@@ -456,7 +465,7 @@ def _personalize(args: argparse.Namespace, run: Any) -> None:
   (`baseline_metrics`), and the share of clients whose accuracy it raised."""
   from fedjax_lite import algorithms, optimizers
 
-  lr = args.fine_tune_lr or run.config['client_lr']
+  lr = run.config['client_lr'] if args.fine_tune_lr is None else args.fine_tune_lr
   strategies = {
     f'sgd_{epochs}_epochs': algorithms.Personalization(optimizers.build_sgdm(lr), epochs)
     for epochs in args.fine_tune_epochs
@@ -514,6 +523,13 @@ def _plot(args: argparse.Namespace) -> int:
   for path in paths:
     print(path)
   return 0
+
+
+def _positive_float(text: str) -> float:
+  value = float(text)
+  if not value > 0:
+    raise argparse.ArgumentTypeError(f'expected a number > 0; got {text}')
+  return value
 
 
 def _int_at_least_1(text: str) -> int:
@@ -636,7 +652,10 @@ def build_parser() -> argparse.ArgumentParser:
     help='one SGD fine-tuning strategy per value (default 1 5)',
   )
   evaluate.add_argument(
-    '--fine-tune-lr', type=float, metavar='LR', help="fine-tuning SGD rate (default the run's)"
+    '--fine-tune-lr',
+    type=_positive_float,
+    metavar='LR',
+    help="fine-tuning SGD rate (default the run's)",
   )
   evaluate.add_argument(
     '--personalize-clients',

@@ -54,10 +54,14 @@ def registered():
     settings=(Option('tight_norm', positive, 1.0, 'its clip'),),
   )
   _catalogue.ALGORITHMS.register(algorithm)
-  _catalogue.AGGREGATORS.register(aggregator)
-  yield
-  _catalogue.ALGORITHMS.unregister('pulled')
-  _catalogue.AGGREGATORS.unregister('tight_clip')
+  try:
+    _catalogue.AGGREGATORS.register(aggregator)
+    try:
+      yield
+    finally:
+      _catalogue.AGGREGATORS.unregister('tight_clip')
+  finally:
+    _catalogue.ALGORITHMS.unregister('pulled')
 
 
 def _weights(run_dir):
@@ -237,3 +241,43 @@ def test_your_own_task_trains_from_the_command_by_import_path(tmp_path, capsys):
   assert cli.main([*argv, '--clients-per-round', '2', '--num-clients', '3', '--quiet']) == 0
   run = fl.simulation.load_run('runs/my_tasks_for_cli.small_tags-fedavg')
   assert sorted(w.shape for w in jax.tree.leaves(run.model_weights.trainable)) == [(7,), (50, 7)]
+
+
+@pytest.mark.parametrize(
+  'argv, message',
+  [
+    (['--task', 'no_such_module_here:build'], '--task: no_such_module_here:build: cannot import'),
+    (
+      ['--dataset', 'synthetic_1_1', '--alpha', '0.1'],
+      '--alpha: --dataset synthetic_1_1 is federated',
+    ),
+    (
+      ['--task', 'stackoverflow_tag', '--num-clients', '9'],
+      '--num-clients: --task stackoverflow_tag',
+    ),
+    (
+      ['--task', 'emnist_character', '--server-optimizer', 'adam'],
+      "--task: server_optimizer 'adam' is adaptive",
+    ),
+    (['--task', 'emnist_character', '--stand-in', '--data-path', 'x'], '--data-path: --stand-in'),
+    (['--algorithm', 'fed_kmeans', '--task', 'emnist_character'], 'clusters a dataset'),
+  ],
+)
+def test_settings_a_choice_does_not_use_are_one_line_errors(argv, message, capsys):
+  assert cli.main(['train', *argv, '--rounds', '1', '--out', 'bad']) == 2
+  err = capsys.readouterr().err
+  assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_a_toml_list_where_a_name_goes_is_a_one_line_error(tmp_path, capsys):
+  (tmp_path / 'run.toml').write_text('algorithm = ["fedavg"]\n')
+  assert cli.main(['train', '--config', 'run.toml', '--out', 'bad']) == 2
+  err = capsys.readouterr().err
+  assert "algorithm: unknown name ['fedavg']" in err and len(err.splitlines()) == 1, err
+
+
+def test_a_task_with_a_server_optimizer_takes_the_papers_rates_for_it():
+  config = _config.resolve({'task': 'emnist_character', 'server_optimizer': 'sgd'})
+  config = _catalogue.with_defaults(config, {'task', 'server_optimizer'})
+  tuned = fl.tasks.get_task('emnist_character').tuned['sgd']  # FedAvg's row, not FedAvgM's
+  assert (config['client_lr'], config['server_lr']) == (tuned['client_lr'], tuned['server_lr'])

@@ -17,7 +17,7 @@ import pytest
 import fedjax_lite as fl
 from fedjax_lite import _catalogue, _experiment, cli
 
-SMALL = ['--rounds', '4', '--eval-every', '2', '--clients-per-round', '5']
+SMALL = ['--rounds', '4', '--eval-every', '2', '--clients-per-round', '5', '--model', 'logreg']
 
 
 @pytest.fixture(autouse=True)
@@ -437,7 +437,7 @@ def test_the_resume_header_names_the_round_actually_restored(capsys):
 
 
 def test_divergence_is_reported_per_round_and_fails_the_run(tmp_path, capsys):
-  argv = ['train', *SMALL, '--out', 'run', '--client-lr', '1e30']
+  argv = ['train', *SMALL, '--model', 'mlp', '--out', 'run', '--client-lr', '1e30']  # overflows
   with pytest.warns(RuntimeWarning) as caught:
     code = cli.main(argv)
   messages = [str(w.message) for w in caught]
@@ -451,7 +451,7 @@ def test_divergence_is_reported_per_round_and_fails_the_run(tmp_path, capsys):
   ]
   assert rows[1]['client_work/non_finite_clients'] == 5
   assert code == 0  # every update was excluded: the model stood still and is finite
-  argv = ['train', *SMALL, '--out', 'run2', '--server-lr', '1e38', '--server-optimizer', 'sgd']
+  argv = ['train', *SMALL, '--model', 'mlp', '--out', 'run2', '--server-lr', '1e38']
   with pytest.warns(RuntimeWarning):
     assert cli.main([*argv, '--quiet']) == 1
   err = capsys.readouterr().err

@@ -10,7 +10,7 @@ from typing import Any
 from fedjax_lite.data import _federated_data, _federated_datasets, _tff_h5
 from fedjax_lite.models import _model
 
-# The settings of `fedjax-lite train` a task's `defaults` may set (`_config.OPTIONS`' names).
+# The settings of `fedjax-lite train` a task's `defaults` may set (`_config.options()`' names).
 DEFAULT_KEYS = (
   'client_optimizer',
   'client_lr',
