@@ -658,6 +658,27 @@ def dp_ftrl_aggregator(
     raise ValueError(f'noise_multiplier must be >= 0; got {noise_multiplier}')
   if clients_per_round <= 0 or clip <= 0:
     raise ValueError(f'clients_per_round and clip must be > 0; got {clients_per_round} and {clip}')
+  mechanism = resolve_mechanism(
+    mechanism,
+    total_rounds=total_rounds,
+    min_separation=min_separation,
+    max_participations=max_participations,
+    bands=bands,
+  )
+  return DPFTRLFactory(noise_multiplier, clients_per_round, clip, mechanism, seed)
+
+
+def resolve_mechanism(
+  mechanism: str | CorrelatedNoiseMechanism,
+  *,
+  total_rounds: int | None,
+  min_separation: int | None,
+  max_participations: int | None,
+  bands: int | None,
+) -> CorrelatedNoiseMechanism:
+  """`mechanism` built from its name (`total_rounds` required; `min_separation` default 1), or
+  a built one checked to match every argument given (a ValueError names the first that
+  differs)."""
   if isinstance(mechanism, CorrelatedNoiseMechanism):
     check_matches_mechanism(
       mechanism,
@@ -666,14 +687,13 @@ def dp_ftrl_aggregator(
       max_participations=max_participations,
       bands=bands,
     )
-  else:
-    if total_rounds is None:
-      raise ValueError(f'total_rounds is required with mechanism={mechanism!r}; got None')
-    mechanism = build_dp_ftrl_mechanism(
-      mechanism,
-      total_rounds,
-      min_separation=1 if min_separation is None else min_separation,
-      max_participations=max_participations,
-      bands=bands,
-    )
-  return DPFTRLFactory(noise_multiplier, clients_per_round, clip, mechanism, seed)
+    return mechanism
+  if total_rounds is None:
+    raise ValueError(f'total_rounds is required with mechanism={mechanism!r}; got None')
+  return build_dp_ftrl_mechanism(
+    mechanism,
+    total_rounds,
+    min_separation=1 if min_separation is None else min_separation,
+    max_participations=max_participations,
+    bands=bands,
+  )

@@ -101,25 +101,13 @@ class DPFTRLAccountant:
       raise ValueError(f'neighboring must be one of {tuple(NEIGHBORING)}; got {neighboring!r}')
     if accountant not in ACCOUNTANTS:
       raise ValueError(f'accountant must be one of {ACCOUNTANTS}; got {accountant!r}')
-    if isinstance(mechanism, _dp_ftrl.CorrelatedNoiseMechanism):
-      built = mechanism
-      _dp_ftrl.check_matches_mechanism(
-        built,
-        total_rounds=total_rounds,
-        min_separation=min_separation,
-        max_participations=max_participations,
-        bands=bands,
-      )
-    else:
-      if total_rounds is None:
-        raise ValueError(f'total_rounds is required with mechanism={mechanism!r}; got None')
-      built = _dp_ftrl.build_dp_ftrl_mechanism(
-        mechanism,
-        total_rounds,
-        min_separation=1 if min_separation is None else min_separation,
-        max_participations=max_participations,
-        bands=bands,
-      )
+    built = _dp_ftrl.resolve_mechanism(
+      mechanism,
+      total_rounds=total_rounds,
+      min_separation=min_separation,
+      max_participations=max_participations,
+      bands=bands,
+    )
     self.mechanism = built
     self.noise_multiplier = float(noise_multiplier)
     self.target_delta = float(target_delta)
