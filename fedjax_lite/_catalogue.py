@@ -432,6 +432,11 @@ def _dp(config, unweighted):
   )
 
 
+def _check_budget_has_noise(config):
+  if config['epsilon_budget'] and not config['noise_multiplier']:
+    raise ValueError(f'{flag("epsilon_budget")} needs a {flag("noise_multiplier")} > 0')
+
+
 def _check_dp(config):
   noise, cohort = config['noise_multiplier'], config['clients_per_round']
   if noise is None:
@@ -439,8 +444,7 @@ def _check_dp(config):
       f'needs {flag("noise_multiplier")} (the noise standard deviation over the clip; 0 for '
       'clipping without noise)'
     )
-  if config['epsilon_budget'] and not noise:
-    raise ValueError(f'{flag("epsilon_budget")} needs a {flag("noise_multiplier")} > 0')
+  _check_budget_has_noise(config)
   # The adaptive clip's count takes noise 0.05 · cohort of the total, which must exceed noise / 2.
   if config['clip'] is None and noise and not 2 * (0.05 * cohort) > noise:
     raise ValueError(
@@ -534,8 +538,7 @@ def _check_dp_ftrl(config):
       f"needs {flag('clip')} (a fixed L2 clip: the mechanism's sensitivity is in its units) "
       f'and {flag("noise_multiplier")} (the noise standard deviation over the clip)'
     )
-  if config['epsilon_budget'] and not config['noise_multiplier']:
-    raise ValueError(f'{flag("epsilon_budget")} needs a {flag("noise_multiplier")} > 0')
+  _check_budget_has_noise(config)
   if config['min_separation'] > config['rounds']:
     raise ValueError(
       f'with {flag("min_separation")} {config["min_separation"]} needs at least as many '

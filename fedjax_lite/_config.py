@@ -156,10 +156,11 @@ def read_toml_table(path: str) -> dict[str, tuple[str, Any]]:
   except OSError as error:
     raise ConfigError(f'--config: cannot read {path!r}: {error.strerror}') from None
   raw = {}
+  known = option_names()
   for key, value in table.items():
     name = key.replace('-', '_')
-    if name not in option_names():
-      names = ', '.join(option_names())
+    if name not in known:
+      names = ', '.join(known)
       raise ConfigError(f'{path}: unknown key {key!r}; expected one of {names}')
     raw[name] = (key, value)
   return raw

@@ -68,15 +68,16 @@ def _has(tree: Mapping, path: tuple[str, ...]) -> bool:
 def plan(configs: Sequence[dict[str, Any]], experiment_fn) -> list[list[int]]:
   """Groups of config indices that run as one program: equal in every setting except the seed
   and the in-program settings the algorithm holds as hyperparameters."""
+  in_program = _config.in_program()
   structural: dict[str, list[int]] = {}
   for i, config in enumerate(configs):
-    key = {k: v for k, v in config.items() if k not in _config.in_program() and k != 'seed'}
+    key = {k: v for k, v in config.items() if k not in in_program and k != 'seed'}
     structural.setdefault(json.dumps(key, sort_keys=True), []).append(i)
   groups = []
   for indices in structural.values():
     process = experiment_fn(configs[indices[0]]).process
     hparams = process.get_hparams(process.initialize())
-    outside = [k for k, path in _config.in_program().items() if not _has(hparams, path)]
+    outside = [k for k, path in in_program.items() if not _has(hparams, path)]
     split: dict[str, list[int]] = {}
     for i in indices:
       key = json.dumps({k: configs[i][k] for k in outside})

@@ -84,7 +84,8 @@ def _read_run_config(path: str) -> dict[str, Any]:
 
 def _run_config(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
   """The run folder and its settings: flags over `--config` over defaults, or the saved run's."""
-  flags = {k: v for k, v in vars(args).items() if k in _config.option_names()}
+  names = _config.option_names()
+  flags = {k: v for k, v in vars(args).items() if k in names}
   file_settings = _config.read_toml(args.config) if args.config else {}
   config = _config.resolve(flags, file_settings)
   out = args.out or os.path.join('runs', _run_name(config))

@@ -449,3 +449,29 @@ def test_tree_epsilon_is_cheap_for_every_round_and_rounds_up_only_when_costly():
     1000,
     1000,
   ]
+
+
+def test_padded_clients_count_in_no_dp_ftrl_sum():
+  """Two padded clients (mask 0, NaN data) and a chunk that pads its lanes change nothing: the
+  clipped sum, its clipped count and the noise are those of the real clients."""
+  model = ref.linear_model(5, 3)
+  batches = fl.data.build_client_batches(ref.random_clients([9, 6, 14, 5]), batch_size=4)
+  pad = lambda a, fill: np.concatenate([a, np.full((2, *a.shape[1:]), fill, a.dtype)])
+  padded = fl.ClientBatches(
+    {'x': pad(np.asarray(batches.batch['x']), np.nan), 'y': pad(np.asarray(batches.batch['y']), 0)},
+    pad(np.asarray(batches.mask), 0),
+  )
+  states = []
+  for data, chunk in [(batches, 1), (padded, 3)]:
+    aggregator = AGG.dp_ftrl_aggregator(0.5, 4, 0.1, mechanism='tree', total_rounds=4, seed=3)
+    process = fl.algorithms.build_unweighted_fed_avg(
+      model, fl.optimizers.build_sgdm(0.2), model_aggregator=aggregator, client_chunk_size=chunk
+    )
+    state = process.initialize()
+    for _ in range(2):
+      state, metrics = process.next(state, data)
+    states.append(process.get_model_weights(state))
+    assert int(metrics['aggregator']['dp_query_metrics']['clipped_count']) <= 4
+  for a, b in zip(*(jax.tree.leaves(s) for s in states), strict=True):
+    assert np.all(np.isfinite(b))
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
