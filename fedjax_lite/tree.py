@@ -11,6 +11,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 from optax import tree_utils as _optax_tree
 
 PyTree = Any
@@ -23,25 +24,69 @@ tree_sub = _optax_tree.tree_sub
 tree_where = _optax_tree.tree_where
 
 
+def _leaves_finite(leaves: list[jax.Array], axis: int | None = None) -> jax.Array:
+  """Whether every element is finite, over all axes but `axis` (kept, when given)."""
+  keep = lambda x: tuple(a for a in range(x.ndim) if a != axis)
+  return jnp.stack([jnp.all(jnp.isfinite(x), axis=keep(x)) for x in leaves]).all(axis=0)
+
+
+def _leaf_sums(leaves: list[jax.Array], axis: int | None = None) -> jax.Array:
+  keep = lambda x: tuple(a for a in range(x.ndim) if a != axis)
+  return sum(jnp.sum(x, axis=keep(x), dtype=x.dtype) for x in leaves)
+
+
+@jax.custom_batching.custom_vmap
+def _all_finite(leaves: list[jax.Array]) -> jax.Array:
+  # A non-finite element makes its leaf's sum non-finite: one sum a leaf (one pass, which
+  # XLA:CPU runs several times faster than an element-wise check and its reduction) settles
+  # the common case; a sum that is not finite (an inf or NaN, or finite values overflowing)
+  # is settled element by element.
+  return lax.cond(
+    jnp.isfinite(_leaf_sums(leaves)), lambda _: jnp.array(True), _leaves_finite, leaves
+  )
+
+
+@_all_finite.def_vmap
+def _all_finite_vmap(axis_size, in_batched, leaves):
+  # Vmapped (the clients of a chunk), the fast path is taken when every lane's sums are finite,
+  # so the `cond` stays a branch instead of becoming a select that runs both sides.
+  (batched,) = in_batched
+  leaves = [
+    x if b else jnp.broadcast_to(x, (axis_size, *x.shape))
+    for x, b in zip(leaves, batched, strict=True)
+  ]
+  finite = lax.cond(
+    jnp.all(jnp.isfinite(_leaf_sums(leaves, axis=0))),
+    lambda _: jnp.ones((axis_size,), bool),
+    lambda leaves: _leaves_finite(leaves, axis=0),
+    leaves,
+  )
+  return finite, True
+
+
 def tree_all_finite(tree: PyTree) -> jax.Array:
   """A `[] bool`: True when every element of every leaf is finite."""
-  leaves = jax.tree.leaves(tree)
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
   if not leaves:
     return jnp.array(True)
-  return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]).all()
+  # The answer is a bool: nothing to differentiate, and `custom_vmap` has no JVP rule.
+  return _all_finite([lax.stop_gradient(jnp.asarray(x)) for x in leaves])
 
 
 def tree_sum_over_clients(tree: PyTree, keep: jax.Array | None = None) -> PyTree:
   """Sums leaves `[clients, ...]` over their leading axis, only the rows where `keep` is True.
 
   Floating leaves are summed as a matrix-vector product: XLA:CPU runs that several times faster
-  than a reduction over the leading axis (a FedAvg round's accumulation was a third of it).
+  than a reduction over the leading axis (a FedAvg round's accumulation was a third of it). One
+  client is its own sum: element-wise, it fuses with whatever adds it up.
   """
 
   def total(x):
     if keep is not None:
       k = jnp.reshape(keep, keep.shape + (1,) * (x.ndim - 1))
       x = jnp.where(k, x, jnp.zeros((), x.dtype))
+    if x.shape[0] == 1:
+      return x[0]
     if jnp.issubdtype(x.dtype, jnp.floating):
       return jnp.tensordot(jnp.ones(x.shape[:1], x.dtype), x, axes=(0, 0))
     return jnp.sum(x, axis=0)

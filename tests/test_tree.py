@@ -1,9 +1,11 @@
 """fedjax_lite.tree: optax's tree arithmetic under the library's names, and what optax lacks."""
 
 import chex
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from optax import tree_utils as otu
 
 from fedjax_lite import tree as tree_lib
@@ -39,6 +41,27 @@ def test_sum_over_clients_keeps_only_the_rows_asked_for():
   chex.assert_trees_all_close(
     tree_lib.tree_sum_over_clients(x), {'f': x['f'].sum(0), 'i': x['i'].sum()}
   )
+
+
+@pytest.mark.parametrize('bad', [jnp.inf, -jnp.inf, jnp.nan, None])
+def test_all_finite_agrees_with_an_element_check_unbatched_vmapped_and_nested(bad):
+  # Finite values whose sum overflows (the fast path's sum is inf) are still finite.
+  big = jnp.full((3, 4), 3e38, jnp.float32)
+  tree = {'w': big, 'b': jnp.arange(4.0), 'n': jnp.arange(3)}  # int leaves are not checked
+  if bad is not None:
+    tree['b'] = tree['b'].at[2].set(bad)
+  expected = bad is None
+  assert bool(jax.jit(tree_lib.tree_all_finite)(tree)) is expected
+  # Vmapped over 3 lanes, only the middle one holds `bad`; `n` is not batched.
+  lanes = {'w': jnp.stack([big] * 3), 'b': jnp.stack([jnp.arange(4.0), tree['b'], jnp.ones(4)])}
+  vmapped = jax.jit(jax.vmap(lambda t, n: tree_lib.tree_all_finite({**t, 'n': n}), (0, None)))
+  np.testing.assert_array_equal(vmapped(lanes, tree['n']), [True, expected, True])
+  nested = jax.vmap(jax.vmap(tree_lib.tree_all_finite))
+  stacked = jax.tree.map(lambda x: jnp.stack([x, jnp.zeros_like(x)]), lanes)
+  np.testing.assert_array_equal(nested(stacked), [[True, expected, True], [True] * 3])
+  # Inside a differentiated function (the answer is a bool: it has no gradient of its own).
+  loss = lambda b: jnp.where(tree_lib.tree_all_finite(b), jnp.sum(b**2), 0.0)
+  np.testing.assert_allclose(jax.grad(loss)(jnp.arange(3.0)), [0.0, 2.0, 4.0])
 
 
 def test_all_finite_and_spec_mismatch():

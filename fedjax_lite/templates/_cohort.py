@@ -32,7 +32,7 @@ from fedjax_lite.templates import _layout
 # runs ~3x slower than the clients' convolutions one by one, and a recurrent layer's many small
 # matmuls lose more to batching than they gain: convolutional and recurrent models run one
 # client per lane there.
-_CPU_CHUNK = 8
+_CPU_CHUNK = 4
 CPU_ONE_LANE_CHUNK = 1
 _ACCELERATOR_CHUNK = 256
 
@@ -127,27 +127,31 @@ def _local_loop(init_fn, step_fn, finalize_fn, chunk_size, batch, mask, ids, inp
   zeros = lambda s, lead=(): jnp.zeros((*lead, *s.shape), s.dtype)
   summed = jax.tree.map(zeros, summed_spec)
   stacked = jax.tree.map(lambda s: zeros(s, (num_clients,)), stacked_spec)
-  lanes = jax.vmap if chunk > 1 else _one_lane
-  vstep = lanes(step_fn, in_axes=(0, 0, 0, None))
+
+  def run_client(row, real, client_input, client_id):
+    """One client's whole local loop, unbatched: init, its steps, finalize."""
+    last_step = jnp.where(real, client_steps[row], 0)
+
+    def body(loop):
+      step, carry = loop
+      step_batch = jax.tree.map(lambda x: x[row, step], batch)
+      step_mask = mask[row, step] * real.astype(mask.dtype)
+      new_carry = step_fn(carry, step_batch, step_mask, step)
+      return step + 1, tree_lib.tree_where(jnp.any(step_mask > 0), new_carry, carry)
+
+    carry = init_fn(client_input, client_id)
+    _, carry = lax.while_loop(lambda loop: loop[0] < last_step, body, (jnp.int32(0), carry))
+    return finalize_fn(carry, client_input, client_id)
+
+  # Vmapped, the clients of a chunk step together until the chunk's longest is done (a lane
+  # that is done keeps its carry); one client a lane runs unbatched (`_one_lane`).
+  lanes = jax.vmap(run_client) if chunk > 1 else _one_lane(run_client)
 
   def run_chunk(acc, clients):
     summed, stacked = acc
     real = clients < num_clients
     rows = jnp.where(real, clients, 0)
-    chunk_ids, chunk_inputs = ids[rows], take(inputs, rows)
-    last_step = jnp.max(jnp.where(real, client_steps[rows], 0))
-
-    def body(loop):
-      step, carry = loop
-      step_batch = jax.tree.map(lambda x: x[rows, step], batch)
-      step_mask = mask[rows, step] * real[:, None].astype(mask.dtype)
-      new_carry = vstep(carry, step_batch, step_mask, step)
-      has_data = jnp.any(step_mask > 0, axis=1)
-      return step + 1, lanes(tree_lib.tree_where)(has_data, new_carry, carry)
-
-    carry = lanes(init_fn)(chunk_inputs, chunk_ids)
-    _, carry = lax.while_loop(lambda loop: loop[0] < last_step, body, (jnp.int32(0), carry))
-    chunk_summed, chunk_stacked = lanes(finalize_fn)(carry, chunk_inputs, chunk_ids)
+    chunk_summed, chunk_stacked = lanes(rows, real, take(inputs, rows), ids[rows])
     summed = tree_lib.tree_add(
       summed, tree_lib.tree_sum_over_clients(chunk_summed, real & present[rows])
     )

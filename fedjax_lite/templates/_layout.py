@@ -52,6 +52,9 @@ CACHE_DIR_ENV = 'FEDJAX_LITE_CACHE_DIR'
 # `DRIFT_FACTOR` times the seconds it was chosen at (the host got busier, or quieter work was
 # measured): the best chunk depends on what else runs on the machine.
 DRIFT_FACTOR, DRIFT_ROUNDS = 1.5, 3
+# Candidates the descent timed within `CONFIRM_WITHIN` of the fastest are timed again, in turn,
+# `CONFIRM_ROUNDS` times: a busy host's noise (±10-20% a round) is larger than their gaps.
+CONFIRM_WITHIN, CONFIRM_ROUNDS = 1.25, 2
 _CPU_CANDIDATES = (1, 2, 4, 8, 16)
 _ACCELERATOR_CANDIDATES = (64, 128, 256, 512, 1024)
 
@@ -233,6 +236,30 @@ def search(
     i = best
 
 
+def confirm(
+  samples: dict[int, list[float]],
+  time_once: Callable[[int], float],
+  over_budget: Callable[[], bool] = lambda: False,
+) -> int:
+  """The chunk with the lowest median seconds once the close finalists are timed again.
+
+  The descent times candidates one after another, so a host whose load comes and goes can
+  favour whichever ran in a quiet moment. Candidates within `CONFIRM_WITHIN` of the fastest
+  are timed up to `CONFIRM_ROUNDS` more times, interleaved (every finalist once a round, in
+  turn; a round after the first only while not `over_budget()`), and `samples` (seconds per
+  chunk, extended in place) decides by median.
+  """
+  fastest = min(min(times) for times in samples.values())
+  finalists = sorted(c for c, times in samples.items() if min(times) <= CONFIRM_WITHIN * fastest)
+  if len(finalists) > 1:
+    for r in range(CONFIRM_ROUNDS):
+      if r and over_budget():
+        break
+      for chunk in finalists[r % len(finalists) :] + finalists[: r % len(finalists)]:
+        samples[chunk].append(time_once(chunk))
+  return min(samples, key=lambda c: (statistics.median(samples[c]), c))
+
+
 @dataclasses.dataclass
 class _Choices:
   """What a `TunedNext` (and its donating twin) knows per key: the chunk chosen, the seconds
@@ -408,7 +435,11 @@ class TunedNext:
     chunks = candidates(num_clients)
     default = effective_chunk(_cohort.default_chunk_size(num_clients), num_clients)
     start = min(range(len(chunks)), key=lambda i: abs(chunks[i] - default))
-    seconds = {}
+    samples: dict[int, list[float]] = {}
+    runs: dict[int, Callable[[], Any]] = {}
+
+    def time_once(chunk):
+      return _agreed(self._timer(chunk, runs[chunk]))
 
     def measure(chunk):
       compiled = self._variant(chunk).lower(*args).compile()  # the call later reuses it
@@ -417,14 +448,18 @@ class TunedNext:
         state = jax.tree.map(jnp.copy, args[0]) if self._donate else args[0]
         jax.block_until_ready(compiled(state, *args[1:]))
 
-      seconds[chunk] = _agreed(min(self._timer(chunk, run) for _ in range(self._repeats)))
-      return seconds[chunk]
+      runs[chunk] = run
+      samples[chunk] = [time_once(chunk) for _ in range(self._repeats)]
+      return min(samples[chunk])
 
     if len(chunks) == 1:  # nothing to choose
       return chunks[0], None
     began = time.perf_counter()
     over_budget = lambda: _agreed(time.perf_counter() - began) > self._budget
     chunk = search(chunks, measure, start, over_budget)
+    if samples:
+      chunk = confirm(samples, time_once, over_budget)
+    seconds = {c: statistics.median(times) for c, times in samples.items()}
     specs = jax.tree.leaves(tree_lib.tree_specs(args[1:]))
     description = f'{num_clients} clients per device; ' + ', '.join(
       f'{tuple(s.shape)} {s.dtype}' for s in specs[:4]

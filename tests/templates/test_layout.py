@@ -76,34 +76,68 @@ def test_candidates_are_distinct_even_layouts():
 def test_the_tuner_picks_the_fastest_caches_it_and_reuses_it_without_timing(tmp_path):
   process, batches = _fed_avg(), _batches()
   state = process.initialize()
-  seconds = {1: 5.0, 2: 4.0, 4: 1.0, 6: 2.0, 9: 3.0}
+  seconds = {1: 5.0, 2: 1.0, 4: 2.0, 6: 3.0, 9: 4.0}
   clock = FakeClock(seconds)
   cache = fl.templates.LayoutCache(tmp_path / 'layouts')
   tuned = _tuned(process, clock, cache)
-  assert tuned.tune(state, batches) == 4
-  # A descent from the default (8 evened over 17 clients: 3 chunks of 6), its neighbours 4 and
-  # 9, to 4, whose other neighbour 2 is slower: 1 is never timed.
-  assert clock.timed == [6, 6, 4, 4, 9, 9, 2, 2]
+  assert tuned.tune(state, batches) == 2
+  # A descent from the default (4 over 17 clients: 5 chunks of 4), its neighbours 2 and 6, to
+  # 2, whose other neighbour 1 is slower: 9 is never timed. No other chunk came within 1.25x
+  # of the fastest, so none is timed again.
+  assert clock.timed == [4, 4, 2, 2, 6, 6, 1, 1]
   stored = json.loads((tmp_path / 'layouts' / 'layouts.json').read_text())
   (entry,) = stored.values()
-  assert entry['chunk'] == 4 and entry['seconds'] == {
-    '2': 4.0,
-    '4': 1.0,
-    '6': 2.0,
-    '9': 3.0,
+  assert entry['chunk'] == 2 and entry['seconds'] == {
+    '1': 5.0,
+    '2': 1.0,
+    '4': 2.0,
+    '6': 3.0,
   }
-  assert tuned.layout(state, batches) == 4
+  assert tuned.layout(state, batches) == 2
 
   # A new process (a later run) recalls it from disk: nothing is timed, one program compiled.
   again = FakeClock(seconds)
   recalled = _tuned(_fed_avg(), again, cache)
-  assert recalled.tune(state, batches) == 4 and again.timed == []
+  assert recalled.tune(state, batches) == 2 and again.timed == []
   recalled(state, batches)
   assert recalled._cache_size() == 1
   # Calls of another shape (5 clients: chunks 1, 2, 3, 5) are measured for that shape.
   five = FakeClock({1: 3.0, 2: 1.0, 3: 2.0, 5: 4.0})
   recalled._timer = five
   assert recalled.tune(state, _batches(sizes=SIZES[:5])) == 2 and five.timed
+
+
+def test_close_finalists_are_timed_again_in_turn_and_the_median_decides():
+  # 4 ran in a quiet moment during the descent; timed again beside 2, it is slower.
+  later = {2: [1.0, 1.05], 4: [1.5, 1.6]}
+  calls = []
+
+  def time_once(chunk):
+    calls.append(chunk)
+    return later[chunk].pop(0)
+
+  samples = {2: [1.0, 1.0], 4: [0.9, 0.95], 8: [2.0, 2.0]}  # 8: not within 1.25x of 0.9
+  assert _layout.confirm(samples, time_once) == 2
+  assert calls == [2, 4, 4, 2]  # interleaved, each round starting with the next finalist
+  assert samples[4] == [0.9, 0.95, 1.5, 1.6] and samples[8] == [2.0, 2.0]
+  # A spent budget still runs the first round, not the second.
+  later, calls[:] = {2: [1.0], 4: [1.5]}, []
+  assert _layout.confirm({2: [1.0], 4: [0.9]}, time_once, lambda: True) == 2 and calls == [2, 4]
+
+
+def test_the_tuner_stores_the_medians_it_chose_by(tmp_path):
+  process, batches = _fed_avg(), _batches()
+  state = process.initialize()
+  times = {4: [1.0, 1.0, 3.0, 3.0], 2: [1.1, 1.1, 1.1, 1.1], 6: [5.0] * 2}
+
+  def clock(chunk, run):
+    run()
+    return times[chunk].pop(0)
+
+  cache = fl.templates.LayoutCache(tmp_path)
+  assert _tuned(process, clock, cache).tune(state, batches) == 2
+  (entry,) = json.loads((tmp_path / 'layouts.json').read_text()).values()
+  assert entry == {**entry, 'chunk': 2, 'seconds': {'2': 1.1, '4': 2.0, '6': 5.0}}
 
 
 def test_a_corrupted_cache_entry_is_ignored_with_a_warning(tmp_path):
@@ -126,7 +160,7 @@ def test_a_spent_budget_keeps_the_fastest_measured_so_far(tmp_path):
   state = process.initialize()
   clock = FakeClock({1: 0.0, 2: 0.0, 4: 0.0, 6: 1.0, 9: 0.0})
   cache = fl.templates.LayoutCache(tmp_path)
-  assert _tuned(process, clock, cache, budget_seconds=0).tune(state, batches) == 6
+  assert _tuned(process, clock, cache, budget_seconds=0).tune(state, batches) == 4
   assert clock.timed == []  # spent before the first candidate: the default, unmeasured
 
 
@@ -136,7 +170,7 @@ def test_no_tuning_when_turned_off(monkeypatch):
   state = process.initialize()
   clock = FakeClock({})
   tuned = _tuned(process, clock)
-  assert tuned.tune(state, batches) == 6 and clock.timed == []  # the default, 8 evened
+  assert tuned.tune(state, batches) == 4 and clock.timed == []  # the default: 4
 
 
 @pytest.mark.parametrize(
