@@ -29,7 +29,8 @@ same global weights (within 1e-4): all are fed the same `build_client_batches` o
 
 Every table is timed in each of `--conditions`: `quiet` (the machine as it is) and `contended`
 (a neighbour process streams a 256 MiB buffer on one core meanwhile, as another tenant of a
-shared host thrashes its L3). Each condition measures `'auto'` afresh (its own layout cache).
+shared host thrashes its L3). Every run of every variant measures `'auto'` afresh (its own layout
+cache), so the rows show what a run's first round chooses, not one lucky choice reused.
 
 Usage:
   python benchmarks/fedavg_throughput.py [--quick] [--variants homo hetero]
@@ -350,9 +351,11 @@ def run_condition(args, warmup: int, timed: int) -> dict:
     if not args.skip_mlp:
       runs = []
       for rep in range(args.repeats):
-        records, checks, recompiles, num_steps, layouts = run_variant(
-          variant, 'mlp', args.chunk_sizes, ('a', 'b', 'c', 'd', 'e'), warmup, timed
-        )
+        with tempfile.TemporaryDirectory() as layouts:
+          os.environ[LAYOUT_CACHE_ENV] = layouts  # 'auto' measures afresh in every run
+          records, checks, recompiles, num_steps, layouts = run_variant(
+            variant, 'mlp', args.chunk_sizes, ('a', 'b', 'c', 'd', 'e'), warmup, timed
+          )
         summary = summarize(records, layouts)
         runs.append(
           {'checks': checks, 'recompiles_in_timed_rounds': recompiles, 'methods': summary}
@@ -531,8 +534,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   for condition in args.conditions:
     print(f'\n=== {condition} ===')
-    with tempfile.TemporaryDirectory() as layouts, neighbour(condition == 'contended'):
-      os.environ[LAYOUT_CACHE_ENV] = layouts  # 'auto' measures afresh in this condition
+    with neighbour(condition == 'contended'):
       results['conditions'][condition] = {'variants': run_condition(args, warmup, timed)}
 
   elapsed = time.perf_counter() - start

@@ -1,9 +1,10 @@
 """The cohort loop: per-client functions run over every client of a round, in one program.
 
-Clients run in chunks: inside a chunk the per-client step is `jax.vmap`ped, a `lax.while_loop`
-walks the chunk's steps, and a `lax.scan` walks the chunks. Clients are ordered by their number
-of real steps before chunking, and each chunk stops at its longest client, so a skewed cohort
-does not pay for padding up to the longest client of the whole cohort.
+Clients run in chunks: a client's local loop (`init`, a `lax.while_loop` over its own steps,
+`finalize`) is `jax.vmap`ped over a chunk, and a `lax.scan` walks the chunks. Clients are
+ordered by their number of real steps before chunking, and a vmapped `while_loop` runs to its
+chunk's longest client, so a skewed cohort does not pay for padding up to the longest client of
+the whole cohort.
 
 What a client finalizes into leaves the loop two ways: a part that is **summed** over clients as
 the chunks go (the scan carries one accumulator, so memory is set by the chunk, not the cohort),
@@ -86,18 +87,14 @@ def client_ids(client_batches: _client_batches.ClientBatches) -> jax.Array:
   return jnp.asarray(client_batches.client_ids, jnp.uint32)
 
 
-def _one_lane(fn: Callable, in_axes: Any = 0) -> Callable:
-  """`jax.vmap(fn, in_axes)` for a batch of one: `fn` itself on the squeezed arguments, its
-  outputs given the axis back. A vmap of one client makes every matmul and convolution a
-  batched one of batch 1, which XLA:CPU runs through slower kernels than the plain op (an LSTM
-  round at one client a lane ran 1.8x slower than a Python loop of the same steps)."""
+def _one_lane(fn: Callable) -> Callable:
+  """`jax.vmap(fn)` for a batch of one: `fn` itself on the squeezed arguments, its outputs given
+  the axis back. A vmap of one client makes every matmul and convolution a batched one of batch
+  1, which XLA:CPU runs through slower kernels than the plain op (an LSTM round at one client a
+  lane ran 1.8x slower than a Python loop of the same steps)."""
 
   def call(*args):
-    axes = in_axes if isinstance(in_axes, tuple) else (in_axes,) * len(args)
-    squeezed = [
-      arg if axis is None else jax.tree.map(lambda x: x[0], arg)
-      for arg, axis in zip(args, axes, strict=True)
-    ]
+    squeezed = jax.tree.map(lambda x: x[0], args)
     return jax.tree.map(lambda x: x[None], fn(*squeezed))
 
   return call

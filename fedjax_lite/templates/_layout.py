@@ -55,6 +55,8 @@ DRIFT_FACTOR, DRIFT_ROUNDS = 1.5, 3
 # Candidates the descent timed within `CONFIRM_WITHIN` of the fastest are timed again, in turn,
 # `CONFIRM_ROUNDS` times: a busy host's noise (±10-20% a round) is larger than their gaps.
 CONFIRM_WITHIN, CONFIRM_ROUNDS = 1.25, 2
+# Medians within `CONFIRM_TIE` of the best are a tie (below the timing noise), won by fewer lanes.
+CONFIRM_TIE = 0.03
 _CPU_CANDIDATES = (1, 2, 4, 8, 16)
 _ACCELERATOR_CANDIDATES = (64, 128, 256, 512, 1024)
 
@@ -241,13 +243,15 @@ def confirm(
   time_once: Callable[[int], float],
   over_budget: Callable[[], bool] = lambda: False,
 ) -> int:
-  """The chunk with the lowest median seconds once the close finalists are timed again.
+  """The fewest lanes within `CONFIRM_TIE` of the lowest median seconds, once the close
+  finalists are timed again.
 
   The descent times candidates one after another, so a host whose load comes and goes can
   favour whichever ran in a quiet moment. Candidates within `CONFIRM_WITHIN` of the fastest
   are timed up to `CONFIRM_ROUNDS` more times, interleaved (every finalist once a round, in
   turn; a round after the first only while not `over_budget()`), and `samples` (seconds per
-  chunk, extended in place) decides by median.
+  chunk, extended in place) decides by median. Between chunks that close, the smaller one is
+  kept: its working set is smaller, so it loses less when a neighbour thrashes the shared cache.
   """
   fastest = min(min(times) for times in samples.values())
   finalists = sorted(c for c, times in samples.items() if min(times) <= CONFIRM_WITHIN * fastest)
@@ -257,7 +261,9 @@ def confirm(
         break
       for chunk in finalists[r % len(finalists) :] + finalists[: r % len(finalists)]:
         samples[chunk].append(time_once(chunk))
-  return min(samples, key=lambda c: (statistics.median(samples[c]), c))
+  medians = {c: statistics.median(times) for c, times in samples.items()}
+  best = min(medians.values())
+  return min(c for c, m in medians.items() if m <= (1 + CONFIRM_TIE) * best)
 
 
 @dataclasses.dataclass

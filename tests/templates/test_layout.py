@@ -120,6 +120,9 @@ def test_close_finalists_are_timed_again_in_turn_and_the_median_decides():
   assert _layout.confirm(samples, time_once) == 2
   assert calls == [2, 4, 4, 2]  # interleaved, each round starting with the next finalist
   assert samples[4] == [0.9, 0.95, 1.5, 1.6] and samples[8] == [2.0, 2.0]
+  # Medians within 3% are a tie, which the smaller chunk wins.
+  later = {2: [1.02, 1.02], 4: [1.0, 1.0]}
+  assert _layout.confirm({2: [1.02] * 2, 4: [1.0] * 2}, time_once) == 2
   # A spent budget still runs the first round, not the second.
   later, calls[:] = {2: [1.0], 4: [1.5]}, []
   assert _layout.confirm({2: [1.0], 4: [0.9]}, time_once, lambda: True) == 2 and calls == [2, 4]
