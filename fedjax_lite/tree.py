@@ -24,15 +24,19 @@ tree_sub = _optax_tree.tree_sub
 tree_where = _optax_tree.tree_where
 
 
+def _axes_but(x: jax.Array, axis: int | None) -> tuple[int, ...]:
+  return tuple(a for a in range(x.ndim) if a != axis)
+
+
 def _leaves_finite(leaves: list[jax.Array], axis: int | None = None) -> jax.Array:
   """Whether every element is finite, over all axes but `axis` (kept, when given)."""
-  keep = lambda x: tuple(a for a in range(x.ndim) if a != axis)
-  return jnp.stack([jnp.all(jnp.isfinite(x), axis=keep(x)) for x in leaves]).all(axis=0)
+  finite = [jnp.all(jnp.isfinite(x), axis=_axes_but(x, axis)) for x in leaves]
+  return jnp.stack(finite).all(axis=0)
 
 
 def _leaf_sums(leaves: list[jax.Array], axis: int | None = None) -> jax.Array:
-  keep = lambda x: tuple(a for a in range(x.ndim) if a != axis)
-  return sum(jnp.sum(x, axis=keep(x), dtype=x.dtype) for x in leaves)
+  """The sum of every leaf's elements, over all axes but `axis` (kept, when given)."""
+  return sum(jnp.sum(x, axis=_axes_but(x, axis), dtype=x.dtype) for x in leaves)
 
 
 @jax.custom_batching.custom_vmap
