@@ -21,8 +21,9 @@ method ((a) per chunk size, (b), (e)), all timed by one loop.
 A round of (a), (b) and (e) is timed from "here are the sampled client ids" to "new global weights
 ready" (`block_until_ready`), host batching (`fl.data.build_client_batches`) included. The
 clients' datasets are made before the clock starts: they stand for data already in memory.
-Methods are interleaved round by round (every method runs round r before any runs r + 1) so that
-they share the noise of a busy machine.
+Methods are interleaved round by round (every method runs round r before any runs r + 1), in an
+order rotated every round, so that they share the noise of a busy machine and none always runs
+after the same neighbour.
 
 After the first round the script checks that (a), for every chunk size, (b) and (e) produce the
 same global weights (within 1e-4): all are fed the same `build_client_batches` output.
@@ -156,7 +157,7 @@ def run_variant(
   num_steps = -(-int(data.client_sizes.max()) // BATCH_SIZE)  # every round the same shape
   initial = model.initial_weights.trainable
 
-  # Run in this order each round: (b) first, as the round-0 reference of the others.
+  # (b) first: in round 0 it runs first, as the reference of the others.
   runners = {}
   if 'b' in methods:
     loop = PythonLoopFedAvg(model)
@@ -189,7 +190,12 @@ def run_variant(
     if r == warmup:
       compiles_after_warmup = {name: fn._cache_size() for name, fn in counted.items()}
 
-    for name, runner in runners.items():
+    # Round 0 runs (b) first, as the reference of the check; later rounds rotate the order, so
+    # that no method always runs right after the same other one.
+    order = list(runners)
+    order = order[r % len(order) :] + order[: r % len(order)]
+    for name in order:
+      runner = runners[name]
       t0 = time.perf_counter()
       clients = [datasets[int(c)] for c in ids]
       batches = fl.data.build_client_batches(
