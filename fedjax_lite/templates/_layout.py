@@ -296,7 +296,8 @@ class TunedNext:
     cache: where choices persist across processes (default: `LayoutCache()`).
     timer: `(chunk, run) -> seconds` of one call of the compiled candidate (`run()` calls it
       and waits); the wall clock by default, a fake clock in tests.
-    repeats: calls timed per candidate; the fastest counts.
+    repeats: calls timed per candidate in the descent, where the fastest counts; `confirm`
+      then decides between close candidates by the median of all their calls.
     budget_seconds: once measuring has taken this long (compiling included), no further
       candidate is tried; the fastest so far is kept.
     donate_state: the state argument is donated (see `with_donated_state`).
