@@ -1,10 +1,10 @@
 """The cohort loop: per-client functions run over every client of a round, in one program.
 
-Clients run in chunks: a client's local loop (`init`, a `lax.while_loop` over its own steps,
-`finalize`) is `jax.vmap`ped over a chunk, and a `lax.scan` walks the chunks. Clients are
-ordered by their number of real steps before chunking, and a vmapped `while_loop` runs to its
-chunk's longest client, so a skewed cohort does not pay for padding up to the longest client of
-the whole cohort.
+Clients run in chunks: inside a chunk the per-client step is `jax.vmap`ped, a `lax.while_loop`
+walks the chunk's steps, and a `lax.scan` walks the chunks. Clients are ordered by their number
+of real steps before chunking, and each chunk stops at its longest client, so a skewed cohort
+does not pay for padding up to the longest client of the whole cohort. A chunk of one client
+runs unbatched.
 
 What a client finalizes into leaves the loop two ways: a part that is **summed** over clients as
 the chunks go (the scan carries one accumulator, so memory is set by the chunk, not the cohort),
@@ -125,30 +125,33 @@ def _local_loop(init_fn, step_fn, finalize_fn, chunk_size, batch, mask, ids, inp
   summed = jax.tree.map(zeros, summed_spec)
   stacked = jax.tree.map(lambda s: zeros(s, (num_clients,)), stacked_spec)
 
-  def run_client(row, real, client_input, client_id):
-    """One client's whole local loop, unbatched: init, its steps, finalize."""
-    last_step = jnp.where(real, client_steps[row], 0)
+  # Vmapped over a chunk, or the plain functions at one client a lane (`_one_lane` runs the
+  # whole chunk loop on the squeezed client: a `[1, ...]` carry made XLA copy it every step).
+  lanes = jax.vmap if chunk > 1 else lambda fn, in_axes=0: fn
+
+  def chunk_loop(rows, real, chunk_inputs, chunk_ids):
+    """The local loops of a chunk's clients (`rows`: `[chunk]`, or `[]` at one lane)."""
+    last_step = jnp.max(jnp.where(real, client_steps[rows], 0))
 
     def body(loop):
       step, carry = loop
-      step_batch = jax.tree.map(lambda x: x[row, step], batch)
-      step_mask = mask[row, step] * real.astype(mask.dtype)
-      new_carry = step_fn(carry, step_batch, step_mask, step)
-      return step + 1, tree_lib.tree_where(jnp.any(step_mask > 0), new_carry, carry)
+      step_batch = jax.tree.map(lambda x: x[rows, step], batch)
+      step_mask = mask[rows, step] * real[..., None].astype(mask.dtype)
+      new_carry = lanes(step_fn, in_axes=(0, 0, 0, None))(carry, step_batch, step_mask, step)
+      has_data = jnp.any(step_mask > 0, axis=-1)
+      return step + 1, lanes(tree_lib.tree_where)(has_data, new_carry, carry)
 
-    carry = init_fn(client_input, client_id)
+    carry = lanes(init_fn)(chunk_inputs, chunk_ids)
     _, carry = lax.while_loop(lambda loop: loop[0] < last_step, body, (jnp.int32(0), carry))
-    return finalize_fn(carry, client_input, client_id)
+    return lanes(finalize_fn)(carry, chunk_inputs, chunk_ids)
 
-  # Vmapped, the clients of a chunk step together until the chunk's longest is done (a lane
-  # that is done keeps its carry); one client a lane runs unbatched (`_one_lane`).
-  lanes = jax.vmap(run_client) if chunk > 1 else _one_lane(run_client)
+  run_lanes = chunk_loop if chunk > 1 else _one_lane(chunk_loop)
 
   def run_chunk(acc, clients):
     summed, stacked = acc
     real = clients < num_clients
     rows = jnp.where(real, clients, 0)
-    chunk_summed, chunk_stacked = lanes(rows, real, take(inputs, rows), ids[rows])
+    chunk_summed, chunk_stacked = run_lanes(rows, real, take(inputs, rows), ids[rows])
     summed = tree_lib.tree_add(
       summed, tree_lib.tree_sum_over_clients(chunk_summed, real & present[rows])
     )
