@@ -39,33 +39,38 @@ def _leaf_sums(leaves: list[jax.Array], axis: int | None = None) -> jax.Array:
   return sum(jnp.sum(x, axis=_axes_but(x, axis), dtype=x.dtype) for x in leaves)
 
 
+def _finite_fast(leaves: list[jax.Array], axis: int | None = None) -> jax.Array:
+  """`_leaves_finite`, settled by one sum a leaf when every sum is finite.
+
+  A non-finite element makes its leaf's sum non-finite: one sum a leaf (one pass, which XLA:CPU
+  runs several times faster than an element-wise check and its reduction) settles the common
+  case; a sum that is not finite (an inf or NaN, or finite values overflowing) is settled
+  element by element. With `axis` (the lanes of a vmap), the fast path is taken when every
+  lane's sums are finite, so the `cond` stays a branch instead of becoming a select that runs
+  both sides.
+  """
+  lanes = () if axis is None else (leaves[0].shape[axis],)
+  return lax.cond(
+    jnp.all(jnp.isfinite(_leaf_sums(leaves, axis))),
+    lambda _: jnp.ones(lanes, bool),
+    lambda leaves: _leaves_finite(leaves, axis),
+    leaves,
+  )
+
+
 @jax.custom_batching.custom_vmap
 def _all_finite(leaves: list[jax.Array]) -> jax.Array:
-  # A non-finite element makes its leaf's sum non-finite: one sum a leaf (one pass, which
-  # XLA:CPU runs several times faster than an element-wise check and its reduction) settles
-  # the common case; a sum that is not finite (an inf or NaN, or finite values overflowing)
-  # is settled element by element.
-  return lax.cond(
-    jnp.isfinite(_leaf_sums(leaves)), lambda _: jnp.array(True), _leaves_finite, leaves
-  )
+  return _finite_fast(leaves)
 
 
 @_all_finite.def_vmap
 def _all_finite_vmap(axis_size, in_batched, leaves):
-  # Vmapped (the clients of a chunk), the fast path is taken when every lane's sums are finite,
-  # so the `cond` stays a branch instead of becoming a select that runs both sides.
   (batched,) = in_batched
   leaves = [
     x if b else jnp.broadcast_to(x, (axis_size, *x.shape))
     for x, b in zip(leaves, batched, strict=True)
   ]
-  finite = lax.cond(
-    jnp.all(jnp.isfinite(_leaf_sums(leaves, axis=0))),
-    lambda _: jnp.ones((axis_size,), bool),
-    lambda leaves: _leaves_finite(leaves, axis=0),
-    leaves,
-  )
-  return finite, True
+  return _finite_fast(leaves, axis=0), True
 
 
 def tree_all_finite(tree: PyTree) -> jax.Array:
